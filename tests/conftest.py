@@ -1,0 +1,32 @@
+"""Shared test setup.
+
+Without CUDA the Triton kernels run in the interpreter on CPU tensors; the
+variable must be set before triton is first imported, hence here.
+"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def data_root():
+    """Where the shared benchmark data lives: $HYBRIDFAST_DATA, else ../shared/data."""
+    env = os.environ.get("HYBRIDFAST_DATA")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parents[1]
+    return here.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def xquad_dir():
+    path = data_root() / "xquad-r"
+    if not (path / "en.json").exists():
+        pytest.skip(f"XQuAD-R not found under {path} (set HYBRIDFAST_DATA)")
+    return path
