@@ -1,6 +1,37 @@
-"""Retrieval benchmarks: the in-memory form (RetrievalBenchmark) and LAReQA readers."""
+"""Retrieval benchmarks: the in-memory form (RetrievalBenchmark), LAReQA readers, and the `data` command.
+
+LAReQA (Roy et al. 2020) turns extractive QA sets into answer retrieval: a folder
+holds one SQuAD-format JSON per language (`<lang>.json`), every paragraph carries
+`sentence_breaks` ([start, end) character spans). Candidates are the sentences of
+every paragraph, each kept with its paragraph; a question's relevant candidates
+are the sentences holding an answer start, in every language that has that
+question id. XQuAD-R is fully parallel (11 x 1190 questions); MLQA-R is partly
+parallel (7 languages, a question exists in 2-4 of them).
+
+Train/test split. Whole articles go to one side. Articles are linked across
+languages through shared question ids (XQuAD-R: the same article in 11
+languages; MLQA-R: an English article and its counterparts), and each linked
+group goes wholly to train or test, so no article, paragraph or question id is
+on both sides. Groups are ranked by sha256 of their key (the smallest article
+title in the group) and the first round(TEST_FRACTION * groups) are the test
+side: the split is a pure function of the folder's files, identical on every
+machine and for every `languages` selection.
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Set, Tuple
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional, Set, Tuple
+
+TEST_FRACTION = 0.5  # share of article groups in the "test" split (XQuAD-R: 24 of 48 articles)
+SPLITS = ("all", "train", "test")
+_LANG_FILE = re.compile(r"^[a-z]{2,3}(?:[-_][A-Za-z0-9]+)?$")  # en, zh, pt-BR: language-named JSONs only
 
 
 @dataclass
@@ -60,3 +91,514 @@ class RetrievalBenchmark:
         nc = sum(len(v) for v in self.candidates.values())
         return (f"RetrievalBenchmark(name={self.name!r}, languages={self.languages}, "
                 f"queries={nq}, candidates={nc})")
+
+
+def candidate_text(sentence: str, context: str) -> str:
+    """The one way a candidate becomes encoder input: the sentence, then its paragraph.
+
+    The sentence comes first so that truncation to the encoder's max_length cuts
+    the context, never the answer sentence itself.
+    """
+    if not isinstance(sentence, str):
+        raise TypeError(f"sentence must be a str, got {type(sentence).__name__}")
+    if not isinstance(context, str):
+        raise TypeError(f"context must be a str, got {type(context).__name__}")
+    return f"{sentence} {context}" if context else sentence
+
+
+# ----------------------------------------------------------------------------- file reading
+
+class LAReQAFormatError(ValueError):
+    """A LAReQA JSON file does not have the expected structure (the message names file and place)."""
+
+
+class LAReQAWarning(UserWarning):
+    """Answers skipped while loading (an answer start outside every sentence)."""
+
+
+class _Question(NamedTuple):
+    id: str
+    text: str
+    answer_starts: Tuple[int, ...]
+
+
+class _Paragraph(NamedTuple):
+    context: str
+    sentences: Tuple[str, ...]
+    breaks: Tuple[Tuple[int, int], ...]
+    questions: Tuple[_Question, ...]
+
+
+class _Article(NamedTuple):
+    title: str
+    paragraphs: Tuple[_Paragraph, ...]
+
+
+def _fail(path, where, problem):
+    raise LAReQAFormatError(f"{path}: {where}: {problem}")
+
+
+def _expect(path, where, value, kind, what):
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        _fail(path, where, f"{what} must be {kind.__name__ if isinstance(kind, type) else kind}, "
+                           f"got {type(value).__name__}")
+    return value
+
+
+def _parse_paragraph(path, where, para, seen_ids):
+    _expect(path, where, para, dict, "a paragraph")
+    for key in ("context", "qas", "sentence_breaks"):
+        if key not in para:
+            _fail(path, where, f"missing field {key!r}" + (
+                " (not a LAReQA file? SQuAD files lack sentence breaks)" if key == "sentence_breaks" else ""))
+    context = _expect(path, f"{where}.context", para["context"], str, "context")
+    breaks = []
+    for j, span in enumerate(_expect(path, f"{where}.sentence_breaks", para["sentence_breaks"], list,
+                                     "sentence_breaks")):
+        w = f"{where}.sentence_breaks[{j}]"
+        if (not isinstance(span, (list, tuple)) or len(span) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in span)):
+            _fail(path, w, f"expected a [start, end] pair of ints, got {span!r}")
+        start, end = span
+        if not 0 <= start < end <= len(context):
+            _fail(path, w, f"span {span} outside the context (length {len(context)}) or empty")
+        if breaks and start < breaks[-1][1]:
+            _fail(path, w, f"span {span} overlaps or precedes the previous one {list(breaks[-1])}")
+        breaks.append((start, end))
+    # The release's `sentences` field is the authors' text of each span; prefer it (it
+    # survives the odd encoding slip in a context), else cut the spans out of the context.
+    sentences = para.get("sentences")
+    if sentences is None:
+        sentences = [context[s:e].strip() for s, e in breaks]
+    else:
+        _expect(path, f"{where}.sentences", sentences, list, "sentences")
+        if len(sentences) != len(breaks):
+            _fail(path, f"{where}.sentences", f"{len(sentences)} sentences but {len(breaks)} sentence_breaks")
+        for j, s in enumerate(sentences):
+            _expect(path, f"{where}.sentences[{j}]", s, str, "a sentence")
+    questions = []
+    for k, qa in enumerate(_expect(path, f"{where}.qas", para["qas"], list, "qas")):
+        w = f"{where}.qas[{k}]"
+        _expect(path, w, qa, dict, "a question")
+        for key in ("id", "question", "answers"):
+            if key not in qa:
+                _fail(path, w, f"missing field {key!r}")
+        qid = _expect(path, f"{w}.id", qa["id"], str, "id")
+        if qid in seen_ids:
+            _fail(path, f"{w}.id", f"question id {qid!r} appears twice in this file")
+        seen_ids.add(qid)
+        text = _expect(path, f"{w}.question", qa["question"], str, "question")
+        starts = []
+        for m, ans in enumerate(_expect(path, f"{w}.answers", qa["answers"], list, "answers")):
+            wa = f"{w}.answers[{m}]"
+            if not isinstance(ans, dict) or "answer_start" not in ans:
+                _fail(path, wa, "expected an object with 'answer_start'")
+            starts.append(_expect(path, f"{wa}.answer_start", ans["answer_start"], int, "answer_start"))
+        questions.append(_Question(qid, text, tuple(starts)))
+    return _Paragraph(context, tuple(sentences), tuple(breaks), tuple(questions))
+
+
+def _parse_file(path: Path) -> Tuple[_Article, ...]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise LAReQAFormatError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise LAReQAFormatError(f"{path}: not UTF-8 text ({e})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("data"), list):
+        _fail(path, "top level", "expected an object with a 'data' list (SQuAD format)")
+    articles, seen_ids = [], set()
+    for i, art in enumerate(raw["data"]):
+        where = f"data[{i}]"
+        _expect(path, where, art, dict, "an article")
+        title = _expect(path, f"{where}.title", art.get("title", f"article-{i}"), str, "title")
+        paragraphs = _expect(path, f"{where}.paragraphs", art.get("paragraphs"), list, "paragraphs")
+        parsed = tuple(_parse_paragraph(path, f"{where}.paragraphs[{j}]", p, seen_ids)
+                       for j, p in enumerate(paragraphs))
+        articles.append(_Article(title, parsed))
+    return tuple(articles)
+
+
+_parsed_cache: Dict[tuple, Tuple[_Article, ...]] = {}
+
+
+def _read(path: Path) -> Tuple[_Article, ...]:
+    """Parsed file, cached by (path, size, mtime): loaders re-read the same files often."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _parsed_cache:
+        if len(_parsed_cache) > 64:
+            _parsed_cache.clear()
+        _parsed_cache[key] = _parse_file(path)
+    return _parsed_cache[key]
+
+
+def _language_files(path: Path) -> Dict[str, Path]:
+    if not path.is_dir():
+        raise FileNotFoundError(f"path: {path} is not a folder (expected a LAReQA folder of <lang>.json files)")
+    files = {p.stem: p for p in sorted(path.glob("*.json")) if _LANG_FILE.match(p.stem)}
+    if not files:
+        raise FileNotFoundError(f"path: no <lang>.json files in {path}")
+    return files
+
+
+def _check_languages(languages, available):
+    if languages is None:
+        return sorted(available)
+    if isinstance(languages, str) or not all(isinstance(l, str) for l in languages):
+        raise TypeError("languages must be a list of language codes (str), e.g. ['en', 'de']")
+    languages = list(dict.fromkeys(languages))
+    if not languages:
+        raise ValueError("languages is empty")
+    missing = [l for l in languages if l not in available]
+    if missing:
+        raise ValueError(f"languages: {missing} not found (available: {sorted(available)})")
+    return languages
+
+
+def _check_split(split):
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+# ----------------------------------------------------------------------------- split
+
+def _test_articles(files: Dict[str, Path]) -> Set[Tuple[str, int]]:
+    """(lang, article index) of the test side, from all of the folder's languages."""
+    parent = {}
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    owner = {}  # question id -> first article node holding it
+    titles = {}
+    for lang, p in sorted(files.items()):
+        for a, art in enumerate(_read(p)):
+            node = (lang, a)
+            parent[node] = node
+            titles[node] = art.title
+            for para in art.paragraphs:
+                for q in para.questions:
+                    if q.id in owner:
+                        parent[find(node)] = find(owner[q.id])
+                    else:
+                        owner[q.id] = node
+    groups: Dict[tuple, list] = {}
+    for node in parent:
+        groups.setdefault(find(node), []).append(node)
+    keyed = sorted((hashlib.sha256(min(titles[n] for n in g).encode("utf-8")).hexdigest(),
+                    min(titles[n] for n in g), sorted(g)) for g in groups.values())
+    n_test = round(TEST_FRACTION * len(keyed))
+    return {node for _, _, g in keyed[:n_test] for node in g}
+
+
+def _selected(files, languages, split):
+    """Yield (lang, article index, article) on the requested side of the split."""
+    test = _test_articles(files) if split != "all" else None
+    for lang in languages:
+        for a, art in enumerate(_read(files[lang])):
+            if test is None or ((lang, a) in test) == (split == "test"):
+                yield lang, a, art
+
+
+def _sentence_of(breaks, start):
+    for s, (b, e) in enumerate(breaks):
+        if b <= start < e:
+            return s
+    return None
+
+
+def _warn_unmatched(path, unmatched, dropped):
+    if unmatched:
+        detail = ", ".join(f"{lang}: {n}" for lang, n in sorted(unmatched.items()))
+        msg = (f"{path}: {sum(unmatched.values())} answer start(s) fell in no sentence and were "
+               f"skipped ({detail})")
+        if dropped:
+            msg += f"; {dropped} question(s) left without a relevant sentence were dropped"
+        warnings.warn(msg, LAReQAWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- public readers
+
+def load_lareqa(path, languages=None, split="all") -> RetrievalBenchmark:
+    """Read a LAReQA folder (XQuAD-R, MLQA-R layout) into a RetrievalBenchmark.
+
+    Query ids are the files' question ids (shared across languages); candidate ids
+    are "<lang>:<article>:<paragraph>:<sentence>" positions, unique over languages.
+    Every sentence span is a candidate (no de-duplication: this reproduces the
+    published XQuAD-R counts). qrels[q] holds, for every loaded language that has
+    question q, the sentences holding one of its answer starts.
+    """
+    path = Path(path)
+    _check_split(split)
+    files = _language_files(path)
+    languages = _check_languages(languages, files)
+    queries = {lang: {} for lang in languages}
+    candidates = {lang: {} for lang in languages}
+    qrels: Dict[str, Set[str]] = {}
+    unmatched: Dict[str, int] = {}
+    for lang, a, art in _selected(files, languages, split):
+        for p, para in enumerate(art.paragraphs):
+            ids = [f"{lang}:{a}:{p}:{s}" for s in range(len(para.breaks))]
+            candidates[lang].update(zip(ids, ((s, para.context) for s in para.sentences)))
+            for q in para.questions:
+                queries[lang][q.id] = q.text
+                rel = qrels.setdefault(q.id, set())
+                for start in q.answer_starts:
+                    s = _sentence_of(para.breaks, start)
+                    if s is None:
+                        unmatched[lang] = unmatched.get(lang, 0) + 1
+                    else:
+                        rel.add(ids[s])
+    # A question none of whose answers landed in a sentence (in any language) cannot be scored.
+    dead = {q for q, rel in qrels.items() if not rel}
+    for lang in languages:
+        for q in dead & queries[lang].keys():
+            del queries[lang][q]
+    for q in dead:
+        del qrels[q]
+    _warn_unmatched(path, unmatched, len(dead))
+    name = path.name if split == "all" else f"{path.name}[{split}]"
+    return RetrievalBenchmark(queries, candidates, qrels, name=name)
+
+
+def lareqa_examples(path, languages=None, split="all") -> List[dict]:
+    """Question/answer-sentence pairs for training readers.
+
+    One dict per question per language, in language then file order:
+    {"id", "lang", "question", "sentence" (the first matched answer's sentence),
+    "context" (its paragraph), "article" (the article title)}. Questions whose
+    answers all fall outside the sentences are skipped (one warning).
+    """
+    path = Path(path)
+    _check_split(split)
+    files = _language_files(path)
+    languages = _check_languages(languages, files)
+    out, unmatched, dropped = [], {}, 0
+    for lang, _, art in _selected(files, languages, split):
+        for para in art.paragraphs:
+            for q in para.questions:
+                hits = [_sentence_of(para.breaks, st) for st in q.answer_starts]
+                misses = sum(h is None for h in hits)
+                if misses:
+                    unmatched[lang] = unmatched.get(lang, 0) + misses
+                hit = next((h for h in hits if h is not None), None)
+                if hit is None:
+                    dropped += 1
+                    continue
+                out.append({"id": q.id, "lang": lang, "question": q.text,
+                            "sentence": para.sentences[hit], "context": para.context,
+                            "article": art.title})
+    _warn_unmatched(path, unmatched, dropped)
+    return out
+
+
+# ----------------------------------------------------------------------------- where data lives
+
+class _Source(NamedTuple):
+    commit: str
+    folder: str
+    files: Dict[str, Optional[str]]  # file name -> pinned sha256 (None: not pinned, see below)
+    license: str
+
+
+_REPO = "google-research-datasets/lareqa"
+URL_TEMPLATE = "https://raw.githubusercontent.com/{repo}/{commit}/{folder}/{file}"
+
+DATASETS: Dict[str, _Source] = {
+    # Checksums of the files at this commit, as verified for ../shared/data/xquad-r/SHA256SUMS.
+    "xquad-r": _Source("9bc8c7fb6dd8d01d72a05a93c2cb96882b0d299c", "xquad-r", {
+        "ar.json": "c52922d3b8ac1ae03ed5ac38647ad59870dca3dda2beefe18ecdc30729acb69d",
+        "de.json": "16fb0f4bf4916154b585a20c24c66074591c9718a1affe764ff4697572328949",
+        "el.json": "163fd43ee785a30eb534ae2061e9eaa766a7ee4e8ffce5e4b422480c150f64b6",
+        "en.json": "7b0954f39297c27a31fef610f0883337dd2907fa8699151dc922afdd0fa12ffe",
+        "es.json": "f8e836b2d91009c4363e04315f7ede363eedbbb49c67dda60de6c4aa782f58de",
+        "hi.json": "ea45ba8ae4513d1533b222bebdc02a90bc319c055d3aeea68584a053d2e92872",
+        "ru.json": "7f4dff853538b9a5fcc28c070b8bb983a5c5d190ac747b8e005a1ada9cab18f1",
+        "th.json": "c3a041864c3a9fb0b4dd91cfdf99cf36b411b3e704c58a303c97bc6dc786cfe4",
+        "tr.json": "f3e8c13002bbce154a4578f535f7533cb70f3da08840e6b62735935baec7bd94",
+        "vi.json": "e35926bf5cc6fc6ecbdfca49467aabeb454f08d152d7818143a906bd31dde995",
+        "zh.json": "80c2cde7b9c2fb134c303cbb52f2ba396ead9eb0014aec43993543d2ba9e93ed",
+    }, "CC BY-SA 4.0"),
+    # MLQA-R lives only in the repository's history (later renamed mlqa-dev-r/). Its
+    # checksums could not be established when this was written (no network access to
+    # fetch the files), so none are pinned: the commit pins the content on GitHub's
+    # side, the download checks that every file parses as LAReQA, and it records the
+    # sha256 of what it fetched in SHA256SUMS next to the files.
+    "mlqa-r": _Source("354d67d1cd066854cdfbf5ad0e6105528976141d", "mlqa-r", {
+        f"{lang}.json": None for lang in ("ar", "de", "en", "es", "hi", "vi", "zh")
+    }, "CC BY-NC 4.0"),
+}
+
+
+def cache_dir() -> Path:
+    """$XDG_CACHE_HOME/hybridfast, else ~/.cache/hybridfast."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "hybridfast"
+
+
+def _search_roots(data_dir=None) -> List[Path]:
+    roots = []
+    if data_dir is not None:
+        roots.append(Path(data_dir))
+    if os.environ.get("HYBRIDFAST_DATA"):
+        roots.append(Path(os.environ["HYBRIDFAST_DATA"]))
+    roots.append(cache_dir())
+    return roots
+
+
+def _has_lang_files(path: Path) -> bool:
+    return path.is_dir() and any(_LANG_FILE.match(p.stem) for p in path.glob("*.json"))
+
+
+def resolve_dataset(name_or_path, data_dir=None) -> Path:
+    """The folder of a benchmark: an existing folder as given, or "xquad-r"/"mlqa-r"
+    found under data_dir, then $HYBRIDFAST_DATA, then the cache folder (a root may
+    also be the dataset folder itself)."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
+    given = Path(name_or_path)
+    if given.is_dir():
+        if not _has_lang_files(given):
+            raise FileNotFoundError(f"name_or_path: {given} holds no <lang>.json files")
+        return given
+    name = str(name_or_path)
+    if name not in DATASETS:
+        raise FileNotFoundError(
+            f"name_or_path: {name!r} is neither a folder nor a known dataset ({', '.join(DATASETS)})")
+    tried = []
+    for root in _search_roots(data_dir):
+        for cand in (root / name, root):
+            if (cand is root and root.name != name) or cand in tried:
+                continue
+            tried.append(cand)
+            if _has_lang_files(cand):
+                return cand
+    raise FileNotFoundError(
+        f"{name} not found (looked in {', '.join(map(str, tried))}). Download it with "
+        f"`hybridfast data download {name}`, or point --data-dir / HYBRIDFAST_DATA at a folder "
+        f"holding {name}/")
+
+
+def load_benchmark(name_or_path, data_dir=None, languages=None, split="all") -> RetrievalBenchmark:
+    """resolve_dataset, then load_lareqa."""
+    return load_lareqa(resolve_dataset(name_or_path, data_dir), languages=languages, split=split)
+
+
+# ----------------------------------------------------------------------------- download
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def _fetch(url: str, timeout: float = 60.0) -> bytes:
+    """Bytes at `url` (https or file://). Tests replace this function."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def download(name: str, to=None, show_progress: bool = True) -> Path:
+    """Fetch dataset `name` into <to>/<name>/ (default: $HYBRIDFAST_DATA, else the cache folder).
+
+    Every file is fetched into a staging folder and checked (sha256 where pinned,
+    LAReQA structure always) before any is moved into place with os.replace, so a
+    failure leaves the destination as it was. Files already present with the
+    pinned checksum are kept.
+    """
+    import urllib.error
+
+    if name not in DATASETS:
+        raise ValueError(f"name must be one of {list(DATASETS)}, got {name!r}")
+    src = DATASETS[name]
+    if to is not None:
+        root = Path(to)
+    else:
+        root = Path(os.environ["HYBRIDFAST_DATA"]) if os.environ.get("HYBRIDFAST_DATA") else cache_dir()
+    dest = root / name
+    root.mkdir(parents=True, exist_ok=True)
+    todo = [f for f, sha in src.files.items()
+            if not (sha and (dest / f).is_file() and _sha256((dest / f).read_bytes()) == sha)]
+    stage = Path(tempfile.mkdtemp(prefix=f".{name}-download-", dir=root))
+    try:
+        from tqdm.auto import tqdm
+
+        sums = {}
+        for fname in tqdm(todo, desc=f"download {name}", disable=not show_progress or not todo):
+            url = URL_TEMPLATE.format(repo=_REPO, commit=src.commit, folder=src.folder, file=fname)
+            try:
+                data = _fetch(url)
+            except (urllib.error.URLError, OSError) as e:
+                raise DownloadError(
+                    f"could not download {url} ({getattr(e, 'reason', e)}). Without internet access, "
+                    f"copy the {name} files ({', '.join(src.files)}) into a folder DIR/{name}/ and pass "
+                    f"--data-dir DIR or set HYBRIDFAST_DATA=DIR.") from None
+            got, want = _sha256(data), src.files[fname]
+            if want is not None and got != want:
+                raise DownloadError(f"{url}: sha256 {got} does not match the pinned {want}; "
+                                    "nothing was written")
+            (stage / fname).write_bytes(data)
+            try:
+                _parse_file(stage / fname)
+            except LAReQAFormatError as e:
+                raise DownloadError(f"{url}: downloaded file is not LAReQA data ({e})") from None
+            sums[fname] = got
+        dest.mkdir(parents=True, exist_ok=True)
+        for fname in todo:  # all fetched and checked: move into place
+            os.replace(stage / fname, dest / fname)
+        if todo:
+            lines = "".join(f"{sums[f]}  {f}\n" for f in sorted(sums))
+            tmp = stage / "SHA256SUMS"
+            tmp.write_text(lines)
+            os.replace(tmp, dest / "SHA256SUMS")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return dest
+
+
+# ----------------------------------------------------------------------------- CLI: hybridfast data
+
+def add_arguments(parser):
+    sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
+    sub.required = True
+    d = sub.add_parser("download", help="fetch a benchmark from google-research-datasets/lareqa (pinned commit)")
+    d.add_argument("name", choices=sorted(DATASETS))
+    d.add_argument("--to", default=None, metavar="DIR",
+                   help="parent folder (default: $HYBRIDFAST_DATA, else ~/.cache/hybridfast)")
+    i = sub.add_parser("info", help="per-language question / candidate counts")
+    i.add_argument("name", help="xquad-r, mlqa-r or a LAReQA folder")
+    i.add_argument("--data-dir", default=None, metavar="DIR", help="folder holding <name>/ (searched first)")
+    i.add_argument("--split", default="all", choices=SPLITS)
+    i.add_argument("--languages", nargs="+", default=None)
+
+
+def run(args) -> int:
+    try:
+        if args.data_command == "download":
+            dest = download(args.name, args.to)
+            print(f"{args.name} ({DATASETS[args.name].license}) is in {dest}")
+            if all(v is None for v in DATASETS[args.name].files.values()):
+                print("note: no pinned checksums for this dataset; the fetched files' sha256 are in "
+                      f"{dest / 'SHA256SUMS'}")
+            return 0
+        bench = load_benchmark(args.name, data_dir=args.data_dir, languages=args.languages, split=args.split)
+    except (DownloadError, FileNotFoundError, ValueError) as e:
+        print(f"hybridfast data: error: {e}", file=sys.stderr)
+        return 1
+    print(f"{bench.name}  ({resolve_dataset(args.name, args.data_dir)})")
+    print(f"{'lang':<6}{'questions':>10}{'candidates':>12}")
+    for lang in bench.languages:
+        print(f"{lang:<6}{len(bench.queries.get(lang, {})):>10}{len(bench.candidates.get(lang, {})):>12}")
+    rel = [len(r) for r in bench.qrels.values()]
+    print(f"{'all':<6}{sum(map(len, bench.queries.values())):>10}{sum(map(len, bench.candidates.values())):>12}"
+          f"   ({len(rel)} question ids, {min(rel)}-{max(rel)} relevant each)")
+    return 0

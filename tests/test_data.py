@@ -1,0 +1,324 @@
+"""hybridfast.data: LAReQA loading, the article split, dataset lookup and download."""
+import json
+import os
+import urllib.error
+from pathlib import Path
+
+import pytest
+
+from hybridfast import data
+from hybridfast.cli import main as cli_main
+from hybridfast.data import (DownloadError, LAReQAFormatError, LAReQAWarning, RetrievalBenchmark,
+                             candidate_text, lareqa_examples, load_benchmark, load_lareqa, resolve_dataset)
+
+XQUAD_CANDIDATES = {"ar": 1222, "de": 1276, "el": 1234, "en": 1180, "es": 1215, "hi": 1244,
+                    "ru": 1219, "th": 852, "tr": 1167, "vi": 1209, "zh": 1196}
+
+
+# ----------------------------------------------------------------------------- XQuAD-R
+
+def test_xquad_counts_match_published(xquad_dir):
+    bench = load_lareqa(xquad_dir)
+    assert bench.languages == sorted(XQUAD_CANDIDATES)
+    assert {l: len(q) for l, q in bench.queries.items()} == {l: 1190 for l in XQUAD_CANDIDATES}
+    assert {l: len(c) for l, c in bench.candidates.items()} == XQUAD_CANDIDATES
+    # Fully parallel: every question has exactly one relevant sentence per language.
+    lang_of = {cid: l for l, c in bench.candidates.items() for cid in c}
+    assert len(bench.qrels) == 1190
+    for rel in bench.qrels.values():
+        assert sorted(lang_of[c] for c in rel) == sorted(XQUAD_CANDIDATES)
+
+
+def test_xquad_relevant_sentence_holds_the_answer(xquad_dir):
+    """Read the answers independently from the raw JSON: the relevant English sentence contains them."""
+    raw = json.loads((xquad_dir / "en.json").read_text(encoding="utf-8"))
+    answers = {q["id"]: q["answers"][0]["text"] for a in raw["data"] for p in a["paragraphs"] for q in p["qas"]}
+    bench = load_lareqa(xquad_dir, languages=["en"])
+    inside = 0
+    for qid, rel in bench.qrels.items():
+        (cid,) = rel
+        sentence, context = bench.candidates["en"][cid]
+        assert sentence in context
+        inside += answers[qid] in sentence
+    assert inside >= 0.98 * len(answers)  # an answer may run over a sentence break
+
+
+def test_language_selection_and_bad_arguments(xquad_dir):
+    bench = load_lareqa(xquad_dir, languages=["zh", "en"])
+    assert bench.languages == ["en", "zh"]
+    assert all(len(rel) == 2 for rel in bench.qrels.values())
+    with pytest.raises(ValueError, match="languages.*xx"):
+        load_lareqa(xquad_dir, languages=["en", "xx"])
+    with pytest.raises(TypeError, match="languages"):
+        load_lareqa(xquad_dir, languages="en")
+    with pytest.raises(ValueError, match="split"):
+        load_lareqa(xquad_dir, split="dev")
+    with pytest.raises(FileNotFoundError, match="path"):
+        load_lareqa(xquad_dir / "missing")
+
+
+def _articles(path, split, languages=None):
+    return {(e["lang"], e["article"]) for e in lareqa_examples(path, languages=languages, split=split)}
+
+
+def test_split_is_disjoint_complete_and_deterministic(xquad_dir):
+    full = load_lareqa(xquad_dir)
+    train, test = load_lareqa(xquad_dir, split="train"), load_lareqa(xquad_dir, split="test")
+    for lang in full.languages:
+        assert not train.queries[lang].keys() & test.queries[lang].keys()
+        assert train.queries[lang].keys() | test.queries[lang].keys() == full.queries[lang].keys()
+        assert not train.candidates[lang].keys() & test.candidates[lang].keys()
+        assert len(train.candidates[lang]) + len(test.candidates[lang]) == XQUAD_CANDIDATES[lang]
+        # no paragraph on both sides
+        assert not ({c for _, c in train.candidates[lang].values()} & {c for _, c in test.candidates[lang].values()})
+    assert not set(train.qrels) & set(test.qrels)
+    # Whole articles, the same ones in every language, half of the 48 on each side.
+    tr_articles, te_articles = _articles(xquad_dir, "train"), _articles(xquad_dir, "test")
+    assert not tr_articles & te_articles
+    titles = {t for _, t in te_articles}
+    assert len(titles) == 24 and te_articles == {(l, t) for l in full.languages for t in titles}
+    # Deterministic, and independent of which languages are loaded.
+    again = load_lareqa(xquad_dir, split="test")
+    assert again.queries == test.queries and again.qrels == test.qrels
+    sub = load_lareqa(xquad_dir, languages=["de", "th"], split="test")
+    assert sub.queries["de"] == test.queries["de"] and sub.candidates["th"] == test.candidates["th"]
+
+
+def test_examples_one_per_question_and_language(xquad_dir):
+    ex = lareqa_examples(xquad_dir, languages=["en", "de"])
+    assert len(ex) == 2 * 1190
+    assert set(ex[0]) == {"id", "lang", "question", "sentence", "context", "article"}
+    bench = load_lareqa(xquad_dir, languages=["en", "de"])
+    for e in ex[:50] + ex[-50:]:
+        assert bench.queries[e["lang"]][e["id"]] == e["question"]
+        rel = [bench.candidates[e["lang"]][c] for c in bench.qrels[e["id"]] if c.startswith(e["lang"] + ":")]
+        assert rel == [(e["sentence"], e["context"])]
+
+
+def test_candidate_text_puts_sentence_first():
+    assert candidate_text("A b.", "Z. A b. C.") == "A b. Z. A b. C."
+    assert candidate_text("A.", "") == "A."
+    with pytest.raises(TypeError, match="context"):
+        candidate_text("A.", None)
+
+
+# ----------------------------------------------------------------------------- synthetic LAReQA folders
+
+def _para(sentences, qas, with_sentences=True):
+    """A LAReQA paragraph; qas = [(id, question, [(sentence index, offset in it), ...])]."""
+    context, breaks = "", []
+    for s in sentences:
+        if context:
+            context += " "
+        breaks.append([len(context), len(context) + len(s)])
+        context += s
+    out = {"context": context, "sentence_breaks": breaks,
+           "qas": [{"id": qid, "question": q,
+                    "answers": [{"answer_start": breaks[i][0] + off, "text": "x"} for i, off in ans]}
+                   for qid, q, ans in qas]}
+    if with_sentences:
+        out["sentences"] = list(sentences)
+    return out
+
+
+def _write(folder, lang, articles):
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"version": "1.0", "data": [{"title": t, "paragraphs": ps} for t, ps in articles]}
+    (folder / f"{lang}.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+
+
+@pytest.fixture
+def mlqa_like(tmp_path):
+    """Partly parallel, MLQA-style: titles differ per language, questions exist in 1-3 languages."""
+    root = tmp_path / "mlqa-like"
+    _write(root, "en", [
+        ("Alpha", [_para(["E0.", "E1 has the answer.", "E2."], [("q1", "en q1?", [(1, 3)]),
+                                                                 ("q2", "en q2?", [(0, 0)])]),
+                   _para(["E3.", "E4."], [("q3", "en q3?", [(1, 1)])])]),
+        ("Beta", [_para(["E5.", "E6."], [("q4", "en q4?", [(0, 1)])])]),
+        ("Gamma", [_para(["E7."], [("q5", "en q5?", [(0, 0)])])]),
+    ])
+    _write(root, "de", [
+        ("Alpha-de", [_para(["D0.", "D1."], [("q1", "de q1?", [(0, 2)]), ("q3", "de q3?", [(1, 0)])],
+                            with_sentences=False)]),
+        ("Gamma-de", [_para(["D2.", "D3."], [("q5", "de q5?", [(1, 0)])])]),
+        ("Delta-de", [_para(["D4."], [])]),  # an article with no questions
+    ])
+    _write(root, "zh", [("Beta-zh", [_para(["Z0。", "Z1。"], [("q4", "zh q4?", [(1, 0)])])])])
+    return root
+
+
+def test_partly_parallel_relevance(mlqa_like):
+    bench = load_lareqa(mlqa_like)
+    assert {l: sorted(q) for l, q in bench.queries.items()} == {
+        "de": ["q1", "q3", "q5"], "en": ["q1", "q2", "q3", "q4", "q5"], "zh": ["q4"]}
+    assert {l: len(c) for l, c in bench.candidates.items()} == {"de": 5, "en": 8, "zh": 2}
+    assert bench.qrels == {"q1": {"en:0:0:1", "de:0:0:0"}, "q2": {"en:0:0:0"},
+                           "q3": {"en:0:1:1", "de:0:0:1"}, "q4": {"en:1:0:0", "zh:0:0:1"},
+                           "q5": {"en:2:0:0", "de:1:0:1"}}
+    # without a `sentences` field the spans are cut from the context
+    assert bench.candidates["de"]["de:0:0:1"] == ("D1.", "D0. D1.")
+    assert bench.candidates["en"]["en:0:0:1"] == ("E1 has the answer.", "E0. E1 has the answer. E2.")
+    # a language subset keeps only that language's relevant candidates
+    sub = load_lareqa(mlqa_like, languages=["de", "zh"])
+    assert sub.qrels["q4"] == {"zh:0:0:1"} and sub.qrels["q1"] == {"de:0:0:0"}
+    assert isinstance(sub, RetrievalBenchmark) and sub.name == "mlqa-like"
+
+
+def test_partly_parallel_split_keeps_linked_articles_together(mlqa_like):
+    train, test = load_lareqa(mlqa_like, split="train"), load_lareqa(mlqa_like, split="test")
+    for lang in ("en", "de", "zh"):
+        assert not train.candidates[lang].keys() & test.candidates[lang].keys()
+    # Groups linked by question ids: {Alpha, Alpha-de}, {Beta, Beta-zh}, {Gamma, Gamma-de}, {Delta-de}.
+    groups = [{("en", "Alpha"), ("de", "Alpha-de")}, {("en", "Beta"), ("zh", "Beta-zh")},
+              {("en", "Gamma"), ("de", "Gamma-de")}]
+    tr, te = _articles(mlqa_like, "train"), _articles(mlqa_like, "test")
+    for g in groups:
+        assert g <= tr or g <= te
+    assert not tr & te and tr | te == set().union(*groups)
+    assert len(set(train.qrels)) + len(set(test.qrels)) == 5 and not set(train.qrels) & set(test.qrels)
+    # 4 groups, half of them (2) on the test side: the question-less Delta-de counts as a group
+    n_test_groups = sum(g <= te for g in groups) + ("de:2:0:0" in test.candidates["de"])
+    assert n_test_groups == 2
+    for q, rel in test.qrels.items():
+        assert all(c in {cid for cs in test.candidates.values() for cid in cs} for c in rel)
+
+
+def test_unmatched_answer_starts_warn_once_and_are_skipped(tmp_path):
+    root = tmp_path / "gaps"
+    para = _para(["S0.", "S1."], [("q1", "q1?", [(1, 0)]), ("q2", "q2?", [(0, 0)])])
+    para["qas"][0]["answers"].append({"answer_start": 3, "text": " "})  # the space between sentences
+    para["qas"][1]["answers"] = [{"answer_start": 99, "text": "x"}]     # past the end: q2 unanswerable
+    _write(root, "en", [("T", [para])])
+    with pytest.warns(LAReQAWarning, match=r"2 answer start\(s\) fell in no sentence.*en: 2.*1 question") as rec:
+        bench = load_lareqa(root)
+    assert len([w for w in rec if issubclass(w.category, LAReQAWarning)]) == 1
+    assert bench.qrels == {"q1": {"en:0:0:1"}} and list(bench.queries["en"]) == ["q1"]
+    with pytest.warns(LAReQAWarning):
+        ex = lareqa_examples(root)
+    assert [e["id"] for e in ex] == ["q1"] and ex[0]["sentence"] == "S1."
+
+
+@pytest.mark.parametrize("mutate, problem", [
+    (lambda d: "{not json", "not valid JSON"),
+    (lambda d: {"version": 1}, "'data' list"),
+    (lambda d: d["data"][0]["paragraphs"][0].pop("sentence_breaks") and d, "sentence_breaks"),
+    (lambda d: d["data"][0]["paragraphs"][0].update(sentence_breaks=[[0, 999]]) or d, r"sentence_breaks\[0\].*outside"),
+    (lambda d: d["data"][0]["paragraphs"][0].update(sentence_breaks=[[0, 2], [1, 3]]) or d, "overlaps"),
+    (lambda d: d["data"][0]["paragraphs"][0].update(sentences=["only one"]) or d, "1 sentences but 2"),
+    (lambda d: d["data"][0]["paragraphs"][0]["qas"].append(dict(d["data"][0]["paragraphs"][0]["qas"][0])) or d,
+     "appears twice"),
+    (lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"][0].update(answer_start="3") or d,
+     r"qas\[0\]\.answers\[0\]\.answer_start.*int"),
+    (lambda d: d["data"][0]["paragraphs"][0]["qas"][0].pop("id") and d, "missing field 'id'"),
+])
+def test_malformed_files_name_file_and_problem(tmp_path, mutate, problem):
+    root = tmp_path / "bad"
+    _write(root, "en", [("T", [_para(["S0.", "S1."], [("q1", "q1?", [(1, 0)])])])])
+    doc = mutate(json.loads((root / "en.json").read_text()))
+    (root / "en.json").write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    with pytest.raises(LAReQAFormatError, match=problem) as err:
+        load_lareqa(root)
+    assert str(root / "en.json") in str(err.value)
+
+
+# ----------------------------------------------------------------------------- lookup
+
+def test_resolve_dataset_lookup_order(tmp_path, monkeypatch):
+    def make(root):
+        _write(root / "xquad-r", "en", [("T", [_para(["S."], [("q", "q?", [(0, 0)])])])])
+        return root / "xquad-r"
+
+    cache, env, explicit = make(tmp_path / "cache" / "hybridfast"), make(tmp_path / "env"), make(tmp_path / "dd")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("HYBRIDFAST_DATA", raising=False)
+    assert resolve_dataset("xquad-r") == cache
+    monkeypatch.setenv("HYBRIDFAST_DATA", str(tmp_path / "env"))
+    assert resolve_dataset("xquad-r") == env
+    assert resolve_dataset("xquad-r", data_dir=tmp_path / "dd") == explicit
+    assert resolve_dataset("xquad-r", data_dir=explicit) == explicit  # the dataset folder itself
+    assert resolve_dataset(str(explicit)) == explicit                 # a folder, as given
+    assert load_benchmark("xquad-r", data_dir=tmp_path / "dd").qrels == {"q": {"en:0:0:0"}}
+    with pytest.raises(FileNotFoundError, match="mlqa-r not found.*--data-dir / HYBRIDFAST_DATA"):
+        resolve_dataset("mlqa-r")
+    with pytest.raises(FileNotFoundError, match="neither a folder nor a known dataset"):
+        resolve_dataset("squad")
+
+
+# ----------------------------------------------------------------------------- download (no network)
+
+def _serve_from(monkeypatch, folder):
+    monkeypatch.setattr(data, "URL_TEMPLATE", Path(folder).as_uri() + "/{commit}/{folder}/{file}")
+
+
+def _fake_source(tmp_path, monkeypatch, pinned=True):
+    """A small dataset 'fake-r' served from file:// with real or deliberately wrong checksums."""
+    served = tmp_path / "served" / "c0ffee" / "fake-r"
+    for lang in ("en", "de"):
+        _write(served, lang, [("T", [_para(["S."], [("q", "q?", [(0, 0)])])])])
+    sums = {f"{l}.json": data._sha256((served / f"{l}.json").read_bytes()) if pinned else None
+            for l in ("en", "de")}
+    monkeypatch.setitem(data.DATASETS, "fake-r", data._Source("c0ffee", "fake-r", sums, "test"))
+    _serve_from(monkeypatch, tmp_path / "served")
+    return served, sums
+
+
+def test_download_fetches_and_verifies(tmp_path, monkeypatch):
+    served, sums = _fake_source(tmp_path, monkeypatch)
+    dest = data.download("fake-r", to=tmp_path / "out", show_progress=False)
+    assert dest == tmp_path / "out" / "fake-r"
+    assert sorted(p.name for p in dest.iterdir()) == ["SHA256SUMS", "de.json", "en.json"]
+    assert (dest / "en.json").read_bytes() == (served / "en.json").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fake-r"]  # staging folder gone
+    # present and verified files are not fetched again
+    monkeypatch.setattr(data, "_fetch", lambda url: pytest.fail(f"refetched {url}"))
+    data.download("fake-r", to=tmp_path / "out", show_progress=False)
+
+
+def test_download_checksum_failure_writes_nothing(tmp_path, monkeypatch):
+    served, sums = _fake_source(tmp_path, monkeypatch)
+    (served / "de.json").write_text((served / "de.json").read_text().replace("S.", "X."))  # tampered
+    with pytest.raises(DownloadError, match="de.json: sha256 .* does not match"):
+        data.download("fake-r", to=tmp_path / "out", show_progress=False)
+    assert list((tmp_path / "out").iterdir()) == []  # en.json was fetched first, yet not written
+
+
+def test_download_unpinned_checks_structure(tmp_path, monkeypatch):
+    served, _ = _fake_source(tmp_path, monkeypatch, pinned=False)
+    (served / "de.json").write_text('{"data": [{"title": "T", "paragraphs": [{"context": "x", "qas": []}]}]}')
+    with pytest.raises(DownloadError, match="not LAReQA data.*sentence_breaks"):
+        data.download("fake-r", to=tmp_path / "out", show_progress=False)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_download_offline_message(tmp_path, monkeypatch, capsys):
+    def offline(url):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(data, "_fetch", offline)
+    monkeypatch.setenv("HYBRIDFAST_DATA", str(tmp_path / "env"))
+    with pytest.raises(DownloadError, match="--data-dir DIR or set HYBRIDFAST_DATA"):
+        data.download("xquad-r", show_progress=False)
+    assert list((tmp_path / "env").iterdir()) == []  # default destination: $HYBRIDFAST_DATA
+    assert cli_main(["data", "download", "mlqa-r", "--to", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "354d67d1cd066854cdfbf5ad0e6105528976141d/mlqa-r/ar.json" in err and "HYBRIDFAST_DATA" in err
+
+
+def test_download_real_xquad_checksums(tmp_path, monkeypatch, xquad_dir):
+    """The pinned XQuAD-R checksums accept the real files (served from the shared copy)."""
+    served = tmp_path / "served" / data.DATASETS["xquad-r"].commit
+    served.mkdir(parents=True)
+    os.symlink(xquad_dir, served / "xquad-r")
+    _serve_from(monkeypatch, tmp_path / "served")
+    dest = data.download("xquad-r", to=tmp_path / "out", show_progress=False)
+    assert {l: len(c) for l, c in load_lareqa(dest).candidates.items()} == XQUAD_CANDIDATES
+
+
+def test_cli_info(xquad_dir, capsys):
+    assert cli_main(["data", "info", str(xquad_dir), "--languages", "en", "th", "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "xquad-r[test]" in out and "570" in out
+    assert cli_main(["data", "info", "xquad-r", "--data-dir", str(xquad_dir.parent)]) == 0
+    out = capsys.readouterr().out
+    assert " 852" in out and "13090" in out
