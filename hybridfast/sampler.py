@@ -1,0 +1,518 @@
+"""Hybrid batch sampler: monolingual, cross-lingual or hybrid batches of
+(example, query_lang, passage_lang) for multilingual retrieval training.
+
+The epoch plan comes from the C++ core (csrc/hybrid_sampler.cpp, hybridfast._C);
+`reference_plan` below is the same algorithm in plain Python, draw for draw, used
+by the tests and as the fallback when the extension is not built. The algorithm
+(see csrc/hybrid_sampler.h for the long form):
+
+1. Shuffle the examples with Fisher-Yates driven by a splitmix64 stream seeded by
+   (seed, epoch); work in that random order ("positions").
+2. Each position holds a bit mask of its unused languages; using an example clears
+   it. Each language, and the cross-lingual kind, has a cursor that only moves
+   forward: a batch is the next G = world_size * batch_size usable positions, one
+   per group (a position skipped for its group keeps the cursor behind it).
+3. A step is mono with probability mono_prob when both kinds can fill a batch
+   (integer test on 53 random bits); the mono language is drawn by integer weights
+   among languages with at least G unused examples; a cross slot draws an ordered
+   pair x != y uniformly among its example's languages. A fill that fails (too few
+   distinct groups) can never succeed later, so that option drops out.
+4. The epoch ends when no allowed kind can fill a batch. drop_last=False adds one
+   final smaller batch: the largest partial fill of one option (mono languages in
+   index order, then cross), rounded down to a multiple of world_size.
+
+Every rank computes the same global plan; rank r takes slots [r*b, (r+1)*b) of each
+step (b = batch_size, or the partial batch's size / world_size).
+"""
+import numbers
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from hybridfast._backends import cpp_extension, fallback_warning
+
+__all__ = ["HybridBatchSampler", "reference_plan", "splitmix64"]
+
+MODES = ("hybrid", "mono", "cross")
+_MASK = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MAX_EXAMPLES = (1 << 31) - 1  # the plan is int32
+
+
+# ---------------------------------------------------------------- random numbers
+def splitmix64(x: int) -> int:
+    """splitmix64 finaliser of x + golden ratio (same as hybridfast._C.splitmix64)."""
+    x = (x + _GOLDEN) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def _stream_base(seed: int, epoch: int) -> int:
+    return splitmix64((splitmix64(seed & _MASK) + epoch) & _MASK)
+
+
+class _Rng:
+    """Counter-based stream: draw k is splitmix64(base + k * golden)."""
+
+    def __init__(self, base: int):
+        self.state = base
+
+    def next(self) -> int:
+        out = splitmix64(self.state)
+        self.state = (self.state + _GOLDEN) & _MASK
+        return out
+
+    def below(self, n: int) -> int:
+        """Uniform integer in [0, n), n >= 1 (Lemire: multiply-shift with rejection)."""
+        m = self.next() * n
+        if m & _MASK < n:
+            threshold = ((1 << 64) - n) % n
+            while m & _MASK < threshold:
+                m = self.next() * n
+        return m >> 64
+
+
+def _popcount(m: int) -> int:
+    return bin(m).count("1")
+
+
+# ---------------------------------------------------------------- arguments
+@dataclass(frozen=True)
+class _Config:
+    batch_size: int
+    world_size: int
+    mode: str
+    mono_prob: float
+    allow_mono: bool
+    allow_cross: bool
+    mono_threshold: int  # P(mono) = mono_threshold / 2^53
+    size_weights: bool
+    lang_weights: Tuple[int, ...]  # integer weights (unused with size_weights)
+    drop_last: bool
+    seed: int
+
+    def fingerprint(self, shape) -> dict:
+        """What a saved state must match to resume (rank may differ)."""
+        return {"examples": int(shape[0]), "languages": int(shape[1]), "batch_size": self.batch_size,
+                "world_size": self.world_size, "mode": self.mode, "mono_prob": self.mono_prob,
+                "lang_weights": "size" if self.size_weights else list(self.lang_weights),
+                "drop_last": self.drop_last, "seed": self.seed}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_availability(availability) -> np.ndarray:
+    arr = np.asarray(availability)
+    if arr.dtype != np.bool_:
+        raise TypeError(f"availability must be a bool array [examples, languages], got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"availability must be 2-D [examples, languages], got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"availability must have at least one example and one language, got shape {arr.shape}")
+    if arr.shape[0] > _MAX_EXAMPLES:
+        raise ValueError(f"availability: at most {_MAX_EXAMPLES} examples (the plan is int32)")
+    return arr
+
+
+def _integer_weights(lang_weights, num_languages: int) -> Tuple[int, ...]:
+    """Fixed weights -> integers in [0, 2^32] (positive stays >= 1), so that both
+    backends draw the mono language with integer arithmetic only."""
+    try:
+        w = np.asarray(lang_weights, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError("lang_weights must be None, 'size' or a sequence of numbers") from None
+    if w.ndim != 1 or w.shape[0] != num_languages:
+        raise ValueError(f"lang_weights must have one weight per language ({num_languages}), got shape {w.shape}")
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError("lang_weights must be finite and non-negative")
+    top = float(w.max())
+    if top == 0:
+        raise ValueError("lang_weights are all zero: no language can be a monolingual batch")
+    return tuple(0 if x == 0 else max(1, int(x / top * 4294967296.0)) for x in w.tolist())
+
+
+def _validate(availability, batch_size, mode, mono_prob, lang_weights, groups, seed, world_size,
+              drop_last):
+    """Checks every argument (naming it) -> (availability, _Config, dense groups, num_groups)."""
+    avail = _check_availability(availability)
+    num_languages = avail.shape[1]
+    batch_size = _check_int("batch_size", batch_size, 1)
+    world_size = _check_int("world_size", world_size, 1)
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(mono_prob, numbers.Real) or isinstance(mono_prob, (bool, np.bool_)):
+        raise TypeError(f"mono_prob must be a number, got {type(mono_prob).__name__}")
+    mono_prob = float(mono_prob)
+    if not 0.0 <= mono_prob <= 1.0:
+        raise ValueError(f"mono_prob must be in [0, 1], got {mono_prob}")
+    if not _is_int(seed):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not isinstance(drop_last, (bool, np.bool_)):
+        raise TypeError(f"drop_last must be a bool, got {type(drop_last).__name__}")
+
+    # hybrid with mono_prob 1 (0) is exactly mono (cross): the other kind never runs.
+    allow_mono = mode == "mono" or (mode == "hybrid" and mono_prob > 0.0)
+    allow_cross = mode == "cross" or (mode == "hybrid" and mono_prob < 1.0)
+    if allow_cross and num_languages < 2:
+        raise ValueError(f"mode={mode!r} needs cross-lingual batches, which need at least 2 languages "
+                         f"(availability has {num_languages}); use mode='mono'")
+
+    if lang_weights is None:
+        size_weights, weights = False, (1,) * num_languages
+    elif isinstance(lang_weights, str):
+        if lang_weights != "size":
+            raise ValueError(f"lang_weights must be None, 'size' or a sequence of weights, got {lang_weights!r}")
+        size_weights, weights = True, (0,) * num_languages
+    else:
+        size_weights, weights = False, _integer_weights(lang_weights, num_languages)
+
+    dense, num_groups = None, 0
+    if groups is not None:
+        g = np.asarray(groups)
+        if g.dtype.kind not in "iu":
+            raise TypeError(f"groups must be an integer array, got dtype {g.dtype}")
+        if g.ndim != 1 or g.shape[0] != avail.shape[0]:
+            raise ValueError(f"groups must be 1-D with one id per example ({avail.shape[0]}), got shape {g.shape}")
+        # Dense ids 0..n-1 keep the core's per-group table small, whatever the ids are.
+        uniques, inverse = np.unique(g, return_inverse=True)
+        dense, num_groups = inverse.reshape(-1).astype(np.int32), int(uniques.shape[0])
+
+    cfg = _Config(batch_size=batch_size, world_size=world_size, mode=mode, mono_prob=mono_prob,
+                  allow_mono=allow_mono, allow_cross=allow_cross,
+                  mono_threshold=int(mono_prob * 9007199254740992.0),  # * 2^53, exact
+                  size_weights=size_weights, lang_weights=weights, drop_last=bool(drop_last),
+                  seed=int(seed) & _MASK)
+    return avail, cfg, dense, num_groups
+
+
+# ---------------------------------------------------------------- reference planner
+class _ReferencePlanner:
+    """Plain-Python twin of csrc/hybrid_sampler.cpp's Planner: same state, same draws."""
+
+    def __init__(self, cfg: _Config, avail: np.ndarray, groups, epoch: int):
+        self.cfg = cfg
+        self.E, self.L = avail.shape
+        self.G = cfg.batch_size * cfg.world_size
+        self.rng = _Rng(_stream_base(cfg.seed, epoch))
+        perm = list(range(self.E))
+        for i in range(self.E - 1, 0, -1):
+            j = self.rng.below(i + 1)
+            perm[i], perm[j] = perm[j], perm[i]
+        self.perm = perm
+        rows = avail.tolist()
+        self.masks = []  # position -> int bit mask of unused languages (0 once used)
+        for e in perm:
+            m = 0
+            for lang, present in enumerate(rows[e]):
+                if present:
+                    m |= 1 << lang
+            self.masks.append(m)
+        self.group = None if groups is None else [int(groups[e]) for e in perm]
+        self.rem = [0] * self.L
+        self.rem_cross = 0
+        for m in self.masks:
+            for lang in range(self.L):
+                if m >> lang & 1:
+                    self.rem[lang] += 1
+            if _popcount(m) >= 2:
+                self.rem_cross += 1
+        self.cursor = [0] * self.L
+        self.cross_cursor = 0
+        self.mono_dead = [False] * self.L
+        self.cross_dead = False
+        self.out: List[List[int]] = []
+
+    def fill(self, cursor: int, need: int, usable):
+        """-> (picked positions, cursor after a success or None on failure)."""
+        picked, taken, first_skip, i = [], set(), None, cursor
+        while i < self.E and len(picked) < need:
+            if usable(i):
+                if self.group is not None and self.group[i] in taken:
+                    if first_skip is None:
+                        first_skip = i
+                else:
+                    if self.group is not None:
+                        taken.add(self.group[i])
+                    picked.append(i)
+            i += 1
+        if len(picked) < need:
+            return picked, None
+        return picked, (first_skip if first_skip is not None else i)
+
+    def fill_mono(self, lang, cursor, need):
+        return self.fill(cursor, need, lambda i: self.masks[i] >> lang & 1)
+
+    def fill_cross(self, cursor, need):
+        return self.fill(cursor, need, lambda i: _popcount(self.masks[i]) >= 2)
+
+    def consume(self, i):
+        m = self.masks[i]
+        if _popcount(m) >= 2:
+            self.rem_cross -= 1
+        for lang in range(self.L):
+            if m >> lang & 1:
+                self.rem[lang] -= 1
+        self.masks[i] = 0
+
+    def emit_mono(self, lang, picked):
+        for i in picked:
+            self.out.append([self.perm[i], lang, lang])
+            self.consume(i)
+
+    def emit_cross(self, picked):
+        for i in picked:
+            langs = [lang for lang in range(self.L) if self.masks[i] >> lang & 1]
+            n = len(langs)
+            r = self.rng.below(n * (n - 1))
+            a, b = r // (n - 1), r % (n - 1)
+            if b >= a:
+                b += 1
+            self.out.append([self.perm[i], langs[a], langs[b]])
+            self.consume(i)
+
+    def weight(self, lang):
+        return self.rem[lang] if self.cfg.size_weights else self.cfg.lang_weights[lang]
+
+    def step(self) -> bool:
+        cfg, G = self.cfg, self.G
+        while True:
+            eligible = [lang for lang in range(self.L)
+                        if cfg.allow_mono and not self.mono_dead[lang] and self.rem[lang] >= G]
+            total = sum(self.weight(lang) for lang in eligible)
+            mono_ok = total > 0
+            cross_ok = cfg.allow_cross and not self.cross_dead and self.rem_cross >= G
+            if not mono_ok and not cross_ok:
+                return False
+            mono = mono_ok
+            if mono_ok and cross_ok:
+                mono = (self.rng.next() >> 11) < cfg.mono_threshold
+            if mono:
+                r = self.rng.below(total)
+                for lang in eligible:
+                    if r < self.weight(lang):
+                        break
+                    r -= self.weight(lang)
+                picked, cursor = self.fill_mono(lang, self.cursor[lang], G)
+                if cursor is None:
+                    self.mono_dead[lang] = True
+                    continue
+                self.cursor[lang] = cursor
+                self.emit_mono(lang, picked)
+            else:
+                picked, cursor = self.fill_cross(self.cross_cursor, G)
+                if cursor is None:
+                    self.cross_dead = True
+                    continue
+                self.cross_cursor = cursor
+                self.emit_cross(picked)
+            return True
+
+    def final_partial_step(self) -> bool:
+        best, best_option = [], None
+        for option in range(self.L + 1):
+            if option < self.L:
+                if not self.cfg.allow_mono or self.weight(option) == 0:
+                    continue
+                picked, _ = self.fill_mono(option, self.cursor[option], self.G)
+            else:
+                if not self.cfg.allow_cross:
+                    continue
+                picked, _ = self.fill_cross(self.cross_cursor, self.G)
+            if len(picked) > len(best):
+                best, best_option = picked, option
+        n = len(best) - len(best) % self.cfg.world_size
+        if n == 0:
+            return False
+        if best_option < self.L:
+            self.emit_mono(best_option, best[:n])
+        else:
+            self.emit_cross(best[:n])
+        self.out.extend([[-1, -1, -1]] * (self.G - n))
+        return True
+
+    def run(self) -> np.ndarray:
+        steps = 0
+        while self.step():
+            steps += 1
+        if not self.cfg.drop_last and self.final_partial_step():
+            steps += 1
+        return np.array(self.out, dtype=np.int32).reshape(steps, self.G, 3)
+
+
+def _reference_capacities(avail: np.ndarray, groups) -> np.ndarray:
+    """Largest batch each option can fill in a fresh epoch (languages, then cross)."""
+    usable = np.concatenate([avail, (avail.sum(axis=1) >= 2)[:, None]], axis=1)
+    if groups is None:
+        return usable.sum(axis=0).astype(np.int64)
+    return np.array([np.unique(groups[usable[:, k]]).shape[0] for k in range(usable.shape[1])], dtype=np.int64)
+
+
+def reference_plan(availability, batch_size, mode="hybrid", mono_prob=0.5, lang_weights=None, groups=None,
+                   seed=0, epoch=0, world_size=1, drop_last=True) -> np.ndarray:
+    """The epoch plan in plain Python: int32 [steps, world_size*batch_size, 3] of
+    (example, query_lang, passage_lang), -1 padding a final partial batch.
+    Identical, slot for slot, to HybridBatchSampler(...).plan(epoch)."""
+    avail, cfg, dense, _ = _validate(availability, batch_size, mode, mono_prob, lang_weights, groups, seed,
+                                     world_size, drop_last)
+    epoch = _check_int("epoch", epoch, 0)
+    return _ReferencePlanner(cfg, avail, dense, epoch).run()
+
+
+# ---------------------------------------------------------------- the sampler
+class HybridBatchSampler:
+    """Batches of (example, query_lang, passage_lang) for hybrid-batch training.
+
+    Args:
+        availability: bool [examples, languages]; True where the example exists in
+            that language (copied).
+        batch_size: examples per step per rank (the global batch is world_size times it).
+        mode: "hybrid" (mono with probability mono_prob, else cross), "mono" (one
+            language per global batch) or "cross" (every slot its own x != y).
+        mono_prob: probability of a monolingual step in hybrid mode.
+        lang_weights: how a mono step picks its language among those that can still
+            fill a batch: None (uniform), "size" (proportional to unused examples) or
+            one non-negative weight per language (0: never a mono language).
+        groups: one integer per example; no two examples of one global batch share one
+            (translations or duplicates of one question).
+        seed, rank, world_size: every rank plans the same global batches from
+            (seed, epoch) and takes its own disjoint slice of each.
+        drop_last: False adds one final smaller batch of leftovers (one language or
+            cross, a multiple of world_size examples).
+
+    Iterating yields this rank's list of (example, query_lang, passage_lang) tuples
+    per step, so it works as ``DataLoader(dataset, batch_sampler=sampler)``.
+    ``len()`` is the number of steps of the whole epoch (exact). The epoch is planned
+    once (in C++) and cached; call ``set_epoch(e)`` before each epoch.
+    """
+
+    def __init__(self, availability, batch_size, mode="hybrid", mono_prob=0.5, lang_weights=None,
+                 groups=None, seed=0, rank=0, world_size=1, drop_last=True):
+        avail, cfg, dense, num_groups = _validate(availability, batch_size, mode, mono_prob, lang_weights,
+                                                  groups, seed, world_size, drop_last)
+        rank = _check_int("rank", rank, 0)
+        if rank >= cfg.world_size:
+            raise ValueError(f"rank must be < world_size ({cfg.world_size}), got {rank}")
+        self.availability = np.array(avail, dtype=np.bool_, order="C", copy=True)
+        self.availability.flags.writeable = False
+        self._cfg, self._groups, self._num_groups = cfg, dense, num_groups
+        self.batch_size, self.world_size, self.rank = cfg.batch_size, cfg.world_size, rank
+        self.mode, self.mono_prob, self.seed, self.drop_last = cfg.mode, cfg.mono_prob, seed, cfg.drop_last
+        self.lang_weights = lang_weights
+        self._C = cpp_extension()
+        if self._C is None:
+            fallback_warning("cpp_sampler", "hybridfast._C is not built: HybridBatchSampler plans epochs with "
+                             "the pure-Python reference (identical plans, far slower). Rebuild with a C++17 "
+                             "compiler: pip install -e . --no-build-isolation")
+        self._check_feasible()
+        self.epoch = 0
+        self._start = 0    # first step of the next __iter__ (set by load_state_dict)
+        self._yielded = 0  # steps of this epoch handed out so far
+        self._cached: Optional[Tuple[int, np.ndarray]] = None
+
+    def _check_feasible(self):
+        cfg, G = self._cfg, self._cfg.batch_size * self._cfg.world_size
+        if self._C is not None:
+            cap = self._C.fresh_capacities(self.availability.view(np.uint8), self._groups, self._num_groups)
+        else:
+            cap = _reference_capacities(self.availability, self._groups)
+        L = self.availability.shape[1]
+        mono = [int(cap[l]) for l in range(L) if cfg.allow_mono and (cfg.size_weights or cfg.lang_weights[l] > 0)]
+        best_mono, cross = max(mono, default=0), int(cap[L]) if cfg.allow_cross else 0
+        if max(best_mono, cross) < G:
+            unit = "distinct groups" if self._groups is not None else "examples"
+            raise ValueError(
+                f"availability: not even one batch of {G} (batch_size {cfg.batch_size} x world_size "
+                f"{cfg.world_size}) can be filled in mode={cfg.mode!r}: the best language has {best_mono} "
+                f"{unit}, cross-lingual slots (examples with >= 2 languages) have {cross}")
+
+    # ------------------------------------------------------------ planning
+    def _compute(self, epoch: int) -> np.ndarray:
+        cfg = self._cfg
+        if self._C is None:
+            return _ReferencePlanner(cfg, self.availability, self._groups, epoch).run()
+        return self._C.plan_epoch(
+            self.availability.view(np.uint8), cfg.batch_size, cfg.world_size, cfg.allow_mono, cfg.allow_cross,
+            cfg.mono_threshold, cfg.size_weights, np.asarray(cfg.lang_weights, dtype=np.uint64), self._groups,
+            self._num_groups, cfg.drop_last, cfg.seed, epoch)
+
+    def plan(self, epoch: Optional[int] = None) -> np.ndarray:
+        """The whole epoch (default: the current one) as a read-only int32 array
+        [steps, world_size*batch_size, 3] of (example, query_lang, passage_lang);
+        a final partial batch (drop_last=False) is padded with -1."""
+        epoch = self.epoch if epoch is None else _check_int("epoch", epoch, 0)
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
+        plan = self._compute(epoch)
+        plan.flags.writeable = False
+        if epoch == self.epoch:
+            self._cached = (epoch, plan)
+        return plan
+
+    def set_epoch(self, epoch: int) -> None:
+        """Switch to another epoch's plan (a no-op for the current epoch, so that a
+        resumed sampler keeps its position when the loop calls set_epoch again)."""
+        epoch = _check_int("epoch", epoch, 0)
+        if epoch != self.epoch:
+            self.epoch, self._start, self._yielded = epoch, 0, 0
+            self._cached = None
+
+    def __len__(self) -> int:
+        return int(self.plan().shape[0])
+
+    def _rank_slice(self, batch: np.ndarray) -> List[Tuple[int, int, int]]:
+        per = self.batch_size
+        if batch[-1, 0] < 0:  # the final partial batch: split its valid slots evenly
+            per = int(np.count_nonzero(batch[:, 0] >= 0)) // self.world_size
+        rows = batch[self.rank * per:(self.rank + 1) * per].tolist()
+        return [(e, q, p) for e, q, p in rows]
+
+    def __iter__(self):
+        plan = self.plan()
+        start, self._start = self._start, 0
+        self._yielded = start
+        for step in range(start, plan.shape[0]):
+            self._yielded = step + 1
+            yield self._rank_slice(plan[step])
+
+    # ------------------------------------------------------------ resume
+    def state_dict(self, step: Optional[int] = None) -> dict:
+        """Where to resume: epoch and steps of it done (default: steps yielded so far;
+        pass your own count when a DataLoader prefetches batches ahead of training)."""
+        step = self._yielded if step is None else _check_int("step", step, 0)
+        return {"epoch": self.epoch, "step": step,
+                "config": self._cfg.fingerprint(self.availability.shape)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The next iteration starts at the saved step of the saved epoch (no replay)."""
+        if not isinstance(state, dict) or not {"epoch", "step", "config"} <= set(state):
+            raise ValueError("state must be a dict from HybridBatchSampler.state_dict() "
+                             "(keys 'epoch', 'step', 'config')")
+        mine = self._cfg.fingerprint(self.availability.shape)
+        diff = {k: (state["config"].get(k), v) for k, v in mine.items() if state["config"].get(k) != v}
+        if diff:
+            detail = ", ".join(f"{k}: saved {a!r}, here {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"state was saved by a differently configured sampler ({detail})")
+        epoch = _check_int("epoch", state["epoch"], 0)
+        step = _check_int("step", state["step"], 0)
+        self.set_epoch(epoch)
+        if step > len(self):
+            raise ValueError(f"step {step} is past the end of epoch {epoch} ({len(self)} steps)")
+        self._start = self._yielded = step
+
+    def __repr__(self):
+        E, L = self.availability.shape
+        return (f"HybridBatchSampler(examples={E}, languages={L}, batch_size={self.batch_size}, "
+                f"mode={self.mode!r}, mono_prob={self.mono_prob}, world_size={self.world_size}, "
+                f"rank={self.rank}, epoch={self.epoch}, backend={'C++' if self._C else 'python'})")
