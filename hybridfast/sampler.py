@@ -479,9 +479,14 @@ class HybridBatchSampler:
         return [(e, q, p) for e, q, p in rows]
 
     def __iter__(self):
+        # Not a generator function: the position resets as soon as iter() is called,
+        # so state_dict() right after it already describes the new pass.
         plan = self.plan()
         start, self._start = self._start, 0
         self._yielded = start
+        return self._batches(plan, start)
+
+    def _batches(self, plan: np.ndarray, start: int):
         for step in range(start, plan.shape[0]):
             self._yielded = step + 1
             yield self._rank_slice(plan[step])
