@@ -622,7 +622,7 @@ class HybridSTBatchSampler:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
         if world_size > 1 and not drop_last:
             raise ValueError("drop_last must be True with several processes (each step needs one full batch per rank)")
-        if isinstance(lang_weights, Mapping):
+        if isinstance(lang_weights, Mapping):  # {language: weight} -> one weight per index language
             unknown = sorted(set(lang_weights) - set(index.languages))
             if unknown:
                 raise ValueError(f"lang_weights has languages {unknown} not in the dataset's {index.languages}")
@@ -634,31 +634,29 @@ class HybridSTBatchSampler:
         self.per_rank_batch_size = batch_size
         # what accelerate's BatchSamplerShard reads: the size of one yielded batch
         self.batch_size = batch_size * world_size if split_batches else batch_size
-        self.samplers = [
-            HybridBatchSampler(
-                index.availability, batch_size, mode=mode, mono_prob=mono_prob, lang_weights=lang_weights,
-                groups=index.groups, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last,
-            )
-            for rank in range(world_size)
-        ]
-        self.last_plan: list[list[tuple[int, int, int]]] = []  # the (example, qlang, plang) of the latest step
+        # Every rank's share is a fixed slice of one global plan, so one sampler serves all ranks.
+        self.sampler = HybridBatchSampler(
+            index.availability, batch_size, mode=mode, mono_prob=mono_prob, lang_weights=lang_weights,
+            groups=index.groups, seed=seed, rank=0, world_size=world_size, drop_last=drop_last,
+        )
 
     def set_epoch(self, epoch: int) -> None:
-        for sampler in self.samplers:
-            sampler.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        steps = len(self.samplers[0])
+        steps = len(self.sampler)
         return steps if self.split_batches else steps * self.world_size
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for step in zip(*(iter(s) for s in self.samplers)):
-            self.last_plan = [list(map(tuple, batch)) for batch in step]
+        plan = self.sampler.plan()
+        size = self.per_rank_batch_size
+        for step in plan:
+            step = step[step[:, 0] >= 0]  # a final partial batch (drop_last=False, one process) is -1 padded
             if self.split_batches:
-                yield self.index.rows(np.concatenate([np.asarray(b).reshape(-1, 3) for b in step]))
+                yield self.index.rows(step)
             else:
-                for batch in step:
-                    yield self.index.rows(batch)
+                for rank in range(self.world_size):
+                    yield self.index.rows(step[rank * size:(rank + 1) * size])
 
 
 def _unwrap_split_batches(accelerator: Any) -> bool:
