@@ -1,0 +1,213 @@
+"""hybridfast.encoder.Encoder: pooling by hand, prefixes, batching order, saving, MiniLM parity."""
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertModel, BertTokenizer
+
+from hybridfast.encoder import Encoder, default_model_path
+
+
+WORDS = ["hello", "world", "query", "passage", "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A random 2-layer BERT with a word-level vocabulary, saved like a hub folder (no download)."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ":"] + WORDS
+    tok = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, model_max_length=64)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    BertModel(cfg).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return Encoder(default_model_path(), query_prefix="", passage_prefix="", device="cpu", show_progress=False)
+
+
+def _sentences(n, seed=0):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 20))) for _ in range(n)]
+
+
+def _by_hand(folder, texts, pooling, normalize=True):
+    """Each text alone through BertModel (no padding anywhere), pooled with plain tensor code."""
+    tok = BertTokenizer.from_pretrained(folder)
+    model = BertModel.from_pretrained(folder).eval()
+    rows = []
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([tok(t)["input_ids"]])
+            hidden = model(input_ids=ids).last_hidden_state[0]      # [T, H]
+            v = hidden[0] if pooling == "cls" else hidden.sum(0) / hidden.shape[0]
+            rows.append(v / v.norm() if normalize else v)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_pooling_matches_hand_computation(tiny_dir, pooling, normalize):
+    texts = _sentences(11)
+    enc = Encoder(tiny_dir, pooling=pooling, normalize=normalize, query_prefix="", device="cpu",
+                  batch_size=4, show_progress=False)
+    got = enc.encode_queries(texts)
+    assert got.dtype == torch.float32 and got.device.type == "cpu" and got.shape == (11, 32)
+    torch.testing.assert_close(got, _by_hand(tiny_dir, texts, pooling, normalize), atol=1e-5, rtol=1e-4)
+    if normalize:
+        torch.testing.assert_close(got.norm(dim=-1), torch.ones(11))
+
+
+def test_auto_pooling_defaults_to_mean_without_st_config(tiny_dir):
+    assert Encoder(tiny_dir, device="cpu").pooling == "mean"
+
+
+def test_prefixes_are_applied_per_kind(tiny_dir):
+    enc = Encoder(tiny_dir, query_prefix="query :", passage_prefix="passage :", device="cpu", show_progress=False)
+    assert enc.query_prefix == "query :"  # explicit values win
+    ids = enc.tokenize(["the cat"], kind="passage")["input_ids"][0]
+    assert enc.tokenizer.decode(ids, skip_special_tokens=True) == "passage : the cat"
+    texts = ["the cat sat", "a dog"]
+    torch.testing.assert_close(enc.encode_queries(texts), _by_hand(tiny_dir, ["query : " + t for t in texts], "mean"),
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(enc.encode_passages(texts),
+                               _by_hand(tiny_dir, ["passage : " + t for t in texts], "mean"), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(enc.encode_queries(texts), enc.encode_passages(texts))
+    defaults = Encoder(tiny_dir, device="cpu")
+    assert (defaults.query_prefix, defaults.passage_prefix) == ("query: ", "passage: ")
+
+
+def test_length_sorting_restores_order(tiny_dir):
+    enc = Encoder(tiny_dir, device="cpu", show_progress=False)
+    texts = _sentences(23, seed=1)
+    assert len({len(t.split()) for t in texts}) > 5  # lengths really differ, so sorting permutes
+    one_by_one = torch.cat([enc.encode_passages([t]) for t in texts])
+    for bs in (1, 3, 8, 64):
+        torch.testing.assert_close(enc.encode_passages(texts, batch_size=bs), one_by_one, atol=1e-5, rtol=1e-4)
+    assert enc.encode_queries([]).shape == (0, 32)
+
+
+def test_forward_is_differentiable_and_matches_encode(tiny_dir):
+    enc = Encoder(tiny_dir, device="cpu", show_progress=False)
+    batch = enc.tokenize(["the cat sat on the mat", "a dog"], kind="query")
+    out = enc(**batch)
+    out[:, 0].sum().backward()
+    assert enc.model.embeddings.word_embeddings.weight.grad is not None
+    enc.eval()
+    torch.testing.assert_close(out.detach(), enc.encode_queries(["the cat sat on the mat", "a dog"]),
+                               atol=1e-5, rtol=1e-4)
+    enc.train()
+    enc.encode_queries(["a"])
+    assert enc.training  # encoding restores the caller's mode
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_save_pretrained_round_trip(tiny_dir, tmp_path, pooling):
+    from sentence_transformers import SentenceTransformer
+
+    enc = Encoder(tiny_dir, pooling=pooling, query_prefix="query :", passage_prefix="", device="cpu",
+                  show_progress=False)
+    texts = _sentences(9, seed=2)
+    want_q, want_p = enc.encode_queries(texts), enc.encode_passages(texts)
+    out = tmp_path / "saved"
+    enc.save_pretrained(out)
+    assert json.loads((out / "1_Pooling" / "config.json").read_text())[f"pooling_mode_{'cls_token' if pooling == 'cls' else 'mean_tokens'}"]
+    assert (out / "model.safetensors").is_file()
+    back = Encoder(out, device="cpu", show_progress=False)  # pooling and prefixes come from the folder
+    assert (back.pooling, back.query_prefix, back.passage_prefix) == (pooling, "query :", "")
+    torch.testing.assert_close(back.encode_queries(texts), want_q, atol=1e-5, rtol=1e-4)
+    st = SentenceTransformer(str(out), device="cpu")
+    torch.testing.assert_close(torch.as_tensor(st.encode(texts, prompt_name="query")), want_q, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.as_tensor(st.encode(texts)), want_p, atol=1e-5, rtol=1e-4)
+
+
+def test_bad_inputs_name_the_argument(tiny_dir):
+    enc = Encoder(tiny_dir, device="cpu", show_progress=False)
+    with pytest.raises(TypeError, match="texts must be a list of str"):
+        enc.encode_queries("the cat")
+    with pytest.raises(TypeError, match=r"texts\[1\] must be a str"):
+        enc.encode_passages(["the cat", 3])
+    with pytest.raises(ValueError, match="kind"):
+        enc.tokenize(["a"], kind="doc")
+    with pytest.raises(ValueError, match="batch_size"):
+        enc.encode_queries(["a"], batch_size=0)
+    with pytest.raises(TypeError, match="texts"):
+        enc.unk_rate(None)
+    with pytest.raises(ValueError, match="pooling"):
+        Encoder(tiny_dir, pooling="max")
+    with pytest.raises(ValueError, match="dtype"):
+        Encoder(tiny_dir, dtype="int8")
+    with pytest.raises(ValueError, match="max_length"):
+        Encoder(tiny_dir, max_length=0)
+    with pytest.raises(TypeError, match="query_prefix"):
+        Encoder(tiny_dir, query_prefix=1)
+
+
+def test_st_pooling_config_unsupported_mode(tiny_dir, tmp_path):
+    enc = Encoder(tiny_dir, device="cpu")
+    out = enc.save_pretrained(tmp_path / "m")
+    cfg = json.loads((out / "1_Pooling" / "config.json").read_text())
+    cfg.update(pooling_mode_mean_tokens=False, pooling_mode_max_tokens=True)
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="pooling.*max_tokens"):
+        Encoder(out)
+    assert Encoder(out, pooling="cls").pooling == "cls"  # an explicit choice overrides the folder
+
+
+def test_bf16_weights_stay_close(tiny_dir):
+    texts = _sentences(6, seed=3)
+    ref = Encoder(tiny_dir, device="cpu", show_progress=False).encode_queries(texts)
+    low = Encoder(tiny_dir, device="cpu", dtype="bf16", show_progress=False)
+    assert next(low.model.parameters()).dtype == torch.bfloat16
+    got = low.encode_queries(texts)
+    assert got.dtype == torch.float32
+    assert F.cosine_similarity(got, ref).min() > 0.98
+
+
+# ----------------------------------------------------------------------------- the bundled all-MiniLM-L6-v2
+
+def test_minilm_reproduces_sentence_transformers(minilm, xquad_dir):
+    from sentence_transformers import SentenceTransformer
+
+    from hybridfast.data import candidate_text, load_lareqa
+
+    bench = load_lareqa(xquad_dir, languages=["en", "de", "zh"])
+    # long candidates (truncated at 256 tokens), short queries, an [UNK]-heavy script
+    texts = [candidate_text(*c) for lang in ("en", "de", "zh") for c in list(bench.candidates[lang].values())[:5]]
+    texts += [q for lang in ("en", "zh") for q in list(bench.queries[lang].values())[:5]]
+    assert minilm.pooling == "mean" and minilm.max_length == 256
+    ours = minilm.encode_passages(texts, batch_size=8)
+    st = SentenceTransformer(default_model_path(), device="cpu")
+    theirs = torch.as_tensor(st.encode(texts, batch_size=8))
+    assert F.cosine_similarity(ours, theirs).min() >= 0.999
+    assert Encoder("all-MiniLM-L6-v2", device="cpu").source == default_model_path()  # alias, no hub
+
+
+def test_unk_rate_chinese_vs_english(minilm, xquad_dir):
+    from hybridfast.data import load_lareqa
+
+    bench = load_lareqa(xquad_dir, languages=["en", "zh"])
+    en, zh = (list(bench.queries[l].values())[:200] for l in ("en", "zh"))
+    assert minilm.unk_rate(en) < 0.01
+    assert minilm.unk_rate(zh) > 0.3
+    assert minilm.unk_rate([]) == 0.0
+    # the definition, by hand: unknown-token share of the plain tokenization
+    ids = minilm.tokenizer(zh[:20], add_special_tokens=False)["input_ids"]
+    unk = minilm.tokenizer.unk_token_id
+    assert minilm.unk_rate(zh[:20]) == pytest.approx(sum(r.count(unk) for r in ids) / sum(map(len, ids)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_autocast_close_to_fp32(minilm, xquad_dir):
+    from hybridfast.data import candidate_text, load_lareqa
+
+    bench = load_lareqa(xquad_dir, languages=["en"])
+    texts = [candidate_text(*c) for c in list(bench.candidates["en"].values())[:64]]
+    gpu = Encoder(default_model_path(), query_prefix="", passage_prefix="", device="cuda", show_progress=False)
+    assert F.cosine_similarity(gpu.encode_passages(texts), minilm.encode_passages(texts)).min() > 0.99
