@@ -1,0 +1,429 @@
+"""Dense search for evaluation: exact ranks of the relevant candidates, and top-k lists.
+
+Metrics over the FULL ranking (mAP, rank distance) need the rank of every
+relevant candidate, however deep. Sorting each query's whole candidate list
+would cost O(C log C) per query and an O(Q x C) result; instead a query chunk
+is scored against all candidates at once (one matmul) and, for each relevant
+candidate r of a query,
+
+    rank(r) = 1 + #{c : s_c > s_r} + #{c : s_c == s_r and id_c > id_r}
+
+is counted (trec_eval's order: score descending, then id descending, see
+hybridfast.metrics). Candidates are grouped in contiguous column blocks (one
+per language); the counts are kept per block, so ONE scoring pass gives both
+the rank of r inside its own block (the pair x -> lang(r)) and inside the pool
+of all blocks (the multilingual setting). Memory is bounded by the chunk size,
+independent of Q x C.
+
+Ties: the tie priority (hybridfast.metrics.tie_priority) is folded into the
+comparison. On CPU each score becomes an int64 key (float32 bits mapped to a
+sortable int32 in the high half, the priority in the low half), so one integer
+compare per candidate gives the exact count; on CUDA the compare is
+``s_c > s_r or (s_c == s_r and prio_c > prio_r)``.
+
+Backends:
+- ``torch``: matmul on the chosen device. On CUDA the counting is a batched
+  compare + cumulative sum on the GPU; on CPU the chunk's scores are counted
+  with numpy, whose compare and count_nonzero are several times faster than
+  torch's on CPU.
+- ``faiss``: faiss-gpu when present, else faiss-cpu. Exact (``ivf_lists=None``):
+  an IndexFlatIP answers the top-k lists; ranks of relevant candidates are
+  counted as above (faiss has no rank-count primitive), from a BLAS matmul of
+  the same float32 vectors. Approximate (``ivf_lists=N``): IndexIVFFlat with
+  ``nprobe`` lists probed, one index per block plus one for the pool; ranks come
+  from the top-k lists only, so a relevant candidate outside the top k counts as
+  not retrieved (exactly as trec_eval treats a truncated run) and
+  ``SearchResult.exact`` is False.
+- ``auto``: torch (on CUDA when the device is CUDA, else on CPU), or faiss when
+  ``ivf_lists`` is given. Exact ranks need whole score rows, which the torch
+  matmul gives directly; faiss earns its place for approximate search.
+
+The top-k lists (over the whole pool) are in trec_eval order too: candidates
+tied with the k-th score are taken by id, descending.
+"""
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from hybridfast._backends import faiss_has_gpu, faiss_module, resolve_device
+
+BACKENDS = ("auto", "torch", "faiss")
+
+
+@dataclass
+class SearchResult:
+    """Per query: ranks of its relevant candidates (0 = padding / not retrieved) and top-k.
+
+    ranks:       int64 [Q, R] rank in the whole candidate set (the pool of all blocks)
+    block_ranks: int64 [Q, R] rank inside the relevant candidate's own block
+    topk_ids:    int64 [Q, k] candidate columns, best first (None when k == 0)
+    topk_scores: float32 [Q, k]
+    exact:       False when ranks come from approximate top-k lists (IVF)
+    """
+
+    ranks: np.ndarray
+    block_ranks: np.ndarray
+    topk_ids: Optional[np.ndarray]
+    topk_scores: Optional[np.ndarray]
+    exact: bool = True
+
+
+def _as_matrix(x, name):
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [n, D], got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or infinite values")
+    return x
+
+
+def _check_inputs(queries, candidates, relevant, offsets, tie_priority, k):
+    q = _as_matrix(queries, "queries")
+    c = _as_matrix(candidates, "candidates")
+    if q.shape[1] != c.shape[1]:
+        raise ValueError(f"queries have dimension {q.shape[1]} but candidates {c.shape[1]}")
+    if c.shape[0] == 0:
+        raise ValueError("candidates is empty")
+    rel = np.asarray(relevant, dtype=np.int64)
+    if rel.ndim != 2 or rel.shape[0] != q.shape[0]:
+        raise ValueError(f"relevant must be int [{q.shape[0]}, R] (-1 = padding), got shape {rel.shape}")
+    if (rel >= c.shape[0]).any() or (rel < -1).any():
+        raise ValueError(f"relevant holds column indices outside [-1, {c.shape[0]})")
+    offsets = np.asarray([0, c.shape[0]] if offsets is None else offsets, dtype=np.int64)
+    if offsets.ndim != 1 or offsets[0] != 0 or offsets[-1] != c.shape[0] or (np.diff(offsets) < 0).any():
+        raise ValueError(f"offsets must rise from 0 to {c.shape[0]} (block boundaries), got {offsets.tolist()}")
+    if tie_priority is None:
+        # without ids: later column wins ties (the order of ids 0..C-1, descending)
+        tie_priority = np.arange(c.shape[0], dtype=np.int64)
+    prio = np.asarray(tie_priority, dtype=np.int64)
+    if prio.shape != (c.shape[0],):
+        raise ValueError(f"tie_priority must have shape ({c.shape[0]},), got {prio.shape}")
+    if not isinstance(k, (int, np.integer)) or k < 0:
+        raise ValueError(f"k must be an int >= 0, got {k!r}")
+    return q, c, rel, offsets, prio, int(min(k, c.shape[0]))
+
+
+def _chunk_rows(n_cand, n_rel, device, chunk_size):
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        return int(chunk_size)
+    # scores (4 B) + a compare mask per column; on CUDA the [b, R, C] int32 cumsum dominates
+    per_row = n_cand * (4 + 1) if device.type != "cuda" else n_cand * (4 + 9 * max(1, n_rel))
+    budget = (1 << 30) if device.type == "cuda" else (160 << 20)
+    return max(1, budget // per_row)
+
+
+def _progress(total, show, desc):
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="query")
+
+
+# ---------------------------------------------------------------------------
+# rank counting for one chunk of scores
+
+
+def _tie_keys(scores, prio, work):
+    """int64 keys whose order is trec_eval's order: (score, tie priority) lexicographic.
+
+    The float32 bits are mapped to an int32 that sorts like the float (flip the
+    magnitude bits of negatives; -0.0 is first turned into +0.0, since trec_eval
+    sees them as equal), shifted to the high half; the unique tie priority fills
+    the low half. So #{c : key_c > key_r} = #{s_c > s_r} + #{s_c == s_r, id_c > id_r},
+    exactly, in one compare. Buffers in `work` are reused across chunks.
+    """
+    shape = scores.shape
+    if work.get("shape") != shape:
+        work.update(shape=shape, keys=np.empty(shape, np.int64), tmp=np.empty(shape, np.int32),
+                    f=np.empty(shape, np.float32))
+    f, tmp, keys = work["f"], work["tmp"], work["keys"]
+    np.add(scores, np.float32(0.0), out=f)
+    bits = f.view(np.int32)
+    np.right_shift(bits, 31, out=tmp)
+    np.bitwise_and(tmp, np.int32(0x7FFFFFFF), out=tmp)
+    np.bitwise_xor(bits, tmp, out=bits)
+    keys[...] = bits
+    np.left_shift(keys, 32, out=keys)
+    np.bitwise_or(keys, prio[None, :], out=keys)
+    return keys
+
+
+def _count_numpy(scores, cols, offsets, block_of, prio, pool=None, work=None):
+    """numpy: (#ranked above r in r's block, #ranked above r in the pool), each int64 [b, R].
+
+    One compare of tie-aware keys per relevant slot j gives the pool count; the
+    own-block count reads a slice of the same mask (slots are sorted by block, so
+    a slot usually maps to one block for all rows). Slots run on a thread pool:
+    numpy releases the GIL in compare and count_nonzero.
+    """
+    b, R = cols.shape
+    own = np.zeros((b, R), dtype=np.int64)
+    total = np.zeros((b, R), dtype=np.int64)
+    valid = cols >= 0
+    safe = np.where(valid, cols, 0)
+    keys = _tie_keys(scores, prio, {} if work is None else work)
+    rk = np.take_along_axis(keys, safe, axis=1)
+    slot_block = np.where(valid, block_of[safe], -1)
+
+    def slot(j):
+        if not valid[:, j].any():
+            return
+        above = keys > rk[:, j:j + 1]
+        total[:, j] = np.count_nonzero(above, axis=1)
+        for blk in np.unique(slot_block[:, j]):
+            if blk < 0:
+                continue
+            s, e = offsets[blk], offsets[blk + 1]
+            rows = slot_block[:, j] == blk
+            if rows.all():
+                own[:, j] = np.count_nonzero(above[:, s:e], axis=1)
+            else:
+                own[rows, j] = np.count_nonzero(above[rows, s:e], axis=1)
+
+    if pool is None:
+        for j in range(R):
+            slot(j)
+    else:
+        list(pool.map(slot, range(R)))
+    return own, total
+
+
+def _count_torch(scores, cols, offsets_t, block_of_t, prio_t):
+    """torch (GPU path; also runs on CPU for tests): same as _count_numpy."""
+    valid = cols >= 0
+    safe = cols.clamp(min=0)
+    rs = scores.gather(1, safe)                                   # [b, R]
+    s3, r3 = scores.unsqueeze(1), rs.unsqueeze(2)
+    above = (s3 > r3) | ((s3 == r3) & (prio_t.view(1, 1, -1) > prio_t[safe].unsqueeze(2)))
+    cum = above.to(torch.int32).cumsum(2)                         # [b, R, C]
+    cum = torch.nn.functional.pad(cum, (1, 0))                   # cum[..., c] = # above among columns < c
+    per_block = cum[:, :, offsets_t[1:]] - cum[:, :, offsets_t[:-1]]  # [b, R, L]
+    total = per_block.sum(2)
+    own = per_block.gather(2, block_of_t[safe].unsqueeze(2)).squeeze(2)
+    zero = torch.zeros_like(total)
+    return (torch.where(valid, own, zero).to(torch.int64).cpu().numpy(),
+            torch.where(valid, total, zero).to(torch.int64).cpu().numpy())
+
+
+def _trec_topk(scores, k, prio):
+    """Top-k columns of each row of a numpy score chunk in trec_eval order."""
+    b, C = scores.shape
+    if k >= C:
+        idx = np.broadcast_to(np.arange(C), (b, C)).copy()
+    else:
+        idx = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        kth = np.take_along_axis(scores, idx, 1).min(1)
+        # rows where the k-th score is shared by candidates left out: choose those by id
+        n_ge = np.count_nonzero(scores >= kth[:, None], axis=1)
+        for i in np.nonzero(n_ge > k)[0]:
+            above = np.nonzero(scores[i] > kth[i])[0]
+            tied = np.nonzero(scores[i] == kth[i])[0]
+            tied = tied[np.argsort(-prio[tied], kind="stable")][:k - len(above)]
+            idx[i] = np.concatenate([above, tied])
+    return _trec_sort(scores, idx, prio)
+
+
+def _trec_sort(scores, idx, prio):
+    """Sort the candidate columns `idx` of each row by (score desc, tie priority desc)."""
+    vals = np.take_along_axis(scores, idx, 1)
+    order = np.argsort(-prio[idx], axis=1, kind="stable")
+    idx, vals = np.take_along_axis(idx, order, 1), np.take_along_axis(vals, order, 1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    return np.take_along_axis(idx, order, 1), np.take_along_axis(vals, order, 1)
+
+
+# ---------------------------------------------------------------------------
+# backends
+
+
+def _exact_torch(q, c, rel, offsets, prio, k, device, chunk, show, topk_fn=None, counter=None):
+    Q, C = q.shape[0], c.shape[0]
+    block_of = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    ranks = np.zeros(rel.shape, dtype=np.int64)
+    block_ranks = np.zeros(rel.shape, dtype=np.int64)
+    topk_ids = np.zeros((Q, k), dtype=np.int64) if k else None
+    topk_scores = np.zeros((Q, k), dtype=np.float32) if k else None
+    on_gpu = device.type == "cuda"
+    counter = counter or ("torch" if on_gpu else "numpy")
+    ct = torch.from_numpy(c).to(device)
+    if counter == "torch":
+        offsets_t = torch.from_numpy(offsets).to(device)
+        block_of_t = torch.from_numpy(block_of).to(device)
+        prio_t = torch.from_numpy(prio).to(device)
+    bar = _progress(Q, show, "search")
+    threads = max(1, min(rel.shape[1], torch.get_num_threads()))
+    pool = ThreadPoolExecutor(threads) if counter != "torch" and threads > 1 else None
+    work = {}
+    with torch.no_grad():
+        for s in range(0, Q, chunk):
+            e = min(Q, s + chunk)
+            scores = torch.from_numpy(q[s:e]).to(device) @ ct.T      # float32 [b, C]
+            cols = rel[s:e]
+            if counter == "torch":
+                own, total = _count_torch(scores, torch.from_numpy(cols).to(device), offsets_t, block_of_t, prio_t)
+            scores_np = scores.cpu().numpy() if (counter != "torch" or k) else None
+            if counter != "torch":
+                own, total = _count_numpy(scores_np, cols, offsets, block_of, prio, pool, work)
+            valid = cols >= 0
+            ranks[s:e] = np.where(valid, total + 1, 0)
+            block_ranks[s:e] = np.where(valid, own + 1, 0)
+            if k:
+                if topk_fn is not None:
+                    ids, vals = topk_fn(scores_np, k, prio, s, e)
+                else:
+                    ids, vals = _trec_topk(scores_np, k, prio)
+                topk_ids[s:e], topk_scores[s:e] = ids, vals
+            if bar is not None:
+                bar.update(e - s)
+    if bar is not None:
+        bar.close()
+    if pool is not None:
+        pool.shutdown()
+    return SearchResult(ranks, block_ranks, topk_ids, topk_scores, exact=True)
+
+
+def _faiss_index(faiss, vectors, ivf_lists, nprobe, use_gpu):
+    d = vectors.shape[1]
+    if ivf_lists is None:
+        index = faiss.IndexFlatIP(d)
+    else:
+        nlist = max(1, min(int(ivf_lists), vectors.shape[0]))
+        # index_factory: the index owns its coarse quantizer
+        index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+        index.nprobe = max(1, min(int(nprobe), nlist))
+    if use_gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(vectors)
+    return index
+
+
+def _faiss_topk(index, q, k, prio):
+    """Top-k from a faiss index in trec_eval order. Rows whose k-th score is still
+    tied at the end of the returned list are searched again deeper, so that the
+    candidates tied at the cut are chosen by id like trec_eval does; -1 ids
+    (fewer hits than k under IVF) stay -1 at the end."""
+    n = index.ntotal
+    kk = min(n, k + 16)
+    vals, ids = index.search(q, kk)
+    ids = ids.astype(np.int64)
+    while kk < n:
+        open_rows = np.nonzero((ids[:, -1] >= 0) & (vals[:, -1] == vals[:, k - 1]))[0]
+        if not len(open_rows):
+            break
+        kk = min(n, kk * 4)
+        v2, i2 = index.search(q[open_rows], kk)
+        vals = np.concatenate([vals, np.full((len(q), kk - vals.shape[1]), -np.inf, np.float32)], 1)
+        ids = np.concatenate([ids, np.full((len(q), kk - ids.shape[1]), -1, np.int64)], 1)
+        vals[open_rows], ids[open_rows] = v2, i2
+    missing = ids < 0
+    key_prio = np.where(missing, -1, prio[np.where(missing, 0, ids)])
+    vals = np.where(missing, -np.inf, vals)
+    order = np.argsort(-key_prio, axis=1, kind="stable")
+    ids, vals = np.take_along_axis(ids, order, 1), np.take_along_axis(vals, order, 1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    ids, vals = np.take_along_axis(ids, order, 1)[:, :k], np.take_along_axis(vals, order, 1)[:, :k]
+    return ids, vals.astype(np.float32)
+
+
+def _ranks_from_lists(lists, cols):
+    """1-based position of each relevant column in its row's list, 0 if absent."""
+    out = np.zeros(cols.shape, dtype=np.int64)
+    for i in range(cols.shape[0]):
+        pos = {int(c): p + 1 for p, c in enumerate(lists[i]) if c >= 0}
+        for j, c in enumerate(cols[i]):
+            if c >= 0:
+                out[i, j] = pos.get(int(c), 0)
+    return out
+
+
+def _faiss(q, c, rel, offsets, prio, k, device, chunk, show, ivf_lists, nprobe):
+    faiss = faiss_module()
+    if faiss is None:
+        raise ImportError("search='faiss' needs faiss: pip install faiss-cpu (or faiss-gpu-cu12)")
+    use_gpu = faiss_has_gpu() and device.type == "cuda"
+    if ivf_lists is None:
+        index = _faiss_index(faiss, c, None, nprobe, use_gpu)
+
+        def topk_fn(scores_np, kk, prio_, s, e):
+            return _faiss_topk(index, q[s:e], kk, prio_)
+
+        # exact ranks: counted from a CPU BLAS matmul of the same vectors
+        return _exact_torch(q, c, rel, offsets, prio, k, torch.device("cpu"), chunk, show, topk_fn=topk_fn)
+    # approximate: top-k lists per block and over the pool; ranks from the lists
+    depth = max(k, 1)
+    pool_ids, pool_vals = _faiss_topk(_faiss_index(faiss, c, ivf_lists, nprobe, use_gpu), q, depth, prio)
+    ranks = _ranks_from_lists(pool_ids, rel)
+    block_ranks = np.zeros(rel.shape, dtype=np.int64)
+    for s, e in zip(offsets[:-1], offsets[1:]):
+        if e == s:
+            continue
+        in_block = (rel >= s) & (rel < e)
+        rows = np.nonzero(in_block.any(1))[0]
+        if not len(rows):
+            continue
+        lists, _ = _faiss_topk(_faiss_index(faiss, c[s:e], ivf_lists, nprobe, use_gpu), q[rows],
+                               min(depth, e - s), prio[s:e])
+        lists = np.where(lists >= 0, lists + s, -1)
+        sub = np.where(in_block[rows], rel[rows], -1)
+        block_ranks[rows] = np.where(in_block[rows], _ranks_from_lists(lists, sub), block_ranks[rows])
+    return SearchResult(ranks, block_ranks, pool_ids if k else None, pool_vals if k else None, exact=False)
+
+
+def resolve_backend(search="auto", device=None, ivf_lists=None):
+    """The backend `search` will use: 'torch' or 'faiss' (see the module docstring)."""
+    if search not in BACKENDS:
+        raise ValueError(f"search must be one of {BACKENDS}, got {search!r}")
+    if search == "auto":
+        return "faiss" if ivf_lists is not None else "torch"
+    if search == "torch" and ivf_lists is not None:
+        raise ValueError("ivf_lists needs search='faiss' (or 'auto')")
+    return search
+
+
+def search(queries, candidates, relevant, *, offsets=None, tie_priority=None, k=0, backend="auto",
+           device="auto", chunk_size=None, ivf_lists=None, nprobe=16, show_progress=False,
+           counter=None) -> SearchResult:
+    """Rank the relevant candidates of every query (and optionally return top-k lists).
+
+    queries [Q, D], candidates [C, D]: float arrays or tensors (scores = dot products).
+    relevant: int [Q, R] candidate columns relevant to each query, -1 = padding.
+    offsets: block boundaries over candidate columns, e.g. [0, C_en, C_en + C_de, ...]
+      (None: one block). block_ranks are ranks inside each relevant column's block.
+    tie_priority: int [C], larger = ranked first among equal scores (metrics.tie_priority(ids)).
+    k: length of the top-k lists over the pool (0: none). ivf_lists / nprobe: approximate faiss IVF.
+    counter: 'numpy' | 'torch' forces the rank-counting path (tests); default by device.
+    """
+    q, c, rel, offsets, prio, k = _check_inputs(queries, candidates, relevant, offsets, tie_priority, k)
+    backend = resolve_backend(backend, device, ivf_lists)
+    dev = resolve_device(device)
+    chunk = _chunk_rows(c.shape[0], rel.shape[1], dev, chunk_size)
+    if q.shape[0] == 0:
+        empty = np.zeros(rel.shape, dtype=np.int64)
+        return SearchResult(empty, empty.copy(), np.zeros((0, k), np.int64) if k else None,
+                            np.zeros((0, k), np.float32) if k else None)
+    # order each row's relevant slots by block, so a slot mostly falls in one block
+    block_of = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    key = np.where(rel >= 0, block_of[np.maximum(rel, 0)] * c.shape[0] + rel, np.iinfo(np.int64).max)
+    order = np.argsort(key, axis=1, kind="stable")
+    rel_sorted = np.take_along_axis(rel, order, 1)
+    if backend == "faiss":
+        res = _faiss(q, c, rel_sorted, offsets, prio, k, dev, chunk, show_progress, ivf_lists, nprobe)
+    else:
+        res = _exact_torch(q, c, rel_sorted, offsets, prio, k, dev, chunk, show_progress, counter=counter)
+    for name in ("ranks", "block_ranks"):  # back to the caller's slot order
+        out = np.empty_like(getattr(res, name))
+        np.put_along_axis(out, order, getattr(res, name), 1)
+        setattr(res, name, out)
+    return res
