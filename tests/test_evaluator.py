@@ -1,0 +1,317 @@
+"""RetrievalEvaluator and hybridfast.search: hand-computed values, pytrec_eval equality
+(ties, partly parallel data), backend agreement, outputs and bad inputs."""
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+
+from hybridfast.data import RetrievalBenchmark, candidate_text
+from hybridfast.evaluator import EvaluationResult, RetrievalEvaluator
+from hybridfast.metrics import (METRICS, pytrec_eval_metrics, reference_ranks, tie_priority,
+                                trec_order)
+from hybridfast.search import search
+
+
+class LookupEncoder:
+    """Embeds a text by its first word through a fixed table (the tests choose the scores)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def _enc(self, texts):
+        return np.array([self.table[t.split()[0]] for t in texts], dtype=np.float32)
+
+    encode_queries = encode_passages = _enc
+
+
+class HashEncoder:
+    """Deterministic bag-of-hashed-words counts: integer-valued embeddings, so many ties."""
+
+    def __init__(self, dim=6):
+        self.dim = dim
+
+    def _enc(self, texts, batch_size=None):
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for w in t.split():
+                out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % self.dim] += 1
+        return out
+
+    encode_queries = encode_passages = _enc
+
+    def unk_rate(self, texts):
+        return sum(t.count("unk") for t in texts) / max(1, sum(len(t.split()) for t in texts))
+
+
+# ---------------------------------------------------------------------------- hand-computed
+
+def hand_benchmark():
+    # candidates are one-hot (e1, e2, d1, d2), so a query's vector IS its score row
+    queries = {"en": {"q1": "Q_en1", "q2": "Q_en2"}, "de": {"q1": "Q_de1", "q2": "Q_de2"}}
+    candidates = {"en": {"e1": ("e1", "ctx"), "e2": ("e2", "ctx")},
+                  "de": {"d1": ("d1", "ctx"), "d2": ("d2", "ctx")}}
+    qrels = {"q1": {"e1", "d1"}, "q2": {"e2", "d2"}}
+    table = {"e1": [1, 0, 0, 0], "e2": [0, 1, 0, 0], "d1": [0, 0, 1, 0], "d2": [0, 0, 0, 1],
+             #          e1    e2    d1    d2
+             "Q_en1": [0.9, 0.1, 0.5, 0.95],
+             "Q_en2": [0.2, 0.8, 0.7, 0.6],
+             "Q_de1": [0.3, 0.4, 0.9, 0.1],
+             "Q_de2": [0.5, 0.5, 0.2, 0.3]}  # e1/e2 tie: e2 first (ids descending)
+    return RetrievalBenchmark(queries, candidates, qrels, name="hand"), LookupEncoder(table)
+
+
+def test_hand_computed_benchmark():
+    bench, enc = hand_benchmark()
+    res = RetrievalEvaluator(bench, show_progress=False).evaluate(enc)
+    # en->en and de->de: every relevant candidate first
+    assert res.per_pair[("en", "en")]["map"] == 1.0 and res.per_pair[("de", "de")]["map"] == 1.0
+    # en->de: d1 (0.5) below d2 (0.95); d2 (0.6) below d1 (0.7): both rank 2
+    assert res.per_pair[("en", "de")]["map"] == pytest.approx(0.5)
+    assert res.per_pair[("en", "de")]["ndcg@10"] == pytest.approx(1 / math.log2(3))
+    assert res.per_pair[("en", "de")]["recall@1"] == 0.0
+    # de->en: q1 rank 2; q2 tied at 0.5, "e2" > "e1" so e2 is first: rank 1
+    assert res.per_pair[("de", "en")]["map"] == pytest.approx(0.75)
+    assert res.per_pair[("de", "en")]["mrr@10"] == pytest.approx(0.75)
+    assert res.per_pair[("de", "en")]["recall@1"] == pytest.approx(0.5)
+    assert res.summary["mono"]["map"] == 1.0
+    assert res.summary["cross"]["map"] == pytest.approx((0.5 + 0.75) / 2)
+    # pool: en q1 order d2 e1 d1 e2 (ranks 2, 3); en q2 order e2 d1 d2 e1 (ranks 1, 3)
+    en_map = ((1 / 2 + 2 / 3) / 2 + (1 + 2 / 3) / 2) / 2
+    assert res.per_language["en"]["map"] == pytest.approx(en_map)
+    assert res.per_language["en"]["rank_distance"] == pytest.approx(1.5)
+    assert res.per_language["en"]["ndcg@10"] == pytest.approx(
+        ((1 / math.log2(3) + 1 / math.log2(4)) / (1 + 1 / math.log2(3)) + (1 + 0.5) / (1 + 1 / math.log2(3))) / 2)
+    # de q1 order d1 e2 e1 d2 (1, 3); de q2 order e2 e1 d2 d1 (1, 3)
+    assert res.per_language["de"]["map"] == pytest.approx((1 + 2 / 3) / 2)
+    assert res.per_language["de"]["rank_distance"] == 2.0
+    assert res.summary["multi"]["map"] == pytest.approx((en_map + (1 + 2 / 3) / 2) / 2)
+    assert res.summary["multi"]["rank_distance"] == pytest.approx(1.75)
+    assert res.unk_rates == {}
+
+
+# ---------------------------------------------------------------------------- vs pytrec_eval
+
+def partly_parallel_benchmark(seed=0, n_questions=30, langs=("ar", "de", "en", "zh")):
+    """Questions missing in some languages, 1-3 relevant sentences per question and language,
+    texts from a tiny vocabulary so the hashing encoder produces many tied scores."""
+    rng = np.random.default_rng(seed)
+    vocab = [f"w{i}" for i in range(8)]
+    queries, candidates, qrels = {l: {} for l in langs}, {l: {} for l in langs}, {}
+    for q in range(n_questions):
+        qid = f"q{q:03d}"
+        qrels[qid] = set()
+        present = [l for l in langs if rng.random() < 0.7] or [langs[0]]
+        for l in present:
+            queries[l][qid] = " ".join(rng.choice(vocab, 3))
+            context = " ".join(rng.choice(vocab, 4))
+            for s in range(rng.integers(1, 5)):
+                cid = f"{l}-{q}-{s}"
+                candidates[l][cid] = (" ".join(rng.choice(vocab, 2)), context)
+                if s < 3 and rng.random() < 0.8:
+                    qrels[qid].add(cid)
+    # a query id without any qrels is not evaluated
+    queries[langs[0]]["orphan"] = "w1 w2"
+    return RetrievalBenchmark(queries, candidates, qrels, name="synthetic")
+
+
+def trec_reference(bench, encoder):
+    """Per pair and per language metrics through pytrec_eval, from the same float32 scores."""
+    langs_q, langs_c = sorted(bench.queries), sorted(bench.candidates)
+    cids = {l: list(bench.candidates[l]) for l in langs_c}
+    cemb = {l: encoder.encode_passages([candidate_text(*bench.candidates[l][c]) for c in cids[l]]) for l in langs_c}
+    per_pair, per_lang = {}, {}
+    for x in langs_q:
+        qids = [q for q in bench.queries[x] if bench.qrels.get(q)]
+        qemb = encoder.encode_queries([bench.queries[x][q] for q in qids])
+        scores = {y: (qemb @ cemb[y].T).astype(np.float32) for y in langs_c}
+        for y in langs_c:
+            rel = {q: bench.qrels[q] & set(cids[y]) for q in qids}
+            run = {q: dict(zip(cids[y], scores[y][i].tolist())) for i, q in enumerate(qids) if rel[q]}
+            if run:
+                m = pytrec_eval_metrics(run, {q: rel[q] for q in run})
+                per_pair[(x, y)] = {k: np.mean([m[q][k] for q in run]) for k in METRICS}
+        run = {q: {c: float(scores[y][i, j]) for y in langs_c for j, c in enumerate(cids[y])}
+               for i, q in enumerate(qids)}
+        m = pytrec_eval_metrics(run, {q: bench.qrels[q] for q in qids})
+        per_lang[x] = {k: np.mean([m[q][k] for q in qids]) for k in METRICS}
+        rd = []
+        for q in qids:
+            r = sorted(reference_ranks(run[q], bench.qrels[q]).values())
+            rd.append(r[-1] - r[0])
+        per_lang[x]["rank_distance"] = np.mean(rd)
+    return per_pair, per_lang
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_equals_pytrec_eval_on_partly_parallel_data_with_ties(seed):
+    bench = partly_parallel_benchmark(seed)
+    enc = HashEncoder()
+    res = RetrievalEvaluator(bench, show_progress=False, chunk_size=7).evaluate(enc)
+    per_pair, per_lang = trec_reference(bench, enc)
+    assert set(res.per_pair) == {(x, y) for x in bench.queries for y in bench.candidates}
+    for pair, ref in per_pair.items():
+        for m in METRICS:
+            assert res.per_pair[pair][m] == pytest.approx(ref[m], abs=1e-12), (pair, m)
+    for x, ref in per_lang.items():
+        for m, v in ref.items():
+            assert res.per_language[x][m] == pytest.approx(v, abs=1e-12), (x, m)
+    mono = [per_pair[(x, x)]["map"] for x in bench.queries if (x, x) in per_pair]
+    assert res.summary["mono"]["map"] == pytest.approx(np.mean(mono))
+    cross = [v["map"] for (x, y), v in per_pair.items() if x != y]
+    assert res.summary["cross"]["map"] == pytest.approx(np.mean(cross))
+    assert res.summary["multi"]["rank_distance"] == pytest.approx(np.mean([v["rank_distance"] for v in per_lang.values()]))
+    assert "orphan" not in str(res.n_queries) and res.n_queries["ar->multi"] == sum(
+        1 for q in bench.queries["ar"] if bench.qrels.get(q))
+    assert res.unk_rates.keys() == set(bench.languages)
+
+
+# ---------------------------------------------------------------------------- search backends
+
+def tied_search_problem(seed=0, Q=40, C=260, D=4):
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-2, 3, (Q, D)).astype(np.float32)
+    c = rng.integers(-2, 3, (C, D)).astype(np.float32)
+    ids = [f"c{rng.integers(0, 10**6)}_{i}" for i in range(C)]
+    rel = np.full((Q, 5), -1)
+    for i in range(Q):
+        n = rng.integers(1, 6)
+        rel[i, :n] = rng.choice(C, n, replace=False)
+    return q, c, ids, rel, np.array([0, 90, 90, 170, C])  # an empty block included
+
+
+@pytest.mark.parametrize("counter", ["numpy", "torch"])
+def test_search_ranks_and_topk_equal_sorting_reference(counter):
+    q, c, ids, rel, offsets = tied_search_problem()
+    res = search(q, c, rel, offsets=offsets, tie_priority=tie_priority(ids), k=12, device="cpu",
+                 chunk_size=9, counter=counter)
+    S = q @ c.T
+    for i in range(len(q)):
+        run = {ids[j]: float(S[i, j]) for j in range(len(ids))}
+        want = reference_ranks(run, [ids[j] for j in rel[i] if j >= 0])
+        for slot, j in enumerate(rel[i]):
+            if j < 0:
+                assert res.ranks[i, slot] == 0 and res.block_ranks[i, slot] == 0
+                continue
+            assert res.ranks[i, slot] == want[ids[j]]
+            b = np.searchsorted(offsets, j, side="right") - 1
+            block = {ids[x]: run[ids[x]] for x in range(offsets[b], offsets[b + 1])}
+            assert res.block_ranks[i, slot] == reference_ranks(block, [ids[j]])[ids[j]]
+        assert [ids[x] for x in res.topk_ids[i]] == trec_order(run)[:12]
+
+
+def test_torch_and_faiss_backends_agree():
+    pytest.importorskip("faiss")
+    q, c, ids, rel, offsets = tied_search_problem(seed=3)
+    prio = tie_priority(ids)
+    a = search(q, c, rel, offsets=offsets, tie_priority=prio, k=10, backend="torch", device="cpu")
+    b = search(q, c, rel, offsets=offsets, tie_priority=prio, k=10, backend="faiss", device="cpu")
+    np.testing.assert_array_equal(a.ranks, b.ranks)
+    np.testing.assert_array_equal(a.block_ranks, b.block_ranks)
+    np.testing.assert_array_equal(a.topk_ids, b.topk_ids)  # integer scores: exact in both
+    # an IVF index probing every list is exhaustive: same ranks from its top-k lists
+    ivf = search(q, c, rel, offsets=offsets, tie_priority=prio, k=len(c), backend="faiss",
+                 ivf_lists=2, nprobe=2)
+    assert not ivf.exact
+    np.testing.assert_array_equal(a.ranks, ivf.ranks)
+    np.testing.assert_array_equal(a.block_ranks, ivf.block_ranks)
+    # whole evaluator, float embeddings
+    bench = partly_parallel_benchmark(2)
+    rng = np.random.default_rng(0)
+    ev_t = RetrievalEvaluator(bench, search="torch", show_progress=False)
+    ev_f = RetrievalEvaluator(bench, search="faiss", show_progress=False)
+    qe = rng.standard_normal((len(ev_t._q_texts), 16)).astype(np.float32)
+    ce = rng.standard_normal((len(ev_t._cand_texts), 16)).astype(np.float32)
+    rt, rf = ev_t.evaluate_embeddings(qe, ce), ev_f.evaluate_embeddings(qe, ce)
+    assert rt.per_pair == rf.per_pair and rt.summary == rf.summary
+    assert rf.config["search"] == "faiss"
+
+
+def test_search_memory_is_chunked():
+    q, c, ids, rel, offsets = tied_search_problem(seed=5)
+    whole = search(q, c, rel, offsets=offsets, chunk_size=len(q))
+    one = search(q, c, rel, offsets=offsets, chunk_size=1)
+    np.testing.assert_array_equal(whole.ranks, one.ranks)
+
+
+# ---------------------------------------------------------------------------- outputs
+
+def test_json_round_trip_markdown_and_plot(tmp_path):
+    bench = partly_parallel_benchmark(1)
+    res = RetrievalEvaluator(bench, show_progress=False).evaluate(HashEncoder())
+    path = res.to_json(tmp_path / "r" / "results.json")
+    data = json.loads(path.read_text())
+    assert "ar->de" in data["per_pair"] and set(data["summary"]) == {"mono", "cross", "multi"}
+    back = EvaluationResult.from_json(path)
+    assert back.per_pair == res.per_pair and back.summary == res.summary
+    assert back.per_language == res.per_language and back.unk_rates == res.unk_rates
+    md = res.to_markdown()
+    assert "| mono |" in md and "| cross |" in md and "| multi |" in md
+    assert f"{res.per_pair[('de', 'zh')]['map']:.4f}" in md
+    png = res.plot(tmp_path / "map_heatmap.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_settings_subset():
+    bench, enc = hand_benchmark()
+    res = RetrievalEvaluator(bench, settings=("cross",), show_progress=False).evaluate(enc)
+    assert set(res.summary) == {"cross"} and set(res.per_pair) == {("en", "de"), ("de", "en")}
+    assert res.per_language == {}
+    res = RetrievalEvaluator(bench, settings="multi", languages=["de"], show_progress=False).evaluate(enc)
+    assert res.query_languages == ["de"] and res.candidate_languages == ["de"]
+    assert res.per_language["de"]["map"] == 1.0  # only d1/d2 left in the pool
+
+
+# ---------------------------------------------------------------------------- bad inputs
+
+class BadEncoder:
+    def __init__(self, mode):
+        self.mode = mode
+
+    def encode_queries(self, texts):
+        if self.mode == "rows":
+            return np.zeros((len(texts) + 1, 4), np.float32)
+        if self.mode == "nan":
+            out = np.ones((len(texts), 4), np.float32)
+            out[0, 1] = np.nan
+            return out
+        if self.mode == "1d":
+            return np.ones(len(texts), np.float32)
+        return np.ones((len(texts), 4), np.float32)
+
+    def encode_passages(self, texts):
+        return np.ones((len(texts), 3 if self.mode == "dim" else 4), np.float32)
+
+
+@pytest.mark.parametrize("mode,match", [("rows", "rows for"), ("nan", "NaN"), ("1d", "2-D"),
+                                        ("dim", "dimension")])
+def test_bad_encoder_outputs(mode, match):
+    bench, _ = hand_benchmark()
+    with pytest.raises(ValueError, match=match):
+        RetrievalEvaluator(bench, show_progress=False).evaluate(BadEncoder(mode))
+
+
+def test_bad_arguments():
+    bench, enc = hand_benchmark()
+    with pytest.raises(ValueError, match="languages"):
+        RetrievalEvaluator(bench, languages=["xx"])
+    with pytest.raises(ValueError, match="settings"):
+        RetrievalEvaluator(bench, settings=("mono", "bilingual"))
+    with pytest.raises(ValueError, match="k must"):
+        RetrievalEvaluator(bench, k=0)
+    with pytest.raises(ValueError, match="search"):
+        RetrievalEvaluator(bench, search="annoy")
+    with pytest.raises(TypeError, match="benchmark"):
+        RetrievalEvaluator({"queries": {}})
+    with pytest.raises(TypeError, match="encode_queries"):
+        RetrievalEvaluator(bench).evaluate(object())
+    no_qrels = RetrievalBenchmark(bench.queries, bench.candidates, {})
+    with pytest.raises(ValueError, match="no query with a relevant candidate"):
+        RetrievalEvaluator(no_qrels)
+    with pytest.raises(ValueError, match="queries"):
+        RetrievalEvaluator(RetrievalBenchmark({}, bench.candidates, {}))
+    with pytest.raises(ValueError, match="relevant"):
+        search(np.ones((2, 3)), np.ones((4, 3)), np.array([[5], [0]]))
+    with pytest.raises(ValueError, match="offsets"):
+        search(np.ones((2, 3)), np.ones((4, 3)), np.array([[1], [0]]), offsets=[0, 2])
