@@ -79,7 +79,7 @@ class TrainConfig:
     languages: Optional[Sequence[str]] = None
     mode: str = "hybrid"
     mono_prob: float = 0.5
-    lang_weights: Optional[Dict[str, float]] = None
+    lang_weights: Optional[Union[Dict[str, float], str]] = None
     batch_size: int = 100
     max_steps: Optional[int] = None
     epochs: int = 1
@@ -157,9 +157,10 @@ class TrainConfig:
                 raise ValueError("languages: empty; give language codes or None for all")
             for lang in langs:
                 check_language_code(lang)
-        if self.lang_weights is not None:
+        if self.lang_weights is not None and self.lang_weights != "size":
             if not isinstance(self.lang_weights, dict) or not self.lang_weights:
-                raise TypeError(f"lang_weights must be a non-empty dict {{lang: weight}}, got {self.lang_weights!r}")
+                raise TypeError("lang_weights must be a non-empty dict {lang: weight} or 'size' (proportional to "
+                                f"the examples per language), got {self.lang_weights!r}")
             for lang, w in self.lang_weights.items():
                 check_language_code(lang, arg="lang_weights")
                 if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or math.isinf(w):
@@ -466,7 +467,8 @@ def _is_complete(folder: Path) -> bool:
 
 def _write_checkpoint(tmp: Path, encoder, optimizer, scheduler, scaler, sampler, state, rank, world):
     """Everything a resume needs, into `tmp`; the state file goes last."""
-    torch.save({"sampler": sampler.state_dict(), "rng": _all_rng_states()}, tmp / f"rank{rank}.pt")
+    torch.save({"sampler": sampler.state_dict(step=state["batch_in_epoch"]), "rng": _all_rng_states()},
+               tmp / f"rank{rank}.pt")
     _barrier(world)
     if rank != 0:
         return
@@ -567,8 +569,8 @@ class _Logger:
 def _build_sampler(config, pairs, rank, world):
     from hybridfast.sampler import HybridBatchSampler
 
-    weights = None
-    if config.lang_weights is not None:
+    weights = config.lang_weights if config.lang_weights == "size" else None
+    if isinstance(config.lang_weights, dict):
         unknown = sorted(set(config.lang_weights) - set(pairs.languages))
         if unknown:
             raise ValueError(f"lang_weights: {unknown} not in the training data (it has {pairs.languages})")
@@ -576,6 +578,17 @@ def _build_sampler(config, pairs, rank, world):
     return HybridBatchSampler(pairs.availability, config.batch_size, mode=config.mode, mono_prob=config.mono_prob,
                               lang_weights=weights, groups=pairs.groups, seed=config.seed, rank=rank,
                               world_size=world, drop_last=True)
+
+
+def _epoch_steps(sampler, epochs):
+    """Steps in the first `epochs` epochs (hybrid epochs can differ in length)."""
+    current = sampler.epoch
+    total = 0
+    for e in range(epochs):
+        sampler.set_epoch(e)
+        total += len(sampler)
+    sampler.set_epoch(current)
+    return total
 
 
 def _param_groups(model, weight_decay):
@@ -701,7 +714,12 @@ def _train(config, device, rank, world):
     encoder = Encoder(model_path, **_encoder_kwargs(config, device))
     encoder.train()
     if config.gradient_checkpointing:
-        encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant checkpoints keep the RNG state, so recomputed dropout masks match
+        kwargs = {"use_reentrant": False}
+        if hasattr(encoder.model, "activation_checkpointing_enable"):  # the newer name
+            encoder.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     _broadcast_parameters(encoder, world)
     torch.manual_seed(config.seed + rank)  # each rank its own dropout masks
 
@@ -709,8 +727,7 @@ def _train(config, device, rank, world):
                                     gather_across_devices=config.gather_across_devices and world > 1)
     params = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(_param_groups(encoder, config.weight_decay), lr=config.lr)
-    steps_per_epoch = len(sampler)
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    total_steps = config.max_steps or _epoch_steps(sampler, config.epochs)
     warmup = int(round(config.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup))
     amp_dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else None
@@ -727,6 +744,7 @@ def _train(config, device, rank, world):
         _restore_all_rng_states(mine["rng"])
     else:
         sampler.set_epoch(epoch)
+    steps_this_epoch = len(sampler)
 
     collate = Collator(pairs, encoder, config.hard_negatives, config.seed, config.max_length)
     logger = _Logger(output, rank == 0, step if resume_from is not None else None)
@@ -740,11 +758,11 @@ def _train(config, device, rank, world):
         return {"step": step, "epoch": epoch, "batch_in_epoch": in_epoch, "world_size": world,
                 "total_steps": total_steps, "config": _config_json(config)}
 
+    def epoch_progress():
+        return round(epoch + in_epoch / max(1, steps_this_epoch), 4)
+
     while step < total_steps:
-        if in_epoch >= steps_per_epoch:  # epoch done: the next one
-            epoch, in_epoch = epoch + 1, 0
-            sampler.set_epoch(epoch)
-        for batch in sampler:
+        for batch in sampler:  # a resumed sampler starts at its saved position
             batch = [tuple(int(v) for v in t) for t in batch]
             kind = batch_kind(batch)
             q_in, p_in, q_groups, p_groups = collate(batch, step)
@@ -773,7 +791,7 @@ def _train(config, device, rank, world):
             if step % config.log_steps == 0 or step == total_steps:
                 elapsed = time.perf_counter() - t0
                 mean_loss = _mean_over_ranks(window_loss / window_n, world, device)
-                row = {"step": step, "epoch": round(epoch + in_epoch / steps_per_epoch, 4),
+                row = {"step": step, "epoch": epoch_progress(),
                        "loss": mean_loss, "lr": lr, "kind": kind,
                        "examples_per_s": window_n * config.batch_size * world / max(elapsed, 1e-9)}
                 bar.set_postfix(loss=f"{mean_loss:.4f}", kind=kind)
@@ -784,7 +802,7 @@ def _train(config, device, rank, world):
                 save_checkpoint(output, step, encoder, optimizer, scheduler, scaler, sampler,
                                 checkpoint_state(), rank, world)
                 if benchmark is not None:
-                    row = row or {"step": step, "epoch": round(epoch + in_epoch / steps_per_epoch, 4)}
+                    row = row or {"step": step, "epoch": epoch_progress()}
                     if rank == 0:
                         row.update(_evaluate(benchmark, encoder, False)[1])
                     _barrier(world)
@@ -794,8 +812,12 @@ def _train(config, device, rank, world):
             _after_step(step)
             if step >= total_steps:
                 break
-        else:
-            continue
+        else:  # the epoch ran out: the next one (epochs may differ in length)
+            epoch, in_epoch = epoch + 1, 0
+            sampler.set_epoch(epoch)
+            steps_this_epoch = len(sampler)
+            if steps_this_epoch == 0:
+                raise RuntimeError(f"epoch {epoch} of the sampler has no batch")
     bar.close()
 
     final = output / "final"
@@ -810,7 +832,7 @@ def _train(config, device, rank, world):
         if benchmark is not None:
             result, flat = _evaluate(benchmark, encoder, config.show_progress)
             result.to_json(output / "final_eval.json")
-            logger.log(dict({"step": step, "epoch": round(epoch + in_epoch / steps_per_epoch, 4)}, **flat))
+            logger.log(dict({"step": step, "epoch": epoch_progress()}, **flat))
     logger.close()
     _barrier(world)
     return final
@@ -831,6 +853,8 @@ def _config_json(config):
 # ----------------------------------------------------------------------------- CLI
 
 def _lang_weights(text):
+    if text.strip() == "size":
+        return "size"
     out = {}
     for item in text.split(","):
         if not item.strip():
@@ -856,7 +880,7 @@ def add_arguments(parser):
     a("--languages", default=None, help="comma-separated ISO 639-1 codes (default: all in the data)")
     a("--mode", default=d.mode, choices=MODES, help="batch kind: mono, cross, or hybrid (paper, alpha=mono-prob)")
     a("--mono-prob", type=float, default=d.mono_prob, help="probability of a monolingual batch in hybrid mode")
-    a("--lang-weights", type=_lang_weights, default=None, help="language sampling weights, e.g. en=2,de=1")
+    a("--lang-weights", type=_lang_weights, default=None, help="mono-batch language weights, e.g. en=2,de=1, or 'size' (by examples per language)")
     a("--batch-size", type=int, default=d.batch_size, help="examples per step per process")
     a("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
     a("--epochs", type=int, default=d.epochs)

@@ -175,6 +175,30 @@ def test_collator_layout_and_groups(toy, tmp_path):
     assert coll.texts(batch, step=4) == (queries, passages, qg, pg)
 
 
+def test_epochs_gradient_checkpointing_and_bf16(toy, tmp_path):
+    from hybridfast.sampler import HybridBatchSampler
+    from hybridfast.train_data import load_training_pairs
+
+    cfg = base_config(toy, tmp_path / "a", max_steps=None, epochs=2, lang_weights="size")
+    a = load_weights(train(cfg))
+    pairs = load_training_pairs(toy["data"])
+    sampler = HybridBatchSampler(pairs.availability, 8, seed=3, lang_weights="size")
+    expected = len(sampler)
+    sampler.set_epoch(1)
+    expected += len(sampler)
+    log = read_log(tmp_path / "a")
+    assert [r["step"] for r in log] == list(range(1, expected + 1))
+    assert log[-1]["epoch"] == 2.0
+    # recomputing activations (same dropout masks: the checkpoint keeps the RNG state) changes nothing
+    b = load_weights(train(replace(cfg, output=str(tmp_path / "b"), gradient_checkpointing=True)))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5, msg=name)
+    # bf16 autocast trains (on CPU too) and lands near the fp32 weights
+    c = load_weights(train(replace(cfg, output=str(tmp_path / "c"), bf16=True)))
+    assert all(torch.isfinite(t).all() for t in c.values())
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
 # ----------------------------------------------------------------------------- GradCache
 
 def _grads(encoder):
@@ -360,7 +384,8 @@ def test_two_process_ddp_equals_one_process_doubled_batch(toy, tmp_path):
     ({"lang_weights": {"ja": 1.0}}, ValueError, "lang_weights: \\['ja'\\] not in the training data"),
     ({"train": "/nonexistent/train.jsonl"}, FileNotFoundError, "not found"),
     ({"model": "/nonexistent/model"}, FileNotFoundError, "model: '/nonexistent/model' does not exist"),
-    ({"batch_size": 1000}, ValueError, ""),
+    ({"batch_size": 1000}, ValueError, "not even one batch of 1000"),
+    ({"lang_weights": "big"}, TypeError, "lang_weights must be"),
     ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "tpu"}, ValueError, "device"),
     ({"mode": "cross", "languages": ["en"]}, ValueError, "needs at least two languages"),
     ({"split": "test"}, ValueError, "split"),
