@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -213,7 +214,7 @@ def plot_demo(runs: Dict[str, dict], folder: Path, title: str) -> Dict[str, Path
         ax.bar_label(bars, fmt="%.3f", fontsize=6, padding=1)
     ax.set_xticks(x, [f"{s} mAP" for s in settings])
     ax.set_ylabel("mAP (higher is better)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
     ax.legend(fontsize=8, ncol=len(names))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -226,7 +227,7 @@ def plot_demo(runs: Dict[str, dict], folder: Path, title: str) -> Dict[str, Path
     bars = ax.bar(names, vals, color=[f"C{i}" for i in range(len(names))])
     ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_ylabel("max rank distance (lower is better)")
-    ax.set_title("language bias: " + title, fontsize=8)
+    ax.set_title(textwrap.fill("language bias: " + title, 60), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     paths["rank_distance"] = folder / "demo_rank_distance.png"

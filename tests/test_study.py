@@ -74,14 +74,26 @@ def write_tiny_bert(folder: Path, hidden=16, layers=1, seed=0) -> Path:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?", ":", "query", "passage"]
     vocab += [_word(l, f"c{i}") for l in LANGS for i in range(N_CONCEPTS)]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
-    tok.model_max_length = 64
+    # (transformers 5 ignores vocab_file= in the constructor; from_pretrained reads vocab.txt)
+    tok = BertTokenizerFast.from_pretrained(str(folder), do_lower_case=True, model_max_length=64)
+    assert tok.tokenize(f"{_word('en', 'c1')} ?") == [_word("en", "c1"), "?"]
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
                      num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64)
     BertModel(cfg).save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one intra-op thread on a shared CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
