@@ -609,19 +609,28 @@ def linear_schedule(total_steps, warmup_steps):
     return factor
 
 
-def _evaluate(benchmark, encoder, show_progress):
-    from hybridfast.evaluator import RetrievalEvaluator
+class _PeriodicEvaluator:
+    """RetrievalEvaluator built once (its text layout is reused), run without
+    disturbing training's RNG streams or train/eval mode."""
 
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        with _preserved_rng(), torch.no_grad():
-            result = RetrievalEvaluator(benchmark, device=encoder.device, show_progress=show_progress).evaluate(encoder)
-    finally:
-        encoder.train(was_training)
-    flat = {f"eval/{setting}/{metric}": float(v) for setting, metrics in result.summary.items()
-            for metric, v in metrics.items()}
-    return result, flat
+    def __init__(self, benchmark):
+        self.benchmark, self.evaluator = benchmark, None
+
+    def __call__(self, encoder):
+        from hybridfast.evaluator import RetrievalEvaluator
+
+        if self.evaluator is None:
+            self.evaluator = RetrievalEvaluator(self.benchmark, device=encoder.device, show_progress=False)
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            with _preserved_rng(), torch.no_grad():
+                result = self.evaluator.evaluate(encoder)
+        finally:
+            encoder.train(was_training)
+        flat = {f"eval/{setting}/{metric}": float(v) for setting, metrics in result.summary.items()
+                for metric, v in metrics.items()}
+        return result, flat
 
 
 # ----------------------------------------------------------------------------- train
@@ -690,6 +699,7 @@ def _train(config, device, rank, world):
     from hybridfast.loss import HybridContrastiveLoss
 
     pairs, sampler, benchmark = prepare(config, rank, world)
+    evaluate = _PeriodicEvaluator(benchmark) if benchmark is not None else None
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     resume_from = list_checkpoints(output)[-1] if config.resume and list_checkpoints(output) else None
@@ -801,10 +811,10 @@ def _train(config, device, rank, world):
             if config.save_steps and step % config.save_steps == 0 and step < total_steps:
                 save_checkpoint(output, step, encoder, optimizer, scheduler, scaler, sampler,
                                 checkpoint_state(), rank, world)
-                if benchmark is not None:
+                if evaluate is not None:
                     row = row or {"step": step, "epoch": epoch_progress()}
                     if rank == 0:
-                        row.update(_evaluate(benchmark, encoder, False)[1])
+                        row.update(evaluate(encoder)[1])
                     _barrier(world)
                 t0 = time.perf_counter()  # saving and evaluating are not training time
             if row is not None:
@@ -829,8 +839,8 @@ def _train(config, device, rank, world):
         if final.exists():
             _remove(final)
         os.replace(tmp, final)
-        if benchmark is not None:
-            result, flat = _evaluate(benchmark, encoder, config.show_progress)
+        if evaluate is not None:
+            result, flat = evaluate(encoder)
             result.to_json(output / "final_eval.json")
             logger.log(dict({"step": step, "epoch": epoch_progress()}, **flat))
     logger.close()

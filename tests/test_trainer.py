@@ -175,6 +175,24 @@ def test_collator_layout_and_groups(toy, tmp_path):
     assert coll.texts(batch, step=4) == (queries, passages, qg, pg)
 
 
+def test_lareqa_training_with_periodic_evaluation(toy, tmp_path):
+    from test_train_data import write_lareqa
+
+    data = write_lareqa(tmp_path / "toy-lareqa")
+    out = tmp_path / "eval"
+    train(base_config(toy, out, train=str(data), split="all", batch_size=2, max_steps=3, save_steps=1,
+                      log_steps=2, eval=str(data), eval_split="all", hard_negatives=1))
+    log = read_log(out)
+    evals = [r for r in log if "eval/mono/map" in r]
+    assert [r["step"] for r in evals] == [1, 2, 3]  # at each save and after the final step
+    for r in evals:
+        for key in ("eval/mono/map", "eval/cross/mrr@10", "eval/multi/rank_distance"):
+            assert np.isfinite(r[key]), key
+        assert 0 < r["eval/mono/map"] <= 1
+    assert [r["step"] for r in log if "loss" in r] == [2, 3]
+    assert json.loads((out / "final_eval.json").read_text())
+
+
 def test_epochs_gradient_checkpointing_and_bf16(toy, tmp_path):
     from hybridfast.sampler import HybridBatchSampler
     from hybridfast.train_data import load_training_pairs
