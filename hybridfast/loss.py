@@ -166,7 +166,7 @@ def _torch_term(term, s, w, dA, dB, chunk_rows, compute_dtype):
         idx = term.a_idx[start:stop] if term.a_idx is not None else None
         Ac = (A[idx] if idx is not None else A[start:stop]).to(compute_dtype)
         a_pos = term.a_pos[start:stop, None]
-        z = torch.mm(Ac, B.T).mul_(s)
+        z = torch.mm(Ac * s, B.T)  # scaling the [chunk, D] side is cheaper than the logits
         if term.a_grp is not None:
             kill = term.b_grp[None, :] == term.a_grp[start:stop, None]
             kill &= b_key[None, :] != term.a_key[start:stop, None]
@@ -178,9 +178,9 @@ def _torch_term(term, s, w, dA, dB, chunk_rows, compute_dtype):
         lse[start:stop] = (m + total.log()).squeeze(1)
         if w is None:
             continue
-        z.div_(total)  # softmax over kept entries
-        z.scatter_add_(1, a_pos, torch.full_like(total, -1.0))
-        z.mul_(w[start:stop, None].to(compute_dtype))  # now dL/dz
+        wc = w[start:stop, None].to(compute_dtype)
+        z.mul_(wc / total)  # w * softmax over kept entries, one pass
+        z.scatter_add_(1, a_pos, -wc)  # now dL/dz
         gA = torch.mm(z, B)
         ds += (gA * Ac).sum()
         gA.mul_(s)

@@ -1,0 +1,143 @@
+"""Forward+backward of the contrastive loss: naive eager vs hybridfast backends (and inf-cl).
+
+Run explicitly (CI does not collect bench/):
+
+    python -m pytest bench/bench_loss.py --benchmark-only            # CPU case here, GPU cases on CUDA
+
+Every figure is the median of a few rounds plus its peak extra memory (also in
+pytest-benchmark's extra_info), stored in bench/results/<device>.json under "loss"
+with ratios to the naive baseline measured in the same run. On CUDA it also stores
+effective TFLOP/s (8*B*N*D flops per forward+backward: 4 matmul-equivalents) and
+their fraction of torch.matmul's bf16 TFLOP/s measured in the same run.
+"""
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.utils import peak_memory_bytes, save_results
+from hybridfast.loss import hybrid_contrastive_loss
+
+TEMPERATURE = 0.05
+CPU_CASES = [(8192, 8192, 384, torch.float32)]
+GPU_CASES = [(B, N, 768, torch.bfloat16) for B in (4096, 16384, 65536) for N in (B, 4 * B)]
+IMPLS = ["naive", "torch", "triton", "inf-cl"]
+CPU_TARGETS = {"time_ratio": 1.25, "memory_ratio": 0.2}  # torch backend vs naive, issue 2
+
+_records = []
+_matmul = {}
+has_cuda = torch.cuda.is_available()
+
+
+def _has_infcl():
+    return importlib.util.find_spec("inf_cl") is not None
+
+
+def _step(impl, q, p, labels):
+    """One forward+backward; returns nothing (grads land in q.grad / p.grad)."""
+    q.grad = p.grad = None
+    if impl == "naive":
+        sim = F.normalize(q, dim=1) @ F.normalize(p, dim=1).T
+        F.cross_entropy(sim.float() / TEMPERATURE, labels).backward()
+    elif impl in ("torch", "triton"):
+        hybrid_contrastive_loss(q, p, labels, temperature=TEMPERATURE, backend=impl).backward()
+    elif impl == "inf-cl":
+        from inf_cl import cal_inf_loss
+
+        cal_inf_loss(F.normalize(q, dim=1), F.normalize(p, dim=1), labels=labels,
+                     scale=torch.tensor(1.0 / TEMPERATURE, device=q.device)).mean().backward()
+    if q.is_cuda:
+        torch.cuda.synchronize(q.device)
+
+
+def _inputs(B, N, D, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(B, D, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    p = torch.randn(N, D, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    return q, p, torch.arange(B, device=device)
+
+
+def _run_case(benchmark, impl, B, N, D, dtype, device, rounds):
+    if impl == "triton" and device.type != "cuda":
+        pytest.skip("Triton is benchmarked on CUDA only (the CPU interpreter is a test lane)")
+    if impl == "inf-cl" and (device.type != "cuda" or not _has_infcl()):
+        pytest.skip("inf-cl (pip install inf-cl==1.2.1) runs on CUDA only")
+    record = dict(impl=impl, B=B, N=N, D=D, dtype=str(dtype).replace("torch.", ""), device=device.type)
+    try:
+        q, p, labels = _inputs(B, N, D, dtype, device)
+        step = lambda: _step(impl, q, p, labels)  # noqa: E731
+        step()  # warm-up: kernels compiled, allocator and thread pools primed
+        benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
+        peak = peak_memory_bytes(step, device)
+    except torch.cuda.OutOfMemoryError:
+        record["status"] = "out of memory"
+        _records.append(record)
+        pytest.skip(f"{impl} ran out of memory at B={B}, N={N}")
+    stats = benchmark.stats.stats
+    record.update(status="ok", time_s=stats.median, time_min_s=stats.min, rounds=rounds, peak_memory_bytes=peak)
+    if device.type == "cuda":
+        record["tflops"] = 8 * B * N * D / stats.median / 1e12
+    benchmark.extra_info.update(peak_memory_bytes=peak, **{k: record[k] for k in ("B", "N", "D", "dtype")})
+    _records.append(record)
+
+
+def _with_ratios(records):
+    """Ratios to the naive baseline of the same case (and to matmul TFLOP/s on CUDA)."""
+    key = lambda r: (r["B"], r["N"], r["D"], r["dtype"], r["device"])  # noqa: E731
+    naive = {key(r): r for r in records if r["impl"] == "naive" and r["status"] == "ok"}
+    for r in records:
+        base = naive.get(key(r))
+        if r["status"] == "ok" and base is not None:
+            r["time_ratio_to_naive"] = r["time_s"] / base["time_s"]
+            r["memory_ratio_to_naive"] = r["peak_memory_bytes"] / max(1, base["peak_memory_bytes"])
+            r["speedup_vs_naive"] = base["time_s"] / r["time_s"]
+        if "tflops" in r and _matmul:
+            r["fraction_of_matmul_tflops"] = r["tflops"] / _matmul["tflops"]
+        if r["device"] == "cpu" and r["impl"] == "torch" and "time_ratio_to_naive" in r:
+            r["meets_targets"] = (r["time_ratio_to_naive"] <= CPU_TARGETS["time_ratio"]
+                                  and r["memory_ratio_to_naive"] <= CPU_TARGETS["memory_ratio"])
+    return records
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _save():
+    yield
+    if not _records:
+        return
+    device = torch.device("cuda" if any(r["device"] == "cuda" for r in _records) else "cpu")
+    payload = {"figures": _with_ratios(_records), "temperature": TEMPERATURE,
+               "cpu_targets": CPU_TARGETS, "matmul_baseline": _matmul or None}
+    path = save_results("loss", device, payload)
+    print(f"\nloss benchmark figures saved to {path}")
+
+
+@pytest.mark.skipif(not has_cuda, reason="needs a CUDA device")
+def test_matmul_baseline(benchmark):
+    """torch.matmul bf16 TFLOP/s on this device, the yardstick for the loss TFLOP/s."""
+    M = K = 16384
+    D = 768
+    a = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(D, K, device="cuda", dtype=torch.bfloat16)
+
+    def mm():
+        torch.matmul(a, b)
+        torch.cuda.synchronize()
+
+    mm()
+    benchmark.pedantic(mm, rounds=20, iterations=5, warmup_rounds=2)
+    _matmul.update(shape=[M, D, K], time_s=benchmark.stats.stats.median, tflops=2 * M * K * D / benchmark.stats.stats.median / 1e12)
+    benchmark.extra_info.update(_matmul)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("B,N,D,dtype", CPU_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_loss_cpu(benchmark, impl, B, N, D, dtype):
+    _run_case(benchmark, impl, B, N, D, dtype, torch.device("cpu"), rounds=3)
+
+
+@pytest.mark.skipif(not has_cuda, reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("B,N,D,dtype", GPU_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_loss_gpu(benchmark, impl, B, N, D, dtype):
+    _run_case(benchmark, impl, B, N, D, dtype, torch.device("cuda"), rounds=5)
