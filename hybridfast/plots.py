@@ -43,12 +43,13 @@ def annotated_heatmap(ax, values, row_labels: Sequence[str], col_labels: Sequenc
             v = data[i, j]
             if math.isnan(v):
                 continue
-            # dark text on the bright end of the colormap, light text on the dark end
-            light = (v - lo) / (hi - lo) < 0.6
+            # black text on bright cells, white on dark ones (by the cell colour's luminance)
+            r, g, b_, _ = im.cmap(im.norm(v))
+            dark = 0.2126 * r + 0.7152 * g + 0.0722 * b_ < 0.5
             ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=small,
-                    color="white" if light else "black")
+                    color="white" if dark else "black")
     if title:
-        ax.set_title(title, fontsize=10, pad=22)
+        ax.set_title(title, fontsize=10, pad=26)
     if xlabel:
         ax.set_xlabel(xlabel)
     if ylabel:
@@ -64,8 +65,8 @@ def map_heatmap(path, query_languages: Sequence[str], candidate_languages: Seque
     plt = _pyplot()
     L, M = len(query_languages), len(candidate_languages)
     extra = [x for x in (multi_map, rank_distance) if x is not None]
-    widths = [max(M, 2)] + [1.2] * len(extra)
-    fig, axes = plt.subplots(1, 1 + len(extra), figsize=(1.2 + 0.62 * (M + 1.6 * len(extra)), 1.6 + 0.5 * L),
+    widths = [max(M, 2)] + [1.4] * len(extra)
+    fig, axes = plt.subplots(1, 1 + len(extra), figsize=(2.0 + 0.62 * (M + 2.2 * len(extra)), 1.8 + 0.5 * L),
                              gridspec_kw={"width_ratios": widths}, squeeze=False)
     axes = axes[0]
     im = annotated_heatmap(axes[0], map_matrix, query_languages, candidate_languages, vmin=0.0, vmax=1.0,
@@ -75,11 +76,11 @@ def map_heatmap(path, query_languages: Sequence[str], candidate_languages: Seque
     i = 1
     if multi_map is not None:
         annotated_heatmap(axes[i], [[v] for v in multi_map], query_languages, ["all"], vmin=0.0, vmax=1.0,
-                          title="multilingual\nmAP", show_rows=False)
+                          title="multi-\nlingual\nmAP", show_rows=False)
         i += 1
     if rank_distance is not None:
         annotated_heatmap(axes[i], [[v] for v in rank_distance], query_languages, ["pool"], cmap="magma_r",
-                          fmt="{:.0f}", title="rank distance\n(lower = better)", show_rows=False)
+                          fmt="{:.0f}", title="rank\ndistance\n(lower:\nbetter)", show_rows=False)
     fig.suptitle(title if not summary else f"{title}\n{summary}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

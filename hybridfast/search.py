@@ -116,9 +116,10 @@ def _chunk_rows(n_cand, n_rel, device, chunk_size):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return int(chunk_size)
-    # scores (4 B) + a compare mask per column; on CUDA the [b, R, C] int32 cumsum dominates
-    per_row = n_cand * (4 + 1) if device.type != "cuda" else n_cand * (4 + 9 * max(1, n_rel))
-    budget = (1 << 30) if device.type == "cuda" else (160 << 20)
+    # CPU: scores, bits (4 B each), int32 temp, int64 keys and a compare mask per thread;
+    # CUDA: the [b, R, C] compare mask and int32 cumsum dominate
+    per_row = n_cand * (4 + 4 + 4 + 8 + 2) if device.type != "cuda" else n_cand * (4 + 9 * max(1, n_rel))
+    budget = (1 << 30) if device.type == "cuda" else (96 << 20)
     return max(1, budget // per_row)
 
 
@@ -139,22 +140,21 @@ def _tie_keys(scores, prio, work):
 
     The float32 bits are mapped to an int32 that sorts like the float (flip the
     magnitude bits of negatives; -0.0 is first turned into +0.0, since trec_eval
-    sees them as equal), shifted to the high half; the unique tie priority fills
+    sees them as equal) and put in the high half; the unique tie priority fills
     the low half. So #{c : key_c > key_r} = #{s_c > s_r} + #{s_c == s_r, id_c > id_r},
     exactly, in one compare. Buffers in `work` are reused across chunks.
     """
     shape = scores.shape
     if work.get("shape") != shape:
-        work.update(shape=shape, keys=np.empty(shape, np.int64), tmp=np.empty(shape, np.int32),
-                    f=np.empty(shape, np.float32))
-    f, tmp, keys = work["f"], work["tmp"], work["keys"]
-    np.add(scores, np.float32(0.0), out=f)
+        work.update(shape=shape, keys=np.empty(shape, np.int64), bits=np.empty(shape, np.float32),
+                    tmp=np.empty(shape, np.int32))
+    f, tmp, keys = work["bits"], work["tmp"], work["keys"]
+    np.add(scores, np.float32(0.0), out=f)  # -0.0 + 0.0 = +0.0
     bits = f.view(np.int32)
     np.right_shift(bits, 31, out=tmp)
     np.bitwise_and(tmp, np.int32(0x7FFFFFFF), out=tmp)
     np.bitwise_xor(bits, tmp, out=bits)
-    keys[...] = bits
-    np.left_shift(keys, 32, out=keys)
+    np.multiply(bits, np.int64(1 << 32), out=keys)  # widen and shift in one pass
     np.bitwise_or(keys, prio[None, :], out=keys)
     return keys
 

