@@ -4,6 +4,7 @@
 #include "hybrid_sampler.h"
 
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
 
 namespace hybridfast {
@@ -26,14 +27,12 @@ inline void mul128(std::uint64_t a, std::uint64_t b, std::uint64_t& hi, std::uin
 #endif
 }
 
+// SWAR popcount: without -mpopcnt, __builtin_popcountll is a libgcc call.
 inline int popcount64(std::uint64_t x) {
-#if defined(__GNUC__) || defined(__clang__)
-    return __builtin_popcountll(x);
-#else
-    int n = 0;
-    for (; x; x &= x - 1) ++n;
-    return n;
-#endif
+    x = x - ((x >> 1) & 0x5555555555555555ULL);
+    x = (x & 0x3333333333333333ULL) + ((x >> 2) & 0x3333333333333333ULL);
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
+    return static_cast<int>((x * 0x0101010101010101ULL) >> 56);
 }
 
 inline int ctz64(std::uint64_t x) {
@@ -46,6 +45,19 @@ inline int ctz64(std::uint64_t x) {
 #endif
 }
 
+// In-place 64x64 bit-matrix transpose: bit j of a[i] becomes bit i of a[j]
+// (recursive block swaps, 6 rounds of 32 masked exchanges).
+void transpose64(std::uint64_t a[64]) {
+    std::uint64_t m = 0x00000000FFFFFFFFULL;
+    for (int j = 32; j != 0; j >>= 1, m ^= (m << j)) {
+        for (int k = 0; k < 64; k = ((k | j) + 1) & ~j) {
+            std::uint64_t t = ((a[k] >> j) ^ a[k | j]) & m;
+            a[k] ^= t << j;
+            a[k | j] ^= t;
+        }
+    }
+}
+
 // One epoch's planning state. kWords > 0 fixes the mask width at compile time
 // (1 word covers up to 64 languages, the common case); 0 means `words_` words.
 template <int kWords>
@@ -54,19 +66,28 @@ class Planner {
     Planner(const SamplerConfig& cfg, const std::uint8_t* avail, std::int64_t E, std::int64_t L,
             const std::int32_t* groups, std::int64_t num_groups)
         : cfg_(cfg), E_(E), L_(L), words_(kWords ? kWords : static_cast<int>((L + 63) / 64)),
-          G_(cfg.batch_size * cfg.world_size), rng_(epoch_stream_base(cfg.seed, cfg.epoch)) {
-        shuffle_positions();
-        build_masks(avail);
+          blocks_((E + 63) / 64), G_(cfg.batch_size * cfg.world_size), rng_(epoch_stream_base(cfg.seed, cfg.epoch)) {
+        rem_.assign(static_cast<std::size_t>(L_), 0);
+        {
+            // Pack rows in example order (sequential reads of the big matrix), then
+            // gather the small masks into position order.
+            std::vector<std::uint64_t> by_example = pack_rows(avail);
+            shuffle_positions();
+            mask_.resize(static_cast<std::size_t>(E_) * words());
+            constexpr std::int64_t kAhead = 16;  // random reads: prefetch ahead
+            for (std::int64_t i = 0; i < E_; ++i) {
+#if defined(__GNUC__) || defined(__clang__)
+                if (i + kAhead < E_) __builtin_prefetch(&by_example[std::size_t(perm_[i + kAhead]) * words()]);
+#endif
+                const std::uint64_t* src = &by_example[std::size_t(perm_[i]) * words()];
+                for (int w = 0; w < words(); ++w) mask(i)[w] = src[w];
+            }
+        }
+        build_bitsets();
         if (groups != nullptr) {
             group_.resize(static_cast<std::size_t>(E_));
             for (std::int64_t i = 0; i < E_; ++i) group_[i] = groups[perm_[i]];
             stamp_.assign(static_cast<std::size_t>(num_groups), 0);
-        }
-        rem_.assign(static_cast<std::size_t>(L_), 0);
-        for (std::int64_t i = 0; i < E_; ++i) {
-            for (int w = 0; w < words(); ++w)
-                for (std::uint64_t m = mask(i)[w]; m; m &= m - 1) ++rem_[w * 64 + ctz64(m)];
-            if (popcount(i) >= 2) ++rem_cross_;
         }
         cursor_.assign(static_cast<std::size_t>(L_), 0);
         mono_dead_.assign(static_cast<std::size_t>(L_), 0);
@@ -76,21 +97,26 @@ class Planner {
         EpochPlan plan;
         plan.slots = G_;
         // Every full step uses G distinct examples; at most one partial step follows.
-        plan.data.reserve(static_cast<std::size_t>((E_ / G_ + 1) * G_ * 3));
-        out_ = &plan.data;
+        plan.data.resize(static_cast<std::size_t>((E_ / G_ + 1) * G_ * 3));
+        out_ = plan.data.data();
         while (step()) ++plan.steps;
         if (!cfg_.drop_last && final_partial_step()) ++plan.steps;
+        plan.data.resize(static_cast<std::size_t>(out_ - plan.data.data()));
         return plan;
     }
 
    private:
     int words() const { return kWords ? kWords : words_; }
     std::uint64_t* mask(std::int64_t i) { return &mask_[static_cast<std::size_t>(i) * words()]; }
-    bool has(std::int64_t i, std::int64_t l) { return (mask(i)[l >> 6] >> (l & 63)) & 1ULL; }
     int popcount(std::int64_t i) {
         int n = 0;
         for (int w = 0; w < words(); ++w) n += popcount64(mask(i)[w]);
         return n;
+    }
+    // At least two languages (a cross-lingual candidate).
+    bool multilingual(std::int64_t i) {
+        if (kWords == 1) return (mask(i)[0] & (mask(i)[0] - 1)) != 0;
+        return popcount(i) >= 2;
     }
     // Language index of the n-th (0-based) set bit of position i.
     std::int32_t nth_language(std::int64_t i, int n) {
@@ -105,78 +131,187 @@ class Planner {
         }
     }
 
+    // Fisher-Yates from the back, j = below(i + 1). The swap targets are random
+    // memory accesses: draw them kAhead steps early (same draws, same order) and
+    // prefetch, so the cache misses overlap.
     void shuffle_positions() {
         perm_.resize(static_cast<std::size_t>(E_));
         for (std::int64_t i = 0; i < E_; ++i) perm_[i] = static_cast<std::uint32_t>(i);
-        for (std::int64_t i = E_ - 1; i > 0; --i) {
-            std::uint64_t j = rng_.below(static_cast<std::uint64_t>(i + 1));
-            std::swap(perm_[i], perm_[j]);
-        }
-    }
-
-    void build_masks(const std::uint8_t* avail) {
-        mask_.assign(static_cast<std::size_t>(E_) * words(), 0);
-        constexpr std::int64_t kAhead = 16;  // rows are read in random order: prefetch
-        for (std::int64_t i = 0; i < E_; ++i) {
+        constexpr std::int64_t kAhead = 32;
+        std::uint64_t ring[kAhead];
+        std::int64_t drawn = E_ - 1;  // the next i whose j is not drawn yet
+        auto draw_until = [&](std::int64_t last) {
+            for (; drawn > 0 && drawn >= last; --drawn) {
+                std::uint64_t j = rng_.below(static_cast<std::uint64_t>(drawn + 1));
+                ring[drawn % kAhead] = j;
 #if defined(__GNUC__) || defined(__clang__)
-            if (i + kAhead < E_) __builtin_prefetch(avail + static_cast<std::int64_t>(perm_[i + kAhead]) * L_);
+                __builtin_prefetch(&perm_[j], 1);
 #endif
-            const std::uint8_t* row = avail + static_cast<std::int64_t>(perm_[i]) * L_;
-            std::uint64_t* m = mask(i);
-            for (std::int64_t l = 0; l < L_; ++l)
-                m[l >> 6] |= static_cast<std::uint64_t>(row[l] != 0) << (l & 63);
+            }
+        };
+        for (std::int64_t i = E_ - 1; i > 0; --i) {
+            draw_until(i - kAhead + 1);
+            std::swap(perm_[i], perm_[ring[i % kAhead]]);
         }
     }
 
-    // Collects into picked_ the first `need` usable positions from `cursor` on, one
-    // per group. On success moves the cursor to the first position it may still
-    // need later (a group-skipped one, else just past the last pick).
-    template <class Usable>
-    bool fill(std::int64_t& cursor, std::int64_t need, Usable usable) {
-        picked_.clear();
-        ++attempt_;
-        std::int64_t i = cursor, first_skip = -1;
-        for (; i < E_ && static_cast<std::int64_t>(picked_.size()) < need; ++i) {
-            if (!usable(i)) continue;
-            if (!group_.empty()) {
-                std::uint32_t& s = stamp_[group_[i]];
-                if (s == attempt_) {
-                    if (first_skip < 0) first_skip = i;
-                    continue;
-                }
-                s = attempt_;
-            }
-            picked_.push_back(i);
+    // Up to 8 availability bytes as one little-endian word, each byte 0 or 1.
+    static std::uint64_t load_flags(const std::uint8_t* p, std::int64_t n) {
+        std::uint64_t x = 0;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        if (n == 8) {
+            std::memcpy(&x, p, 8);  // a constant size compiles to one load
+        } else {
+            for (std::int64_t k = 0; k < n; ++k) x |= static_cast<std::uint64_t>(p[k]) << (8 * k);
         }
-        if (static_cast<std::int64_t>(picked_.size()) < need) return false;
-        cursor = first_skip >= 0 ? first_skip : i;
+#else
+        for (std::int64_t k = 0; k < n; ++k) x |= static_cast<std::uint64_t>(p[k]) << (8 * k);
+#endif
+        // Any nonzero byte -> 1 (high bit of (b & 0x7F) + 0x7F, or b's own high bit).
+        x = (((x & 0x7F7F7F7F7F7F7F7FULL) + 0x7F7F7F7F7F7F7F7FULL) | x) >> 7;
+        return x & 0x0101010101010101ULL;
+    }
+
+    // One bit mask per example (example order). Also counts rem_ (per language) and
+    // rem_cross_, with byte-lane counters flushed every 255 rows.
+    std::vector<std::uint64_t> pack_rows(const std::uint8_t* avail) {
+        const std::int64_t chunks = (L_ + 7) / 8;
+        std::vector<std::uint64_t> packed(static_cast<std::size_t>(E_) * words(), 0), lanes(chunks, 0);
+        auto flush = [&]() {
+            for (std::int64_t c = 0; c < chunks; ++c) {
+                for (std::int64_t t = 0; t < 8 && 8 * c + t < L_; ++t) rem_[8 * c + t] += (lanes[c] >> (8 * t)) & 0xFF;
+                lanes[c] = 0;
+            }
+        };
+        for (std::int64_t e = 0; e < E_; ++e) {
+            const std::uint8_t* row = avail + e * L_;
+            std::uint64_t* out = &packed[static_cast<std::size_t>(e) * words()];
+            int languages = 0;
+            for (std::int64_t c = 0; c < chunks; ++c) {
+                std::uint64_t x = load_flags(row + 8 * c, std::min<std::int64_t>(8, L_ - 8 * c));
+                lanes[c] += x;
+                // Byte k's low bit lands on bit 56 + k: a movemask of the 0/1 bytes.
+                std::uint64_t bits = (x * 0x0102040810204080ULL) >> 56;
+                out[c / 8] |= bits << (8 * (c % 8));
+                languages += popcount64(bits);
+            }
+            rem_cross_ += languages >= 2;
+            if (e % 255 == 254) flush();
+        }
+        flush();
+        return packed;
+    }
+
+    // Position-order bitsets for the cursors' scans: one per language plus one for
+    // "at least two languages", 64 positions per word, built by transposing blocks
+    // of 64 masks. A scan then skips 64 unusable positions per word.
+    void build_bitsets() {
+        lang_bits_.assign(static_cast<std::size_t>(L_ * blocks_), 0);
+        multi_bits_.assign(static_cast<std::size_t>(blocks_), 0);
+        used_.assign(static_cast<std::size_t>(blocks_), 0);
+        std::uint64_t block[64];
+        for (std::int64_t b = 0; b < blocks_; ++b) {
+            std::uint64_t ones = 0, twos = 0;  // positions with >= 1, >= 2 languages
+            for (int w = 0; w < words(); ++w) {
+                for (std::int64_t k = 0; k < 64; ++k) {
+                    std::int64_t i = 64 * b + k;
+                    block[k] = i < E_ ? mask(i)[w] : 0;
+                }
+                transpose64(block);
+                const std::int64_t languages = std::min<std::int64_t>(64, L_ - 64 * w);
+                for (std::int64_t t = 0; t < languages; ++t) {
+                    lang_bits_[static_cast<std::size_t>((64 * w + t) * blocks_ + b)] = block[t];
+                    twos |= ones & block[t];
+                    ones |= block[t];
+                }
+            }
+            multi_bits_[static_cast<std::size_t>(b)] = twos;
+        }
+    }
+
+    // Collects into picked_ the first `need` unused positions of `bits` from `cursor`
+    // on, one per group. On success moves the cursor to the first position it may
+    // still need later (a group-skipped one, else just past the last pick).
+    bool fill(std::int64_t& cursor, std::int64_t need, const std::uint64_t* bits) {
+        picked_.resize(static_cast<std::size_t>(need));
+        std::int64_t* picked = picked_.data();
+        std::int64_t count = 0, first_skip = -1, last = -1;
+        std::int64_t b = cursor >> 6;
+        if (need > 0 && b < blocks_) {
+            ++attempt_;
+            std::uint64_t word = bits[b] & ~used_[b] & (~0ULL << (cursor & 63));
+            for (;;) {
+                while (word == 0) {
+                    if (++b == blocks_) goto scanned;
+                    word = bits[b] & ~used_[b];
+                }
+                const std::int64_t i = (b << 6) | ctz64(word);
+                word &= word - 1;
+                if (!group_.empty()) {
+                    std::uint32_t& s = stamp_[group_[i]];
+                    if (s == attempt_) {
+                        if (first_skip < 0) first_skip = i;
+                        continue;
+                    }
+                    s = attempt_;
+                }
+                picked[count++] = i;
+                if (count == need) {
+                    last = i;
+                    break;
+                }
+            }
+        }
+    scanned:
+        picked_.resize(static_cast<std::size_t>(count));
+        if (count < need) return false;
+        cursor = first_skip >= 0 ? first_skip : last + 1;
         return true;
     }
 
     bool fill_mono(std::int64_t l, std::int64_t& cursor, std::int64_t need) {
-        return fill(cursor, need, [this, l](std::int64_t i) { return has(i, l); });
+        return fill(cursor, need, &lang_bits_[static_cast<std::size_t>(l * blocks_)]);
     }
-    bool fill_cross(std::int64_t& cursor, std::int64_t need) {
-        return fill(cursor, need, [this](std::int64_t i) { return popcount(i) >= 2; });
-    }
+    bool fill_cross(std::int64_t& cursor, std::int64_t need) { return fill(cursor, need, multi_bits_.data()); }
 
-    void consume(std::int64_t i) {
-        std::uint64_t* m = mask(i);
-        if (popcount(i) >= 2) --rem_cross_;
-        for (int w = 0; w < words(); ++w) {
-            for (std::uint64_t b = m[w]; b; b &= b - 1) --rem_[w * 64 + ctz64(b)];
-            m[w] = 0;
+    // Marks the first `count` picked positions used (a bit in used_) and takes them
+    // off rem_ / rem_cross_. Per-language decrements go through byte lanes
+    // (8 languages per word, flushed every 255 examples) instead of one
+    // read-modify-write per language per example.
+    void consume_picked(std::int64_t count) {
+        static const std::vector<std::uint64_t> spread = [] {  // bit t of b -> byte t
+            std::vector<std::uint64_t> table(256, 0);
+            for (int b = 0; b < 256; ++b)
+                for (int t = 0; t < 8; ++t) table[b] |= static_cast<std::uint64_t>((b >> t) & 1) << (8 * t);
+            return table;
+        }();
+        const std::int64_t chunks = (L_ + 7) / 8;
+        lanes_.assign(static_cast<std::size_t>(chunks), 0);
+        auto flush = [&]() {
+            for (std::int64_t c = 0; c < chunks; ++c) {
+                for (std::int64_t t = 0; t < 8 && 8 * c + t < L_; ++t)
+                    rem_[8 * c + t] -= static_cast<std::int64_t>((lanes_[c] >> (8 * t)) & 0xFF);
+                lanes_[c] = 0;
+            }
+        };
+        for (std::int64_t k = 0; k < count; ++k) {
+            const std::int64_t i = picked_[k];
+            if (multilingual(i)) --rem_cross_;
+            const std::uint64_t* m = mask(i);
+            for (std::int64_t c = 0; c < chunks; ++c) lanes_[c] += spread[(m[c / 8] >> (8 * (c % 8))) & 0xFF];
+            used_[static_cast<std::size_t>(i >> 6)] |= 1ULL << (i & 63);
+            if (k % 255 == 254) flush();
         }
+        flush();
     }
 
     void emit_mono(std::int64_t l, std::int64_t count) {
         for (std::int64_t k = 0; k < count; ++k) {
-            std::int64_t i = picked_[k];
-            out_->push_back(static_cast<std::int32_t>(perm_[i]));
-            out_->push_back(static_cast<std::int32_t>(l));
-            out_->push_back(static_cast<std::int32_t>(l));
-            consume(i);
+            *out_++ = static_cast<std::int32_t>(perm_[picked_[k]]);
+            *out_++ = static_cast<std::int32_t>(l);
+            *out_++ = static_cast<std::int32_t>(l);
         }
+        consume_picked(count);
     }
 
     // Each slot: an ordered pair (x, y), x != y, uniform over the example's languages.
@@ -187,11 +322,11 @@ class Planner {
             std::uint64_t r = rng_.below(n * (n - 1));
             int a = static_cast<int>(r / (n - 1)), b = static_cast<int>(r % (n - 1));
             if (b >= a) ++b;
-            out_->push_back(static_cast<std::int32_t>(perm_[i]));
-            out_->push_back(nth_language(i, a));
-            out_->push_back(nth_language(i, b));
-            consume(i);
+            *out_++ = static_cast<std::int32_t>(perm_[i]);
+            *out_++ = nth_language(i, a);
+            *out_++ = nth_language(i, b);
         }
+        consume_picked(count);
     }
 
     std::uint64_t weight(std::int64_t l) const {
@@ -264,17 +399,21 @@ class Planner {
             fill_cross(cursor, G_);
             emit_cross(n);
         }
-        out_->insert(out_->end(), static_cast<std::size_t>((G_ - n) * 3), -1);
+        out_ = std::fill_n(out_, (G_ - n) * 3, -1);
         return true;
     }
 
     const SamplerConfig& cfg_;
     std::int64_t E_, L_;
     int words_;
+    std::int64_t blocks_;  // 64-position words per bitset
     std::int64_t G_;
     Rng rng_;
     std::vector<std::uint32_t> perm_;   // position -> example
-    std::vector<std::uint64_t> mask_;   // position -> unused languages (cleared once used)
+    std::vector<std::uint64_t> mask_;   // position -> its languages (words() words)
+    std::vector<std::uint64_t> lang_bits_;   // [language][block]: position has the language
+    std::vector<std::uint64_t> multi_bits_;  // [block]: position has >= 2 languages
+    std::vector<std::uint64_t> used_;        // [block]: position already in a batch
     std::vector<std::int32_t> group_;   // position -> dense group id (empty: no groups)
     std::vector<std::uint32_t> stamp_;  // group -> last fill attempt that took it
     std::uint32_t attempt_ = 0;
@@ -285,7 +424,8 @@ class Planner {
     std::vector<char> mono_dead_;
     bool cross_dead_ = false;
     std::vector<std::int64_t> picked_;
-    std::vector<std::int32_t>* out_ = nullptr;
+    std::vector<std::uint64_t> lanes_;  // consume_picked's byte-lane counters
+    std::int32_t* out_ = nullptr;  // next free int of the plan (sized for the bound above)
 };
 
 void check_args(const SamplerConfig& cfg, std::int64_t E, std::int64_t L) {

@@ -192,6 +192,20 @@ def test_ddp_slices_are_disjoint_and_agree(case, data):
         assert all(isinstance(v, int) for t in joined for v in t)
 
 
+@needs_cpp
+@pytest.mark.parametrize("num_languages", [64, 65, 130])
+def test_many_languages_multiword_masks(num_languages):
+    # Beyond 64 languages the core's masks take several words (a separate code path).
+    avail, groups = random_case(num_languages, 301, num_languages, 0.4, 60)
+    for kw in [dict(mode="hybrid"), dict(mode="mono", lang_weights="size"),
+               dict(mode="cross", groups=groups, drop_last=False)]:
+        kw.update(batch_size=4, seed=3, world_size=2)
+        plan = HybridBatchSampler(avail, **kw).plan(1)
+        np.testing.assert_array_equal(plan, reference_plan(avail, epoch=1, **kw))
+        check_invariants(plan, avail, kw)
+        assert plan[..., 1:].max() >= 64  # languages past the first word are used
+
+
 def test_hybrid_extremes_equal_pure_modes():
     avail, _ = random_case(1, 300, 4, 0.7, 0)
     kw = dict(batch_size=5, seed=9)
