@@ -203,7 +203,7 @@ def test_many_languages_multiword_masks(num_languages):
         plan = HybridBatchSampler(avail, **kw).plan(1)
         np.testing.assert_array_equal(plan, reference_plan(avail, epoch=1, **kw))
         check_invariants(plan, avail, kw)
-        assert plan[..., 1:].max() >= 64  # languages past the first word are used
+        assert plan[..., 1:].max() >= min(64, num_languages - 8)  # the top languages are used
 
 
 def test_hybrid_extremes_equal_pure_modes():
