@@ -373,13 +373,14 @@ def batch_kind(batch) -> str:
 
 def _chunks(inputs, size, trim):
     """Row chunks of a tokenised batch; with right padding each chunk drops the
-    padding columns none of its rows use."""
+    padding columns none of its rows use (shorter chunks, less work)."""
     n = inputs["input_ids"].shape[0]
     width = inputs["input_ids"].shape[1]
+    lengths = inputs["attention_mask"].sum(1).tolist() if trim and "attention_mask" in inputs else None
     for start in range(0, n, size):
         chunk = {k: v[start:start + size] for k, v in inputs.items()}
-        if trim and "attention_mask" in chunk:
-            used = int(chunk["attention_mask"].sum(1).max())
+        if lengths is not None:
+            used = int(max(lengths[start:start + size]))
             chunk = {k: (v[:, :used] if v.dim() == 2 and v.shape[1] == width else v) for k, v in chunk.items()}
         yield chunk
 
@@ -393,13 +394,14 @@ def _autocast(device, dtype):
 
 
 def plain_step(encoder, loss_fn, q_in, p_in, q_groups, p_groups, amp_dtype=None, scaler=None):
-    """Embed the whole batch with a graph, loss, backward. Returns the loss (float)."""
+    """Embed the whole batch with a graph, loss, backward. Returns the detached loss tensor
+    (not a float: reading it would wait for the device every step)."""
     with _autocast(encoder.device, amp_dtype):
         q = encoder(**q_in)
         p = encoder(**p_in)
     loss = loss_fn(q.float(), p.float(), query_groups=q_groups, passage_groups=p_groups)
     (scaler.scale(loss) if scaler is not None else loss).backward()
-    return float(loss.detach())
+    return loss.detach()
 
 
 def gradcache_step(encoder, loss_fn, q_in, p_in, q_groups, p_groups, chunk_size, amp_dtype=None, scaler=None):
@@ -439,7 +441,7 @@ def gradcache_step(encoder, loss_fn, q_in, p_in, q_groups, p_groups, chunk_size,
             emb.float().backward(grad[start:start + rows])
             start += rows
     _set_rng_state(end_state, device)
-    return float(loss.detach())
+    return loss.detach()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -672,6 +674,48 @@ def _encoder_kwargs(config, device):
     return kw
 
 
+def _update(params, optimizer, scheduler, scaler, world):
+    """Average gradients over ranks, clip at 1.0, step the optimizer and schedule."""
+    _allreduce_gradients(params, world)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class _Window:
+    """Losses since the last log row, per batch kind, kept as device tensors
+    (reading them every step would stall the GPU queue)."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+        self.restart_clock()
+
+    def restart_clock(self):
+        self.t0 = time.perf_counter()
+
+    def add(self, kind, loss):
+        self.sums[kind] = self.sums.get(kind, 0.0) + loss
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+
+    def summary(self, examples_per_step, world, device):
+        n = sum(self.counts.values())
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        # ranks share each step's kind, so every rank has the same keys here
+        means = {k: _mean_over_ranks(float(self.sums[k]) / self.counts[k], world, device) for k in sorted(self.sums)}
+        row = {"loss": sum(means[k] * self.counts[k] for k in means) / n}
+        row.update({f"loss_{k}": v for k, v in means.items()})
+        row["examples_per_s"] = n * examples_per_step / elapsed
+        self.__init__()
+        return row
+
+
 def _after_step(step):
     """Hook called after every optimizer step (tests inject failures here)."""
 
@@ -762,7 +806,7 @@ def _train(config, device, rank, world):
         (output / "train_config.json").write_text(json.dumps(_config_json(config), indent=2))
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
                disable=not config.show_progress or rank != 0)
-    window_loss, window_n, window_t, t0 = 0.0, 0, 0.0, time.perf_counter()
+    window = _Window()
 
     def checkpoint_state():
         return {"step": step, "epoch": epoch, "batch_in_epoch": in_epoch, "world_size": world,
@@ -781,33 +825,17 @@ def _train(config, device, rank, world):
                                       amp_dtype, scaler)
             else:
                 loss = plain_step(encoder, loss_fn, q_in, p_in, q_groups, p_groups, amp_dtype, scaler)
-            _allreduce_gradients(params, world)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             lr = scheduler.get_last_lr()[0]
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            _update(params, optimizer, scheduler, scaler, world)
             step += 1
             in_epoch += 1
             bar.update(1)
-            window_loss += loss
-            window_n += 1
+            window.add(kind, loss)
+            row = None
             if step % config.log_steps == 0 or step == total_steps:
-                elapsed = time.perf_counter() - t0
-                mean_loss = _mean_over_ranks(window_loss / window_n, world, device)
-                row = {"step": step, "epoch": epoch_progress(),
-                       "loss": mean_loss, "lr": lr, "kind": kind,
-                       "examples_per_s": window_n * config.batch_size * world / max(elapsed, 1e-9)}
-                bar.set_postfix(loss=f"{mean_loss:.4f}", kind=kind)
-                window_loss, window_n, t0 = 0.0, 0, time.perf_counter()
-            else:
-                row = None
+                row = dict({"step": step, "epoch": epoch_progress(), "lr": lr, "kind": kind},
+                           **window.summary(config.batch_size * world, world, device))
+                bar.set_postfix(loss=f"{row['loss']:.4f}", kind=kind)
             if config.save_steps and step % config.save_steps == 0 and step < total_steps:
                 save_checkpoint(output, step, encoder, optimizer, scheduler, scaler, sampler,
                                 checkpoint_state(), rank, world)
@@ -816,7 +844,7 @@ def _train(config, device, rank, world):
                     if rank == 0:
                         row.update(evaluate(encoder)[1])
                     _barrier(world)
-                t0 = time.perf_counter()  # saving and evaluating are not training time
+                window.restart_clock()  # saving and evaluating are not training time
             if row is not None:
                 logger.log(row)
             _after_step(step)
