@@ -152,6 +152,23 @@ def test_equals_deprecated_symmetric_loss(tiny_model):
         torch.testing.assert_close(ours(features, None), reference(features, None), rtol=1e-5, atol=1e-5)
 
 
+def test_triton_backend_equals_multiple_negatives_ranking_loss(tiny_model):
+    """The fused Triton kernels (interpreted on CPU without CUDA) give ST's value and gradients too."""
+    pytest.importorskip("triton")
+    tiny_model.eval()
+    features = _batch(tiny_model, batch=6, negatives=1, seed=5)
+    reference, _ = _st_reference(tiny_model, True, "cos")
+    ref_value, ref_grads = _loss_and_grads(tiny_model, reference, features)
+    value, grads = _loss_and_grads(tiny_model, HybridMNRLoss(tiny_model, symmetric=True, backend="triton"), features)
+    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-5)
+    _assert_grads_close(grads, ref_grads)
+
+
+def test_scale_above_cap_warns(tiny_model):
+    with pytest.warns(UserWarning, match="scale=150"):
+        HybridMNRLoss(tiny_model, scale=150.0, backend="torch")
+
+
 def test_config_and_citation(tiny_model):
     loss = HybridMNRLoss(tiny_model, scale=25.0, symmetric=True, backend="torch")
     config = loss.get_config_dict()
@@ -189,6 +206,20 @@ def test_cached_equals_uncached(tiny_model, negatives, symmetric):
     _assert_grads_close(grads, {k: 2.5 * v for k, v in ref_grads.items()})
     with torch.no_grad():
         torch.testing.assert_close(cached(features, None), ref_value, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_learnt_temperature_gets_scaled_gradient(tiny_model):
+    tiny_model.eval()
+    features = _batch(tiny_model, batch=5, negatives=1, seed=11)
+    plain = HybridMNRLoss(tiny_model, learn_temperature=True, backend="torch")
+    cached = CachedHybridMNRLoss(tiny_model, mini_batch_size=2, learn_temperature=True, backend="torch")
+    assert cached.get_config_dict()["learn_temperature"] is True
+    _, ref_grads = _loss_and_grads(tiny_model, plain, features, scale=3.0)
+    _, grads = _loss_and_grads(tiny_model, cached, features, scale=3.0)
+    _assert_grads_close(grads, ref_grads)
+    learnt_plain, learnt_cached = plain.loss_fn.log_scale.grad, cached.loss_fn.log_scale.grad
+    assert learnt_plain is not None and learnt_cached is not None and learnt_plain.abs() > 0
+    torch.testing.assert_close(learnt_cached, learnt_plain, rtol=1e-5, atol=1e-6)
 
 
 def test_cached_replays_dropout(tiny_model):

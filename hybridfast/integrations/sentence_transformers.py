@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -96,7 +97,15 @@ def _make_fused_loss(scale, similarity, symmetric, gather_across_devices, backen
         raise ValueError(f"scale must be a positive number, got {scale!r}")
     if similarity not in _SIMILARITIES:
         raise ValueError(f"similarity must be one of {_SIMILARITIES}, got {similarity!r}")
-    from hybridfast.loss import HybridContrastiveLoss
+    from hybridfast.loss import MAX_SCALE, HybridContrastiveLoss
+
+    if scale > MAX_SCALE:
+        # ST applies any scale; HybridContrastiveLoss caps the logit scale (DESIGN.md), so values differ
+        warnings.warn(
+            f"scale={scale:g} is above HybridContrastiveLoss's cap of {MAX_SCALE:g}: the loss uses scale "
+            f"{MAX_SCALE:g} and will not equal MultipleNegativesRankingLoss(scale={scale:g})",
+            stacklevel=3,
+        )
 
     return HybridContrastiveLoss(
         temperature=1.0 / float(scale),
@@ -152,6 +161,7 @@ class HybridMNRLoss(nn.Module):
         self.model = model
         self.loss_fn = _make_fused_loss(scale, similarity, symmetric, gather_across_devices, backend, loss_kwargs)
         self.scale = float(scale)
+        self.loss_kwargs = dict(loss_kwargs)
         self.symmetric = bool(symmetric)
         self.gather_across_devices = bool(gather_across_devices)
         self.similarity = similarity
@@ -169,7 +179,8 @@ class HybridMNRLoss(nn.Module):
 
     @property
     def temperature(self) -> float:
-        return 1.0 / self.scale
+        """The temperature in use (the learnt one with ``learn_temperature=True``)."""
+        return float(self.loss_fn.temperature)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {
@@ -178,6 +189,7 @@ class HybridMNRLoss(nn.Module):
             "symmetric": self.symmetric,
             "gather_across_devices": self.gather_across_devices,
             "backend": self.backend,
+            **self.loss_kwargs,
         }
 
     @property
@@ -259,6 +271,7 @@ class CachedHybridMNRLoss(nn.Module):
         self.model = model
         self.loss_fn = _make_fused_loss(scale, similarity, symmetric, gather_across_devices, backend, loss_kwargs)
         self.scale = float(scale)
+        self.loss_kwargs = dict(loss_kwargs)
         self.mini_batch_size = mini_batch_size
         self.symmetric = bool(symmetric)
         self.gather_across_devices = bool(gather_across_devices)
@@ -299,18 +312,29 @@ class CachedHybridMNRLoss(nn.Module):
             return self.loss_fn(*_split_columns(columns))
 
         # (2) full-batch loss through the fused kernel; its gradients w.r.t. the embeddings are the cache.
+        # A learnt temperature's gradient is held back too, so that it gets the same upstream scaling
+        # (gradient accumulation, fp16 loss scale) as the model's, in step (3).
         columns = [c.requires_grad_() for c in columns]
+        params = [p for p in self.loss_fn.parameters() if p.requires_grad]
         with torch.enable_grad():
             loss = self.loss_fn(*_split_columns(columns))
-            loss.backward()
-        cache = [list(col.grad.split([e - b for b, e in rng])) for col, rng in zip(columns, ranges)]
+            grads = torch.autograd.grad(loss, columns + params, allow_unused=True)
+        cache = [
+            list((g if g is not None else torch.zeros_like(c)).split([e - b for b, e in rng]))
+            for c, g, rng in zip(columns, grads, ranges)
+        ]
+        param_grads = list(zip(params, grads[len(columns):]))
 
         # (3) when the trainer back-propagates, re-embed with a graph and push the cached gradients through.
         out = loss.detach().requires_grad_()
-        out.register_hook(partial(self._replay, features, rows, ranges, states, cache))
+        out.register_hook(partial(self._replay, features, rows, ranges, states, cache, param_grads))
         return out
 
-    def _replay(self, features, rows, ranges, states, cache, grad_output: Tensor) -> None:
+    def _replay(self, features, rows, ranges, states, cache, param_grads, grad_output: Tensor) -> None:
+        for param, grad in param_grads:
+            if grad is not None:
+                grad = grad * grad_output.to(grad.dtype)
+                param.grad = grad if param.grad is None else param.grad + grad
         model = self.model
         total = sum(len(r) for r in ranges)
         done = 0
@@ -328,7 +352,8 @@ class CachedHybridMNRLoss(nn.Module):
 
     @property
     def temperature(self) -> float:
-        return 1.0 / self.scale
+        """The temperature in use (the learnt one with ``learn_temperature=True``)."""
+        return float(self.loss_fn.temperature)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {
@@ -338,6 +363,7 @@ class CachedHybridMNRLoss(nn.Module):
             "mini_batch_size": self.mini_batch_size,
             "gather_across_devices": self.gather_across_devices,
             "backend": self.backend,
+            **self.loss_kwargs,
         }
 
     @property
