@@ -433,6 +433,8 @@ void check_args(const SamplerConfig& cfg, std::int64_t E, std::int64_t L) {
     if (E > 0x7FFFFFFFLL) throw std::invalid_argument("availability: at most 2^31 - 1 examples (int32 plan)");
     if (cfg.batch_size < 1 || cfg.world_size < 1)
         throw std::invalid_argument("batch_size and world_size must be positive");
+    if (cfg.batch_size > 0x7FFFFFFFLL / cfg.world_size)
+        throw std::invalid_argument("batch_size * world_size must be below 2^31");
     if (!cfg.size_weights && static_cast<std::int64_t>(cfg.lang_weights.size()) != L)
         throw std::invalid_argument("lang_weights must have one weight per language");
 }

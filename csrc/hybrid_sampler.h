@@ -6,12 +6,15 @@
 //
 //   1. Shuffle the examples (Fisher-Yates driven by the counter-based RNG below)
 //      and work in that random order ("positions") from then on.
-//   2. Keep one bit mask of available languages per position; using an example
-//      clears its mask (lazy deletion), so "unused and available in l" is one bit.
+//   2. Lazy deletion: a position's language mask never changes; using it sets one
+//      bit in a `used` bitset. Position-order bitsets (one per language, one for
+//      "has >= 2 languages", built by 64x64 bit transposes) let a scan test 64
+//      positions per word: "unused and available in l" = lang_bits[l] & ~used.
 //   3. Each language and the cross-lingual kind own a cursor that only moves
 //      forward over positions: a batch is the next G usable positions (skipping a
 //      position whose group is already in the batch, without moving the cursor
-//      past it). Every position is scanned O(1) times per cursor: O(E * L) total.
+//      past it). Without groups every word is scanned O(1) times per cursor:
+//      O(E * L / 64) scanning per epoch plus O(E) for the shuffle and emission.
 //   4. A step picks its kind (mono with probability mono_prob when both kinds can
 //      fill a batch) and the mono language by integer weights, then fills.
 //      A fill that fails can never succeed later (unused sets only shrink), so the

@@ -11,7 +11,9 @@ by the tests and as the fallback when the extension is not built. The algorithm
 2. Each position holds a bit mask of its unused languages; using an example clears
    it. Each language, and the cross-lingual kind, has a cursor that only moves
    forward: a batch is the next G = world_size * batch_size usable positions, one
-   per group (a position skipped for its group keeps the cursor behind it).
+   per group (a position skipped for its group keeps the cursor behind it). (The C++
+   core keeps masks fixed plus a `used` bitset, and scans per-language bitsets 64
+   positions per word: the same sets, faster.)
 3. A step is mono with probability mono_prob when both kinds can fill a batch
    (integer test on 53 random bits); the mono language is drawn by integer weights
    among languages with at least G unused examples; a cross slot draws an ordered
@@ -410,8 +412,9 @@ class HybridBatchSampler:
         self.batch_size, self.world_size, self.rank = cfg.batch_size, cfg.world_size, rank
         self.mode, self.mono_prob, self.seed, self.drop_last = cfg.mode, cfg.mono_prob, seed, cfg.drop_last
         self.lang_weights = lang_weights
-        self._C = cpp_extension()
-        if self._C is None:
+        # A flag, not the module: the sampler stays picklable / deep-copyable.
+        self._use_cpp = cpp_extension() is not None
+        if not self._use_cpp:
             fallback_warning("cpp_sampler", "hybridfast._C is not built: HybridBatchSampler plans epochs with "
                              "the pure-Python reference (identical plans, far slower). Rebuild with a C++17 "
                              "compiler: pip install -e . --no-build-isolation")
@@ -423,8 +426,8 @@ class HybridBatchSampler:
 
     def _check_feasible(self):
         cfg, G = self._cfg, self._cfg.batch_size * self._cfg.world_size
-        if self._C is not None:
-            cap = self._C.fresh_capacities(self.availability.view(np.uint8), self._groups, self._num_groups)
+        if self._use_cpp:
+            cap = cpp_extension().fresh_capacities(self.availability.view(np.uint8), self._groups, self._num_groups)
         else:
             cap = _reference_capacities(self.availability, self._groups)
         L = self.availability.shape[1]
@@ -440,9 +443,9 @@ class HybridBatchSampler:
     # ------------------------------------------------------------ planning
     def _compute(self, epoch: int) -> np.ndarray:
         cfg = self._cfg
-        if self._C is None:
+        if not self._use_cpp:
             return _ReferencePlanner(cfg, self.availability, self._groups, epoch).run()
-        return self._C.plan_epoch(
+        return cpp_extension().plan_epoch(
             self.availability.view(np.uint8), cfg.batch_size, cfg.world_size, cfg.allow_mono, cfg.allow_cross,
             cfg.mono_threshold, cfg.size_weights, np.asarray(cfg.lang_weights, dtype=np.uint64), self._groups,
             self._num_groups, cfg.drop_last, cfg.seed, epoch)
@@ -520,4 +523,4 @@ class HybridBatchSampler:
         E, L = self.availability.shape
         return (f"HybridBatchSampler(examples={E}, languages={L}, batch_size={self.batch_size}, "
                 f"mode={self.mode!r}, mono_prob={self.mono_prob}, world_size={self.world_size}, "
-                f"rank={self.rank}, epoch={self.epoch}, backend={'C++' if self._C else 'python'})")
+                f"rank={self.rank}, epoch={self.epoch}, backend={'C++' if self._use_cpp else 'python'})")

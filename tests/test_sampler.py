@@ -1,7 +1,9 @@
 """HybridBatchSampler: invariants over random inputs, C++ == Python reference,
 statistics of the draws, DDP slices, resume, DataLoader use, bad input."""
+import copy
 import hashlib
 import math
+import pickle
 import warnings
 
 import numpy as np
@@ -319,6 +321,15 @@ def test_len_is_exact(drop_last):
     assert len(s) == len(batches) == len(s.plan())
     sizes = [len(b) for b in batches]
     assert set(sizes[:-1]) == {7} and 0 < sizes[-1] <= 7
+
+
+def test_pickle_and_deepcopy_keep_the_plan():
+    # Launchers (accelerate, spawn-based DataLoader setups) may copy the sampler.
+    avail, groups = random_case(5, 300, 4, 0.8, 100)
+    s = HybridBatchSampler(avail, 6, groups=groups, seed=7, world_size=2, rank=1)
+    s.set_epoch(2)
+    for twin in (pickle.loads(pickle.dumps(s)), copy.deepcopy(s)):
+        assert twin.epoch == 2 and collect(twin) == collect(s)
 
 
 def test_plan_is_read_only_and_cached():
