@@ -3,6 +3,7 @@
 Everything runs on a tiny random BERT built here (no download).
 """
 import math
+import os
 import warnings
 
 import numpy as np
@@ -445,3 +446,92 @@ def test_trainer_rejects_bad_train_dataset(tiny_model, tmp_path):
                                          loss=HybridMNRLoss(tiny_model, backend="torch"))
     with pytest.raises(TypeError, match="hybrid"):
         HybridSentenceTransformerTrainer(model=tiny_model, args=args, train_dataset=ds, hybrid={"mode": "mono"})
+
+
+# ---- two processes under torchrun (opt-in: about a minute on a shared 2-core CPU) -----------------------
+
+_TORCHRUN_SCRIPT = r'''
+import json, os, sys, pathlib
+import torch, torch.distributed as dist
+torch.set_num_threads(1)
+import datasets
+from transformers import BertConfig, BertModel, BertTokenizerFast
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
+from sentence_transformers.sentence_transformer import losses as st_losses
+from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+import tests.test_integration_st as T
+from hybridfast.integrations.sentence_transformers import (CachedHybridMNRLoss, HybridMNRLoss,
+                                                           HybridSentenceTransformerTrainer)
+
+out = pathlib.Path(sys.argv[1]); folder = out / "model"; rank = int(os.environ["RANK"])
+args = SentenceTransformerTrainingArguments(output_dir=str(out / "run"), per_device_train_batch_size=4, max_steps=3,
+    learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none", seed=3, use_cpu=True,
+    disable_tqdm=True, ddp_backend="gloo")
+if rank == 0:
+    folder.mkdir(parents=True, exist_ok=True)
+    BertTokenizerFast(vocab={t: i for i, t in enumerate(T._vocab())}).save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(T._vocab()), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)).save_pretrained(folder)
+dist.barrier()
+transformer = Transformer(str(folder), max_seq_length=32)
+model = SentenceTransformer(modules=[transformer, Pooling(32, "mean")], device="cpu").eval()
+features = T._batch(model, batch=5, negatives=1, seed=rank)
+parity = {}
+for sym in (False, True):
+    ref = st_losses.MultipleNegativesRankingLoss(model, gather_across_devices=True,
+        directions=("query_to_doc", "doc_to_query") if sym else ("query_to_doc",),
+        partition_mode="per_direction" if sym else "joint")
+    r, gr = T._loss_and_grads(model, ref, features)
+    for name, loss in (("plain", HybridMNRLoss(model, symmetric=sym, gather_across_devices=True, backend="torch")),
+                       ("cached", CachedHybridMNRLoss(model, symmetric=sym, gather_across_devices=True,
+                                                      mini_batch_size=2, backend="torch"))):
+        v, g = T._loss_and_grads(model, loss, features)
+        parity[f"{name} symmetric={sym}"] = [abs(float(v - r)), max(float((g[k] - gr[k]).abs().max()) for k in gr)]
+model.train()
+trainer = HybridSentenceTransformerTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(
+    T._parallel_rows(40)), loss=CachedHybridMNRLoss(model, mini_batch_size=2, gather_across_devices=True))
+seen, collate = [], trainer.data_collator
+def record(features):
+    seen.append([(*T._parse(f["anchor"]), T._parse(f["positive"])[1]) for f in features])
+    return collate(features)
+trainer.data_collator = record
+trainer.train()
+result = {"parity": parity, "seen": seen, "world": trainer.accelerator.num_processes,
+          "losses": [row["loss"] for row in trainer.state.log_history if "loss" in row],
+          "param_sum": float(sum(p.detach().double().sum() for p in model.parameters()))}
+gathered = [None] * dist.get_world_size()
+dist.all_gather_object(gathered, result)
+if rank == 0:
+    (out / "result.json").write_text(json.dumps(gathered))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("HYBRIDFAST_DDP_TESTS") != "1", reason="opt-in: HYBRIDFAST_DDP_TESTS=1")
+def test_torchrun_two_processes(tmp_path):
+    """gather_across_devices parity with ST on every rank, and trainer steps where the two ranks share each
+    step's batch kind and get disjoint examples."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "run.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                    str(tmp_path)], check=True, env=env, cwd=root, timeout=600)
+    ranks = json.loads((tmp_path / "result.json").read_text())
+    assert [r["world"] for r in ranks] == [2, 2]
+    for r in ranks:
+        for name, (value_diff, grad_diff) in r["parity"].items():
+            assert value_diff < 1e-5 and grad_diff < 1e-4, name
+        assert len(r["losses"]) == 3 and all(math.isfinite(v) for v in r["losses"])
+    assert ranks[0]["param_sum"] == ranks[1]["param_sum"]  # DDP kept the replicas identical
+    for step in zip(ranks[0]["seen"], ranks[1]["seen"]):
+        plan = [tuple(t) for batch in step for t in batch]
+        _step_kind(plan)
+        assert len({e for e, _, _ in plan}) == len(plan) == 8
