@@ -4,6 +4,8 @@ import copy
 import hashlib
 import math
 import pickle
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -404,6 +406,24 @@ def test_dataloader_batch_sampler():
     for got, want in zip(batches, collect(s)):
         assert [b["query"] for b in got] == [f"q{e}/{q}" for e, q, _ in want]
         assert [b["passage"] for b in got] == [f"p{e}/{p}" for e, _, p in want]
+
+
+@needs_cpp
+def test_planning_releases_the_gil():
+    # While the core plans in a thread, this thread keeps running Python: the longest
+    # pause it sees is far shorter than the planning itself (it would span all of it
+    # if the GIL were held).
+    avail = np.random.default_rng(0).random((1_500_000, 8), dtype=np.float32) < 0.8
+    s = HybridBatchSampler(avail, 64)
+    worker = threading.Thread(target=s.plan, args=(1,))
+    start = last = time.perf_counter()
+    worker.start()
+    longest = 0.0
+    while worker.is_alive():
+        now = time.perf_counter()
+        longest, last = max(longest, now - last), now
+    duration = time.perf_counter() - start
+    assert longest < 0.5 * duration
 
 
 # ------------------------------------------------------------------ fallback
