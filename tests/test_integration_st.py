@@ -401,8 +401,10 @@ def test_trainer_steps_with_hybrid_batches(tiny_model, tmp_path, cached):
         loss = CachedHybridMNRLoss(tiny_model, mini_batch_size=3, backend="torch")
     else:
         loss = HybridMNRLoss(tiny_model, backend="torch")
+    # cached: 4 steps; plain: two whole epochs, which must differ (the trainer reaches the sampler's set_epoch)
+    steps = {"max_steps": 4} if cached else {"num_train_epochs": 2}
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=6, max_steps=4, learning_rate=1e-3,
+        output_dir=str(tmp_path), per_device_train_batch_size=6, learning_rate=1e-3, **steps,
         logging_steps=1, save_strategy="no", report_to="none", seed=3, use_cpu=True,
         disable_tqdm=True,
     )
@@ -420,10 +422,16 @@ def test_trainer_steps_with_hybrid_batches(tiny_model, tmp_path, cached):
     before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    assert len(losses) == 4 and all(math.isfinite(v) and v > 0 for v in losses)
+    per_epoch = len(trainer.get_hybrid_batch_sampler())
+    assert len(losses) == (4 if cached else 2 * per_epoch) and all(math.isfinite(v) and v > 0 for v in losses)
     assert any(abs(v - math.log(6)) > 1e-2 for v in losses)  # not the degenerate all-equal-logits value
     assert any(not torch.equal(before[n], p) for n, p in tiny_model.named_parameters())
-    assert len(seen) >= 4
+    assert len(seen) >= len(losses)
+    if not cached:
+        assert len(seen) == 2 * per_epoch and seen[:per_epoch] != seen[per_epoch:]
+        for epoch in (seen[:per_epoch], seen[per_epoch:]):  # each example at most once per epoch
+            examples = [_parse(f["anchor"])[0] for batch in epoch for f in batch]
+            assert len(examples) == len(set(examples))
     for batch in seen:
         assert len(batch) == 6 and all(list(f) == ["anchor", "positive"] for f in batch)  # no id/lang columns
         plan = []

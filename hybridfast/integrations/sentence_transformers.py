@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 try:
-    import sentence_transformers
+    import datasets
     from sentence_transformers import SentenceTransformerTrainer
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
@@ -133,6 +133,7 @@ class HybridMNRLoss(nn.Module):
     Args:
         model: the SentenceTransformer being trained.
         scale: logits are ``sim * scale`` (``temperature = 1 / scale``); 20 = ST's default (temperature 0.05).
+            HybridContrastiveLoss caps the scale at 100 (a warning says so above it; ST has no cap).
         symmetric: add the positive -> anchors term and average the two directions, exactly as
             ``MultipleNegativesRankingLoss(directions=("query_to_doc", "doc_to_query"),
             partition_mode="per_direction")`` / ``MultipleNegativesSymmetricRankingLoss``: the backward term
@@ -141,7 +142,9 @@ class HybridMNRLoss(nn.Module):
             flag of the same name.
         similarity: "cos" (ST's ``cos_sim``) or "dot" (``dot_score``).
         backend: "auto" | "triton" | "torch", passed to HybridContrastiveLoss.
-        **loss_kwargs: further HybridContrastiveLoss options (e.g. ``learn_temperature``).
+        **loss_kwargs: further HybridContrastiveLoss options (``learn_temperature``, ``chunk_size``). A learnt
+            temperature is trained by SentenceTransformerTrainer (it optimises loss parameters too), but under
+            DDP its gradient is not averaged across processes (DDP wraps only the model).
 
     Inputs follow ST: ``forward(sentence_features, labels)`` with columns (anchor, positive[, negative_1,
     ..., negative_k]); ``labels`` is ignored (the positive of anchor i is row i of the positive column).
@@ -393,8 +396,8 @@ _LABEL_COLUMNS = ("label", "labels", "score", "scores")  # what ST's collator tr
 class HybridBatching:
     """How :class:`HybridSentenceTransformerTrainer` batches its train dataset.
 
-    mode, mono_prob, lang_weights: as :class:`hybridfast.HybridBatchSampler` (``lang_weights`` may be a dict
-        keyed by language code or a sequence in ``languages`` order).
+    mode, mono_prob, lang_weights: as :class:`hybridfast.HybridBatchSampler` (``lang_weights``: None, "size",
+        a sequence in ``languages`` order or a dict keyed by language code, missing languages weigh 0).
     id_column: rows sharing this value are translations of one example.
     lang_columns: None (auto: ``{column}_lang`` for the anchor and positive columns if present, else a
         ``lang``/``language`` column), one column name (the language of the whole row), or a dict
@@ -408,7 +411,7 @@ class HybridBatching:
 
     mode: str = "hybrid"
     mono_prob: float = 0.5
-    lang_weights: Mapping[str, float] | Sequence[float] | None = None
+    lang_weights: str | Mapping[str, float] | Sequence[float] | None = None
     id_column: str = "id"
     lang_columns: str | Mapping[str, str] | None = None
     text_columns: Sequence[str] | None = None
@@ -440,11 +443,9 @@ class HybridPairIndex:
 
     def __init__(self, dataset: Any, config: HybridBatching | None = None) -> None:
         config = config or HybridBatching()
-        names = list(getattr(dataset, "column_names", None) or [])
-        if not names or not hasattr(dataset, "select_columns"):
-            raise TypeError(
-                f"train_dataset must be a datasets.Dataset with named columns, got {type(dataset).__name__}"
-            )
+        if not isinstance(dataset, datasets.Dataset):
+            raise TypeError(f"train_dataset must be a datasets.Dataset, got {type(dataset).__name__}")
+        names = list(dataset.column_names)
         if config.id_column not in names:
             raise ValueError(
                 f"id_column={config.id_column!r} is not a column of the dataset (columns: {names}); "
@@ -475,7 +476,7 @@ class HybridPairIndex:
         example_of: dict[Any, int] = {}
         example = np.fromiter((example_of.setdefault(i, len(example_of)) for i in ids), np.int64, len(ids))
         self.ids = list(example_of)
-        n_examples, n_langs = len(self.ids), len(languages)
+        n_examples = len(self.ids)
         self.languages = languages
         self.anchor_row = self._first_rows(example, anchor_langs, lang_code, n_examples)
         self.positive_row = self._first_rows(example, positive_langs, lang_code, n_examples)
@@ -489,7 +490,6 @@ class HybridPairIndex:
         if config.group_column is not None:
             self.groups = self._groups(dataset[config.group_column], example, n_examples, config.group_column)
         self.lang_of = lang_of
-        del n_langs
 
     @staticmethod
     def _text_columns(names: list[str], config: HybridBatching) -> list[str]:
@@ -685,7 +685,7 @@ class HybridSTBatchSampler:
                     yield self.index.rows(step[rank * size:(rank + 1) * size])
 
 
-def _unwrap_split_batches(accelerator: Any) -> bool:
+def _split_batches(accelerator: Any) -> bool:
     config = getattr(accelerator, "dataloader_config", None)
     if config is not None and hasattr(config, "split_batches"):
         return bool(config.split_batches)
@@ -701,6 +701,8 @@ class HybridSentenceTransformerTrainer(SentenceTransformerTrainer):
     (Dataset) loses the same metadata columns and is evaluated row by row as usual.
     ``per_device_train_batch_size`` is the per-process batch; under accelerate/torchrun the world size
     comes from ``self.accelerator`` and every process gets its share of one global hybrid batch per step.
+    ``args.batch_sampler`` is not used for training (the hybrid sampler replaces it); epochs reach the
+    sampler through ``set_epoch`` and a resumed run skips the consumed batches of the current epoch.
     """
 
     def __init__(self, *args: Any, hybrid: HybridBatching | None = None, **kwargs: Any) -> None:
@@ -719,7 +721,7 @@ class HybridSentenceTransformerTrainer(SentenceTransformerTrainer):
         self.hybrid_dataset = HybridPairDataset(train_dataset, self.hybrid_index)
         arguments["train_dataset"] = train_dataset.select_columns(self.hybrid_index.text_columns)
         eval_dataset = arguments.get("eval_dataset")
-        if eval_dataset is not None and hasattr(eval_dataset, "column_names") and hasattr(eval_dataset, "select_columns"):
+        if isinstance(eval_dataset, datasets.Dataset):
             meta = [c for c in self.hybrid_index.meta_columns if c in eval_dataset.column_names]
             if meta:
                 arguments["eval_dataset"] = eval_dataset.remove_columns(meta)
@@ -729,7 +731,7 @@ class HybridSentenceTransformerTrainer(SentenceTransformerTrainer):
         """The batch sampler of the train dataloader (world size and batch layout from the accelerator)."""
         accelerator = self.accelerator
         world_size = int(getattr(accelerator, "num_processes", 1))
-        split = _unwrap_split_batches(accelerator) and world_size > 1
+        split = _split_batches(accelerator) and world_size > 1
         batch_size = self.args.train_batch_size
         if split:
             if batch_size % world_size:
