@@ -185,7 +185,7 @@ def _torch_term(term, s, w, dA, dB, chunk_rows, compute_dtype):
         ds += (gA * Ac).sum()
         gA.mul_(s)
         if idx is not None:
-            dA.index_add_(0, idx, gA)
+            dA.index_put_((idx,), gA, accumulate=True)  # repeated labels add up; index_add_ is slow on CPU
         else:
             dA[start:stop] += gA
         dB.addmm_(z.T, Ac, alpha=s)

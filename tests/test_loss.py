@@ -173,6 +173,14 @@ def test_half_precision_small(backend, dtype):
     assert_matches(results, dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wide_embeddings_loop_over_d(backend):
+    # D=4096 crosses many D-blocks in the kernels' inner loop
+    q, p, labels, qg, pg = make_inputs(B=5, negatives=2, D=4096, seed=13, groups=2)
+    results = run_both(q, p, labels, qg, pg, 0.05, "scaled", backend, symmetric=True)
+    assert_matches(results, torch.float32)
+
+
 def test_torch_backend_chunk_sizes_agree():
     q, p, labels, qg, pg = make_inputs(B=37, negatives=2, D=20, seed=6, groups=5)
     outs = []
@@ -309,6 +317,52 @@ def test_triton_backend_rejects_float64():
         pytest.skip("Triton not usable on CPU here")
     with pytest.raises(TypeError, match="float64"):
         hybrid_contrastive_loss(q, p, backend="triton")
+
+
+# ----------------------------------------------------------------------------- GPU lowering without a GPU
+
+_AOT_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hybridfast.kernels.contrastive import _contrastive_bwd_kernel, _contrastive_fwd_kernel
+
+PTRS = {"A_IDX", "A_POS", "A_KEY", "A_GRP", "B_KEY", "B_GRP"}
+FLOATS = {"SCALE", "LSE", "POS", "W", "DA", "DB", "DS_PART"}
+# the bf16 training path, and the IEEE-dot fp32 backward
+for kernel, dtype, block_d in ((_contrastive_fwd_kernel, "bf16", 64), (_contrastive_bwd_kernel, "bf16", 64),
+                               (_contrastive_bwd_kernel, "fp32", 32)):
+    if True:
+        consts = dict(HAS_AIDX=True, HAS_BKEY=True, HAS_GROUPS=True, IEEE=dtype == "fp32", UPCAST=False,
+                      BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d)
+        sig = {n: "constexpr" if n in consts else f"*{dtype}" if n in ("A", "B") else "*i64" if n in PTRS
+               else "*fp32" if n in FLOATS else "i64" for n in kernel.arg_names}
+        src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert compiled.asm["cubin"], kernel
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests run the kernels for real")
+def test_kernels_lower_to_sm90_cubin():
+    # The interpreter never lowers the kernels; compiling them ahead of time for an H100
+    # (ptxas ships with Triton) catches type and layout errors that only a GPU would hit.
+    import os
+    import subprocess
+    import sys
+
+    from hybridfast._backends import triton_version
+
+    if triton_version() is None:
+        pytest.skip("Triton not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    if run.returncode != 0 and ("ImportError" in run.stderr or "ptxas" in run.stderr.lower()
+                                and "not found" in run.stderr.lower()):
+        pytest.skip(f"ahead-of-time compilation unavailable here: {run.stderr.strip().splitlines()[-1]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "compiled" in run.stdout
 
 
 # ----------------------------------------------------------------------------- CUDA (skip here)
