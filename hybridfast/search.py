@@ -25,7 +25,7 @@ Backends:
 - ``torch``: matmul on the chosen device. On CUDA the counting is a batched
   compare + cumulative sum on the GPU; on CPU the chunk's scores are counted
   with numpy, whose compare and count_nonzero are several times faster than
-  torch's on CPU.
+  torch's on CPU (the CPU matmul is numpy's sgemm too, into a reused buffer).
 - ``faiss``: faiss-gpu when present, else faiss-cpu. Exact (``ivf_lists=None``):
   an IndexFlatIP answers the top-k lists; ranks of relevant candidates are
   counted as above (faiss has no rank-count primitive), from a BLAS matmul of
@@ -206,7 +206,7 @@ def _count_torch(scores, cols, offsets_t, block_of_t, prio_t):
     rs = scores.gather(1, safe)                                   # [b, R]
     s3, r3 = scores.unsqueeze(1), rs.unsqueeze(2)
     above = (s3 > r3) | ((s3 == r3) & (prio_t.view(1, 1, -1) > prio_t[safe].unsqueeze(2)))
-    cum = above.to(torch.int32).cumsum(2)                         # [b, R, C]
+    cum = above.cumsum(2, dtype=torch.int32)                      # [b, R, C]
     cum = torch.nn.functional.pad(cum, (1, 0))                   # cum[..., c] = # above among columns < c
     per_block = cum[:, :, offsets_t[1:]] - cum[:, :, offsets_t[:-1]]  # [b, R, L]
     total = per_block.sum(2)
@@ -268,7 +268,14 @@ def _exact_torch(q, c, rel, offsets, prio, k, device, chunk, show, topk_fn=None,
     with torch.no_grad():
         for s in range(0, Q, chunk):
             e = min(Q, s + chunk)
-            scores = torch.from_numpy(q[s:e]).to(device) @ ct.T      # float32 [b, C]
+            if on_gpu or counter == "torch":
+                scores = torch.from_numpy(q[s:e]).to(device) @ ct.T  # float32 [b, C]
+            else:
+                # CPU: numpy's BLAS sgemm into a reused buffer (cheaper here than torch's)
+                buf = work.get("scores")
+                if buf is None or buf.shape != (e - s, C):
+                    buf = work["scores"] = np.empty((e - s, C), np.float32)
+                scores = torch.from_numpy(np.matmul(q[s:e], c.T, out=buf))
             cols = rel[s:e]
             if counter == "torch":
                 own, total = _count_torch(scores, torch.from_numpy(cols).to(device), offsets_t, block_of_t, prio_t)
