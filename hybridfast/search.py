@@ -106,6 +106,8 @@ def _check_inputs(queries, candidates, relevant, offsets, tie_priority, k):
     prio = np.asarray(tie_priority, dtype=np.int64)
     if prio.shape != (c.shape[0],):
         raise ValueError(f"tie_priority must have shape ({c.shape[0]},), got {prio.shape}")
+    if prio.size and (prio.min() < 0 or prio.max() >= 1 << 32 or np.unique(prio).size != prio.size):
+        raise ValueError("tie_priority must hold distinct integers in [0, 2**32) (see metrics.tie_priority)")
     if not isinstance(k, (int, np.integer)) or k < 0:
         raise ValueError(f"k must be an int >= 0, got {k!r}")
     return q, c, rel, offsets, prio, int(min(k, c.shape[0]))
@@ -408,7 +410,8 @@ def search(queries, candidates, relevant, *, offsets=None, tie_priority=None, k=
     relevant: int [Q, R] candidate columns relevant to each query, -1 = padding.
     offsets: block boundaries over candidate columns, e.g. [0, C_en, C_en + C_de, ...]
       (None: one block). block_ranks are ranks inside each relevant column's block.
-    tie_priority: int [C], larger = ranked first among equal scores (metrics.tie_priority(ids)).
+    tie_priority: int [C], distinct, larger = ranked first among equal scores
+      (metrics.tie_priority(ids)); default: later column first.
     k: length of the top-k lists over the pool (0: none). ivf_lists / nprobe: approximate faiss IVF.
     counter: 'numpy' | 'torch' forces the rank-counting path (tests); default by device.
     """

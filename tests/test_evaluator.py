@@ -201,6 +201,19 @@ def test_search_ranks_and_topk_equal_sorting_reference(counter):
         assert [ids[x] for x in res.topk_ids[i]] == trec_order(run)[:12]
 
 
+def test_signed_zero_scores_tie_like_trec_eval():
+    from hybridfast.search import _count_numpy
+
+    # -0.0 == +0.0 for trec_eval (doubles compare equal): a tie, broken by priority
+    scores = np.array([[-0.0, 0.0, 1.0, -1.0]], dtype=np.float32)
+    prio = np.array([3, 0, 1, 2])
+    offsets, block_of = np.array([0, 4]), np.zeros(4, dtype=np.int64)
+    own, total = _count_numpy(scores, np.array([[1, 0]]), offsets, block_of, prio)
+    # column 1 (+0.0, priority 0): below 1.0 and the tied column 0 -> 2 above it
+    # column 0 (-0.0, priority 3): only 1.0 above it
+    assert total.tolist() == [[2, 1]] and own.tolist() == [[2, 1]]
+
+
 def test_torch_and_faiss_backends_agree():
     pytest.importorskip("faiss")
     q, c, ids, rel, offsets = tied_search_problem(seed=3)
@@ -313,6 +326,8 @@ def test_bad_arguments():
         RetrievalEvaluator(RetrievalBenchmark({}, bench.candidates, {}))
     with pytest.raises(ValueError, match="relevant"):
         search(np.ones((2, 3)), np.ones((4, 3)), np.array([[5], [0]]))
+    with pytest.raises(ValueError, match="distinct"):
+        search(np.ones((2, 3)), np.ones((4, 3)), np.array([[1], [0]]), tie_priority=[0, 0, 1, 2])
     with pytest.raises(ValueError, match="offsets"):
         search(np.ones((2, 3)), np.ones((4, 3)), np.array([[1], [0]]), offsets=[0, 2])
 
