@@ -30,7 +30,7 @@ HYBRIDFAST_CONFIG = "hybridfast_config.json"
 _MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-_ST_KNOWN = ("Transformer", "Pooling", "Normalize")
+_ST_KNOWN = ("Transformer", "Pooling", "Dense", "Normalize")
 
 
 def default_model_path() -> str:
@@ -58,13 +58,13 @@ def _read_json(path: Path):
 
 
 def _st_layout(folder: Path):
-    """(transformer subfolder, pooling from the Pooling config or None, ignored module types).
+    """(transformer subfolder, pooling from the Pooling config or None, Dense folders, ignored module types).
 
     An unsupported pooling mode comes back as a sentence describing it."""
     modules_file = folder / "modules.json"
     if not modules_file.is_file():
-        return folder, None, []
-    sub, pooling, ignored = folder, None, []
+        return folder, None, [], []
+    sub, pooling, dense, ignored = folder, None, [], []
     for module in _read_json(modules_file):
         kind = module.get("type", "").rsplit(".", 1)[-1]
         where = folder / module.get("path", "")
@@ -72,16 +72,67 @@ def _st_layout(folder: Path):
             sub = where
         elif kind == "Pooling":
             cfg = _read_json(where / "config.json")
-            if cfg.get("pooling_mode_cls_token"):
+            mode = cfg.get("pooling_mode")  # sentence-transformers >= 6: "mean", "cls" or a list of modes
+            if mode is not None:
+                modes = [mode] if isinstance(mode, str) else list(mode)
+                pooling = modes[0] if modes in (["mean"], ["cls"]) else f"{where / 'config.json'} asks for {modes}"
+            elif cfg.get("pooling_mode_cls_token"):
                 pooling = "cls"
             elif cfg.get("pooling_mode_mean_tokens"):
                 pooling = "mean"
             else:  # max, lasttoken, ...: an error only where the caller asks for "auto"
                 modes = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v is True]
                 pooling = f"{where / 'config.json'} asks for {modes}"
+        elif kind == "Dense":
+            dense.append(where)
         if kind not in _ST_KNOWN:
             ignored.append(kind)
-    return sub, pooling, ignored
+    return sub, pooling, dense, ignored
+
+
+class _Dense(torch.nn.Module):
+    """sentence-transformers' Dense module (Linear + activation after pooling, e.g. LaBSE), in float32.
+
+    Parameter names match its saved files ("linear.weight", "linear.bias")."""
+
+    def __init__(self, in_features, out_features, bias=True, activation="torch.nn.modules.activation.Tanh"):
+        super().__init__()
+        self.linear = torch.nn.Linear(in_features, out_features, bias=bias)
+        module, _, name = activation.rpartition(".")
+        cls = getattr(importlib.import_module(module), name, None) if activation.startswith("torch.") else None
+        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+            raise ValueError(f"Dense activation_function {activation!r} is not a torch.nn module")
+        self.activation = cls()
+
+    @classmethod
+    def load(cls, folder: Path):
+        cfg = _read_json(folder / "config.json")
+        if cfg.get("use_residual"):
+            raise ValueError(f"{folder / 'config.json'}: Dense with use_residual is not supported")
+        dense = cls(cfg["in_features"], cfg["out_features"], cfg.get("bias", True),
+                    cfg.get("activation_function", "torch.nn.modules.activation.Tanh"))
+        if (folder / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            state = load_file(str(folder / "model.safetensors"))
+        else:
+            state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        dense.load_state_dict(state)
+        return dense
+
+    def save(self, folder: Path):
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        act = type(self.activation)
+        cfg = {"in_features": self.linear.in_features, "out_features": self.linear.out_features,
+               "bias": self.linear.bias is not None, "activation_function": f"{act.__module__}.{act.__name__}"}
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(folder / "model.safetensors"))
+
+    def forward(self, x):
+        return self.activation(self.linear(x)).float()
 
 
 def _resolve_dtype(dtype):
@@ -139,7 +190,8 @@ class Encoder(torch.nn.Module):
             source = default_model_path()  # the bundled copy: no hub access needed
         folder = Path(source)
         saved = _read_json(folder / HYBRIDFAST_CONFIG) if (folder / HYBRIDFAST_CONFIG).is_file() else {}
-        model_dir, st_pooling, ignored = _st_layout(folder) if folder.is_dir() else (folder, None, [])
+        model_dir, st_pooling, dense_dirs, ignored = (_st_layout(folder) if folder.is_dir()
+                                                       else (folder, None, [], []))
         if ignored:
             warnings.warn(f"{folder}: sentence-transformers modules {ignored} are not applied by Encoder; "
                           "its embeddings will differ from SentenceTransformer's", RuntimeWarning, stacklevel=2)
@@ -163,7 +215,10 @@ class Encoder(torch.nn.Module):
         limit = getattr(self.tokenizer, "model_max_length", None)
         if isinstance(limit, int) and limit < self.max_length:
             self.max_length = limit  # positions beyond the model's table would fail
+        # Dense layers after pooling (sentence-transformers folders such as LaBSE's)
+        self.dense = torch.nn.ModuleList(_Dense.load(d) for d in dense_dirs)
         self.model.to(resolve_device(device))
+        self.dense.to(resolve_device(device))
         self.source = source
 
     # ------------------------------------------------------------------ basics
@@ -174,7 +229,7 @@ class Encoder(torch.nn.Module):
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        return self.dense[-1].linear.out_features if len(self.dense) else int(self.model.config.hidden_size)
 
     def _prefix(self, kind):
         if kind not in KINDS:
@@ -198,6 +253,8 @@ class Encoder(torch.nn.Module):
         else:
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             out = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        for dense in self.dense:
+            out = dense(out)
         return F.normalize(out, p=2, dim=-1) if self.normalize else out
 
     def forward(self, input_ids, attention_mask, **extra):
@@ -294,13 +351,19 @@ class Encoder(torch.nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(str(path))
         self.tokenizer.save_pretrained(str(path))
-        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        # sentence-transformers' pipeline: Transformer -> Pooling -> Dense* -> Normalize
+        stages = [("", "Transformer"), ("1_Pooling", "Pooling")]
+        stages += [(f"{2 + i}_Dense", "Dense") for i in range(len(self.dense))]
         if self.normalize:
-            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                            "type": "sentence_transformers.models.Normalize"})
-            (path / "2_Normalize").mkdir(exist_ok=True)
-        pooling_cfg = {"word_embedding_dimension": self.dim,
+            stages.append((f"{len(stages)}_Normalize", "Normalize"))
+        modules = [{"idx": i, "name": str(i), "path": p, "type": f"sentence_transformers.models.{kind}"}
+                   for i, (p, kind) in enumerate(stages)]
+        for (p, kind) in stages:
+            if p:
+                (path / p).mkdir(exist_ok=True)
+        for i, dense in enumerate(self.dense):
+            dense.save(path / f"{2 + i}_Dense")
+        pooling_cfg = {"word_embedding_dimension": int(self.model.config.hidden_size),
                        "pooling_mode_cls_token": self.pooling == "cls",
                        "pooling_mode_mean_tokens": self.pooling == "mean",
                        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,

@@ -127,6 +127,27 @@ def test_save_pretrained_round_trip(tiny_dir, tmp_path, pooling):
     torch.testing.assert_close(torch.as_tensor(st.encode(texts)), want_p, atol=1e-5, rtol=1e-4)
 
 
+def test_sentence_transformers_dense_head(tiny_dir, tmp_path):
+    """A LaBSE-like folder (CLS pooling, Dense + Tanh, Normalize) written by sentence-transformers itself."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
+
+    torch.manual_seed(1)
+    st = SentenceTransformer(modules=[Transformer(str(tiny_dir), max_seq_length=64), Pooling(32, "cls"),
+                                      Dense(32, 16), Normalize()], device="cpu")
+    st.save(str(tmp_path / "st"))
+    texts = _sentences(7, seed=4)
+    want = torch.as_tensor(st.encode(texts))
+    enc = Encoder(tmp_path / "st", query_prefix="", device="cpu", show_progress=False)
+    assert (enc.pooling, enc.dim, len(enc.dense)) == ("cls", 16, 1)
+    torch.testing.assert_close(enc.encode_queries(texts), want, atol=1e-5, rtol=1e-4)
+    enc.save_pretrained(tmp_path / "ours")  # and back: sentence-transformers reads our Dense folder
+    again = SentenceTransformer(str(tmp_path / "ours"), device="cpu")
+    torch.testing.assert_close(torch.as_tensor(again.encode(texts)), want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(Encoder(tmp_path / "ours", device="cpu").encode_queries(texts), want,
+                               atol=1e-5, rtol=1e-4)
+
+
 def test_bad_inputs_name_the_argument(tiny_dir):
     enc = Encoder(tiny_dir, device="cpu", show_progress=False)
     with pytest.raises(TypeError, match="texts must be a list of str"):
