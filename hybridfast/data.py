@@ -184,10 +184,11 @@ def _parse_paragraph(path, where, para, seen_ids):
             if key not in qa:
                 _fail(path, w, f"missing field {key!r}")
         qid = _expect(path, f"{w}.id", qa["id"], str, "id")
-        if qid in seen_ids:
-            _fail(path, f"{w}.id", f"question id {qid!r} appears twice in this file")
-        seen_ids.add(qid)
         text = _expect(path, f"{w}.question", qa["question"], str, "question")
+        # The same question asked again (same id and text) is merged by the readers;
+        # one id for two different questions would silently mix their answers.
+        if seen_ids.setdefault(qid, text) != text:
+            _fail(path, f"{w}.id", f"question id {qid!r} appears twice with different questions")
         starts = []
         for m, ans in enumerate(_expect(path, f"{w}.answers", qa["answers"], list, "answers")):
             wa = f"{w}.answers[{m}]"
@@ -208,7 +209,7 @@ def _parse_file(path: Path) -> Tuple[_Article, ...]:
         raise LAReQAFormatError(f"{path}: not UTF-8 text ({e})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("data"), list):
         _fail(path, "top level", "expected an object with a 'data' list (SQuAD format)")
-    articles, seen_ids = [], set()
+    articles, seen_ids = [], {}
     for i, art in enumerate(raw["data"]):
         where = f"data[{i}]"
         _expect(path, where, art, dict, "an article")
@@ -378,10 +379,12 @@ def lareqa_examples(path, languages=None, split="all") -> List[dict]:
     _check_split(split)
     files = _language_files(path)
     languages = _check_languages(languages, files)
-    out, unmatched, dropped = [], {}, 0
+    out, unmatched, dropped, done = [], {}, 0, set()
     for lang, _, art in _selected(files, languages, split):
         for para in art.paragraphs:
             for q in para.questions:
+                if (lang, q.id) in done:  # a repeated question: its first occurrence stands
+                    continue
                 hits = [_sentence_of(para.breaks, st) for st in q.answer_starts]
                 misses = sum(h is None for h in hits)
                 if misses:
@@ -390,6 +393,7 @@ def lareqa_examples(path, languages=None, split="all") -> List[dict]:
                 if hit is None:
                     dropped += 1
                     continue
+                done.add((lang, q.id))
                 out.append({"id": q.id, "lang": lang, "question": q.text,
                             "sentence": para.sentences[hit], "context": para.context,
                             "article": art.title})
@@ -461,23 +465,23 @@ def resolve_dataset(name_or_path, data_dir=None) -> Path:
     also be the dataset folder itself)."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
-    given = Path(name_or_path)
+    given, name = Path(name_or_path), str(name_or_path)
+    tried = []
+    if name in DATASETS:  # a known name: the search roots come before a same-named folder here
+        for root in _search_roots(data_dir):
+            for cand in (root / name, root):
+                if (cand is root and root.name != name) or cand in tried:
+                    continue
+                tried.append(cand)
+                if _has_lang_files(cand):
+                    return cand
     if given.is_dir():
         if not _has_lang_files(given):
             raise FileNotFoundError(f"name_or_path: {given} holds no <lang>.json files")
         return given
-    name = str(name_or_path)
     if name not in DATASETS:
         raise FileNotFoundError(
             f"name_or_path: {name!r} is neither a folder nor a known dataset ({', '.join(DATASETS)})")
-    tried = []
-    for root in _search_roots(data_dir):
-        for cand in (root / name, root):
-            if (cand is root and root.name != name) or cand in tried:
-                continue
-            tried.append(cand)
-            if _has_lang_files(cand):
-                return cand
     raise FileNotFoundError(
         f"{name} not found (looked in {', '.join(map(str, tried))}). Download it with "
         f"`hybridfast data download {name}`, or point --data-dir / HYBRIDFAST_DATA at a folder "
@@ -507,6 +511,14 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _read_sums(path: Path) -> Dict[str, str]:
+    """{file: sha256} from a `sha256sum` style file (missing file: {})."""
+    if not path.is_file():
+        return {}
+    pairs = (line.split(None, 1) for line in path.read_text().splitlines() if line.strip())
+    return {name.strip().lstrip("*"): sha for sha, name in pairs}
+
+
 def download(name: str, to=None, show_progress: bool = True) -> Path:
     """Fetch dataset `name` into <to>/<name>/ (default: $HYBRIDFAST_DATA, else the cache folder).
 
@@ -526,8 +538,11 @@ def download(name: str, to=None, show_progress: bool = True) -> Path:
         root = Path(os.environ["HYBRIDFAST_DATA"]) if os.environ.get("HYBRIDFAST_DATA") else cache_dir()
     dest = root / name
     root.mkdir(parents=True, exist_ok=True)
-    todo = [f for f, sha in src.files.items()
-            if not (sha and (dest / f).is_file() and _sha256((dest / f).read_bytes()) == sha)]
+    recorded = _read_sums(dest / "SHA256SUMS")
+    present = {f: _sha256((dest / f).read_bytes()) for f in src.files if (dest / f).is_file()}
+    # keep a present file whose checksum is the pinned one (or, unpinned, the one recorded at download)
+    kept = {f: sha for f, sha in present.items() if sha == (src.files[f] or recorded.get(f))}
+    todo = [f for f in src.files if f not in kept]
     stage = Path(tempfile.mkdtemp(prefix=f".{name}-download-", dir=root))
     try:
         from tqdm.auto import tqdm
@@ -556,6 +571,7 @@ def download(name: str, to=None, show_progress: bool = True) -> Path:
         for fname in todo:  # all fetched and checked: move into place
             os.replace(stage / fname, dest / fname)
         if todo:
+            sums.update(kept)
             lines = "".join(f"{sums[f]}  {f}\n" for f in sorted(sums))
             tmp = stage / "SHA256SUMS"
             tmp.write_text(lines)

@@ -199,6 +199,16 @@ def test_unmatched_answer_starts_warn_once_and_are_skipped(tmp_path):
     assert [e["id"] for e in ex] == ["q1"] and ex[0]["sentence"] == "S1."
 
 
+def test_repeated_question_is_merged(tmp_path):
+    """The same id and text twice in one file (a question asked of two paragraphs): one query, both answers."""
+    root = tmp_path / "rep"
+    _write(root, "en", [("T", [_para(["S0.", "S1."], [("q1", "q1?", [(0, 0)])]),
+                               _para(["S2."], [("q1", "q1?", [(0, 0)])])])])
+    bench = load_lareqa(root)
+    assert bench.queries == {"en": {"q1": "q1?"}} and bench.qrels == {"q1": {"en:0:0:0", "en:0:1:0"}}
+    assert [(e["id"], e["sentence"]) for e in lareqa_examples(root)] == [("q1", "S0.")]
+
+
 @pytest.mark.parametrize("mutate, problem", [
     (lambda d: "{not json", "not valid JSON"),
     (lambda d: {"version": 1}, "'data' list"),
@@ -206,8 +216,9 @@ def test_unmatched_answer_starts_warn_once_and_are_skipped(tmp_path):
     (lambda d: d["data"][0]["paragraphs"][0].update(sentence_breaks=[[0, 999]]) or d, r"sentence_breaks\[0\].*outside"),
     (lambda d: d["data"][0]["paragraphs"][0].update(sentence_breaks=[[0, 2], [1, 3]]) or d, "overlaps"),
     (lambda d: d["data"][0]["paragraphs"][0].update(sentences=["only one"]) or d, "1 sentences but 2"),
-    (lambda d: d["data"][0]["paragraphs"][0]["qas"].append(dict(d["data"][0]["paragraphs"][0]["qas"][0])) or d,
-     "appears twice"),
+    (lambda d: d["data"][0]["paragraphs"][0]["qas"].append(dict(d["data"][0]["paragraphs"][0]["qas"][0],
+                                                                question="other?")) or d,
+     "appears twice with different questions"),
     (lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"][0].update(answer_start="3") or d,
      r"qas\[0\]\.answers\[0\]\.answer_start.*int"),
     (lambda d: d["data"][0]["paragraphs"][0]["qas"][0].pop("id") and d, "missing field 'id'"),
@@ -238,6 +249,8 @@ def test_resolve_dataset_lookup_order(tmp_path, monkeypatch):
     assert resolve_dataset("xquad-r", data_dir=tmp_path / "dd") == explicit
     assert resolve_dataset("xquad-r", data_dir=explicit) == explicit  # the dataset folder itself
     assert resolve_dataset(str(explicit)) == explicit                 # a folder, as given
+    monkeypatch.chdir(tmp_path / "dd")  # a same-named folder in the working directory comes last
+    assert resolve_dataset("xquad-r") == env
     assert load_benchmark("xquad-r", data_dir=tmp_path / "dd").qrels == {"q": {"en:0:0:0"}}
     with pytest.raises(FileNotFoundError, match="mlqa-r not found.*--data-dir / HYBRIDFAST_DATA"):
         resolve_dataset("mlqa-r")
@@ -273,6 +286,20 @@ def test_download_fetches_and_verifies(tmp_path, monkeypatch):
     # present and verified files are not fetched again
     monkeypatch.setattr(data, "_fetch", lambda url: pytest.fail(f"refetched {url}"))
     data.download("fake-r", to=tmp_path / "out", show_progress=False)
+
+
+def test_download_unpinned_records_checksums(tmp_path, monkeypatch):
+    served, _ = _fake_source(tmp_path, monkeypatch, pinned=False)
+    dest = data.download("fake-r", to=tmp_path / "out", show_progress=False)
+    sums = data._read_sums(dest / "SHA256SUMS")
+    assert sums == {f: data._sha256((served / f).read_bytes()) for f in ("de.json", "en.json")}
+    (dest / "de.json").write_text("truncated")  # a damaged file is fetched again, the intact one kept
+    fetched = []
+    real_fetch = data._fetch
+    monkeypatch.setattr(data, "_fetch", lambda url: fetched.append(url) or real_fetch(url))
+    data.download("fake-r", to=tmp_path / "out", show_progress=False)
+    assert [u.rsplit("/", 1)[1] for u in fetched] == ["de.json"]
+    assert data._read_sums(dest / "SHA256SUMS") == sums
 
 
 def test_download_checksum_failure_writes_nothing(tmp_path, monkeypatch):
