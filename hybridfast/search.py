@@ -15,11 +15,11 @@ the rank of r inside its own block (the pair x -> lang(r)) and inside the pool
 of all blocks (the multilingual setting). Memory is bounded by the chunk size,
 independent of Q x C.
 
-Ties: the tie priority (hybridfast.metrics.tie_priority) is folded into the
-comparison. On CPU each score becomes an int64 key (float32 bits mapped to a
-sortable int32 in the high half, the priority in the low half), so one integer
-compare per candidate gives the exact count; on CUDA the compare is
-``s_c > s_r or (s_c == s_r and prio_c > prio_r)``.
+Ties: on CPU a second compare counts candidates with exactly s_r; the rare rows
+where one besides r exists are resolved with the tie priority
+(hybridfast.metrics.tie_priority); on CUDA the compare is directly
+``s_c > s_r or (s_c == s_r and prio_c > prio_r)``. Comparisons are on the float32
+scores, so -0.0 == +0.0 as for trec_eval's doubles.
 
 Backends:
 - ``torch``: matmul on the chosen device. On CUDA the counting is a batched
@@ -41,6 +41,7 @@ Backends:
 The top-k lists (over the whole pool) are in trec_eval order too: candidates
 tied with the k-th score are taken by id, descending.
 """
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
@@ -118,10 +119,10 @@ def _chunk_rows(n_cand, n_rel, device, chunk_size):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return int(chunk_size)
-    # CPU: scores, bits (4 B each), int32 temp, int64 keys and a compare mask per thread;
+    # CPU: the scores (4 B) and a compare mask per thread;
     # CUDA: the [b, R, C] compare mask and int32 cumsum dominate
-    per_row = n_cand * (4 + 4 + 4 + 8 + 2) if device.type != "cuda" else n_cand * (4 + 9 * max(1, n_rel))
-    budget = (1 << 30) if device.type == "cuda" else (96 << 20)
+    per_row = n_cand * (4 + 2) if device.type != "cuda" else n_cand * (4 + 9 * max(1, n_rel))
+    budget = (1 << 30) if device.type == "cuda" else (48 << 20)
     return max(1, budget // per_row)
 
 
@@ -137,61 +138,60 @@ def _progress(total, show, desc):
 # rank counting for one chunk of scores
 
 
-def _tie_keys(scores, prio, work):
-    """int64 keys whose order is trec_eval's order: (score, tie priority) lexicographic.
-
-    The float32 bits are mapped to an int32 that sorts like the float (flip the
-    magnitude bits of negatives; -0.0 is first turned into +0.0, since trec_eval
-    sees them as equal) and put in the high half; the unique tie priority fills
-    the low half. So #{c : key_c > key_r} = #{s_c > s_r} + #{s_c == s_r, id_c > id_r},
-    exactly, in one compare. Buffers in `work` are reused across chunks.
-    """
-    shape = scores.shape
-    if work.get("shape") != shape:
-        work.update(shape=shape, keys=np.empty(shape, np.int64), bits=np.empty(shape, np.float32),
-                    tmp=np.empty(shape, np.int32))
-    f, tmp, keys = work["bits"], work["tmp"], work["keys"]
-    np.add(scores, np.float32(0.0), out=f)  # -0.0 + 0.0 = +0.0
-    bits = f.view(np.int32)
-    np.right_shift(bits, 31, out=tmp)
-    np.bitwise_and(tmp, np.int32(0x7FFFFFFF), out=tmp)
-    np.bitwise_xor(bits, tmp, out=bits)
-    np.multiply(bits, np.int64(1 << 32), out=keys)  # widen and shift in one pass
-    np.bitwise_or(keys, prio[None, :], out=keys)
-    return keys
-
-
 def _count_numpy(scores, cols, offsets, block_of, prio, pool=None, work=None):
     """numpy: (#ranked above r in r's block, #ranked above r in the pool), each int64 [b, R].
 
-    One compare of tie-aware keys per relevant slot j gives the pool count; the
-    own-block count reads a slice of the same mask (slots are sorted by block, so
-    a slot usually maps to one block for all rows). Slots run on a thread pool:
-    numpy releases the GIL in compare and count_nonzero.
+    Per relevant slot j: one float compare gives the mask of strictly higher
+    scores; its row sums (bool viewed as uint8, summed in uint16/uint32: several
+    times faster than count_nonzero along an axis) give the pool count, and a
+    slice of the same mask the own-block count (slots are sorted by block, so a
+    slot usually maps to one block for all rows). A second compare counts equal
+    scores: rows where another candidate ties with r (rare with float scores) are
+    then resolved with the tie priority. Slots run on a thread pool: numpy
+    releases the GIL in compares and sums.
     """
     b, R = cols.shape
     own = np.zeros((b, R), dtype=np.int64)
     total = np.zeros((b, R), dtype=np.int64)
     valid = cols >= 0
     safe = np.where(valid, cols, 0)
-    keys = _tie_keys(scores, prio, {} if work is None else work)
-    rk = np.take_along_axis(keys, safe, axis=1)
+    rs = np.take_along_axis(scores, safe, axis=1)
     slot_block = np.where(valid, block_of[safe], -1)
+    acc = np.uint16 if scores.shape[1] < (1 << 16) else np.uint32
+    work = {} if work is None else work
+    lock = threading.Lock()
+
+    def buffer():
+        key = (threading.get_ident(), scores.shape)
+        with lock:
+            if key not in work:
+                work[key] = np.empty(scores.shape, dtype=bool)
+            return work[key]
 
     def slot(j):
         if not valid[:, j].any():
             return
-        above = keys > rk[:, j:j + 1]
-        total[:, j] = np.count_nonzero(above, axis=1)
+        thr = rs[:, j:j + 1]
+        mask = buffer()
+        above = np.greater(scores, thr, out=mask).view(np.uint8)
+        total[:, j] = above.sum(axis=1, dtype=acc)
         for blk in np.unique(slot_block[:, j]):
             if blk < 0:
                 continue
             s, e = offsets[blk], offsets[blk + 1]
             rows = slot_block[:, j] == blk
             if rows.all():
-                own[:, j] = np.count_nonzero(above[:, s:e], axis=1)
+                own[:, j] = above[:, s:e].sum(axis=1, dtype=acc)
             else:
-                own[rows, j] = np.count_nonzero(above[rows, s:e], axis=1)
+                own[rows, j] = above[rows, s:e].sum(axis=1, dtype=acc)
+        # ties with r other than r itself (-0.0 == +0.0, as for trec_eval's doubles)
+        n_equal = np.equal(scores, thr, out=mask).view(np.uint8).sum(axis=1, dtype=acc)
+        for i in np.nonzero(valid[:, j] & (n_equal > 1))[0]:
+            r = safe[i, j]
+            before = (scores[i] == rs[i, j]) & (prio > prio[r])
+            total[i, j] += np.count_nonzero(before)
+            s, e = offsets[block_of[r]], offsets[block_of[r] + 1]
+            own[i, j] += np.count_nonzero(before[s:e])
 
     if pool is None:
         for j in range(R):
