@@ -410,6 +410,7 @@ def test_trainer_steps_with_hybrid_batches(tiny_model, tmp_path, cached):
     )
     trainer = HybridSentenceTransformerTrainer(
         model=tiny_model, args=args, train_dataset=ds, loss=loss, hybrid=HybridBatching(mode="hybrid", mono_prob=0.5),
+        eval_dataset=ds.select(range(12)),  # row-wise evaluation, metadata columns dropped
     )
     seen = []
     collate = trainer.data_collator
@@ -441,6 +442,8 @@ def test_trainer_steps_with_hybrid_batches(tiny_model, tmp_path, cached):
             plan.append((e, qlang, plang))
         _step_kind(plan)
         assert len({e for e, _, _ in plan}) == len(plan)
+    trainer.data_collator = collate
+    assert math.isfinite(trainer.evaluate()["eval_loss"])
     tiny_model.eval()
 
 
