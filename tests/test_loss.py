@@ -322,24 +322,38 @@ def test_triton_backend_rejects_float64():
 # ----------------------------------------------------------------------------- GPU lowering without a GPU
 
 _AOT_SCRIPT = """
-import triton
+import os, subprocess, sys, tempfile
+import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from hybridfast.kernels.contrastive import _contrastive_bwd_kernel, _contrastive_fwd_kernel
+from hybridfast.kernels.contrastive import _config, _contrastive_bwd_kernel, _contrastive_fwd_kernel
 
 PTRS = {"A_IDX", "A_POS", "A_KEY", "A_GRP", "B_KEY", "B_GRP"}
 FLOATS = {"SCALE", "LSE", "POS", "W", "DA", "DB", "DS_PART"}
-# the bf16 training path, and the IEEE-dot fp32 backward
-for kernel, dtype, block_d in ((_contrastive_fwd_kernel, "bf16", 64), (_contrastive_bwd_kernel, "bf16", 64),
-                               (_contrastive_bwd_kernel, "fp32", 32)):
-    if True:
-        consts = dict(HAS_AIDX=True, HAS_BKEY=True, HAS_GROUPS=True, IEEE=dtype == "fp32", UPCAST=False,
-                      BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d)
-        sig = {n: "constexpr" if n in consts else f"*{dtype}" if n in ("A", "B") else "*i64" if n in PTRS
-               else "*fp32" if n in FLOATS else "i64" for n in kernel.arg_names}
-        src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        assert compiled.asm["cubin"], kernel
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+# the bf16 training path with the launchers' CUDA tile sizes, and the IEEE-dot fp32 backward
+for kernel, dtype in ((_contrastive_fwd_kernel, torch.bfloat16), (_contrastive_bwd_kernel, torch.bfloat16),
+                      (_contrastive_bwd_kernel, torch.float32)):
+    bwd = kernel is _contrastive_bwd_kernel
+    bm, bn, bd, warps, stages = _config(True, dtype, 768, backward=bwd)
+    elt = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    consts = dict(HAS_AIDX=True, HAS_BKEY=True, HAS_GROUPS=True, IEEE=dtype == torch.float32, UPCAST=False,
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    sig = {n: "constexpr" if n in consts else f"*{elt}" if n in ("A", "B") else "*i64" if n in PTRS
+           else "*fp32" if n in FLOATS else "i64" for n in kernel.arg_names}
+    # what the JIT assumes at run time for 16-aligned pointers, strides and D
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+             if sig[n] != "constexpr" and n not in ("n_a", "n_b")}
+    src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    assert compiled.asm["cubin"], kernel
+    if os.path.exists(cuobjdump):
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        os.unlink(f.name)
+        assert "STACK:0" in usage, ("register spills", kernel, dtype, usage)
 print("compiled")
 """
 
