@@ -28,6 +28,7 @@ from hybridfast.integrations.sentence_transformers import (  # noqa: E402
     HybridPairIndex,
     HybridSentenceTransformerTrainer,
     HybridSTBatchSampler,
+    parallel_pairs_dataset,
 )
 
 LANGS = ["de", "en", "fr"]
@@ -349,6 +350,32 @@ def test_bad_batching_options():
         HybridBatching(mono_prob=1.5)
     with pytest.raises(TypeError, match="train_dataset"):
         HybridPairIndex({"id": [1]}, HybridBatching())
+
+
+def test_parallel_pairs_dataset_round_trip():
+    """hybridfast's training data -> per-language rows whose index has the same availability and texts."""
+    from hybridfast.train_data import ParallelPairs
+
+    rows = {
+        f"q{i}": {lang: (f"what {i} {lang}", f"the {i} {lang}", [f"old {i} {lang}", f"new {i} {lang}"])
+                  for lang in LANGS if (i, lang) not in {(1, "en"), (2, "de")}}
+        for i in range(4)
+    }
+    rows["q3"]["fr"] = ("what 3 fr", "the 0 fr", ["old 3 fr", "new 3 fr"])  # duplicate positive -> one group
+    pairs = ParallelPairs(rows)
+    ds = parallel_pairs_dataset(pairs, hard_negatives=2)
+    assert ds.column_names == ["id", "lang", "anchor", "positive", "group", "negative_1", "negative_2"]
+    index = HybridPairIndex(ds, HybridBatching(group_column="group"))
+    assert index.languages == pairs.languages and index.ids == pairs.example_ids
+    np.testing.assert_array_equal(index.availability, pairs.availability)
+    assert index.text_columns == ["anchor", "positive", "negative_1", "negative_2"]
+    assert index.groups[0] == index.groups[3] != index.groups[1]
+    item = HybridPairDataset(ds, index).__getitems__(index.rows([(3, 0, 2)]))[0]
+    assert item == {"anchor": "what 3 de", "positive": "the 0 fr", "negative_1": "old 3 fr", "negative_2": "new 3 fr"}
+    with pytest.raises(ValueError, match="hard_negatives=3"):
+        parallel_pairs_dataset(pairs, hard_negatives=3)
+    with pytest.raises(TypeError, match="pairs"):
+        parallel_pairs_dataset(rows)
 
 
 def _step_kind(plan):

@@ -65,6 +65,7 @@ __all__ = [
     "HybridPairDataset",
     "HybridSTBatchSampler",
     "HybridSentenceTransformerTrainer",
+    "parallel_pairs_dataset",
 ]
 
 _SIMILARITIES = ("cos", "dot")
@@ -588,6 +589,46 @@ class HybridPairIndex:
         if (anchors < 0).any() or (positives < 0).any():
             raise RuntimeError("the sampler chose a language an example does not have (availability mismatch)")
         return list(zip(anchors.tolist(), positives.tolist()))
+
+
+def parallel_pairs_dataset(pairs: Any, hard_negatives: int = 0) -> "datasets.Dataset":
+    """hybridfast training data (``hybridfast.train_data.ParallelPairs``, e.g. from
+    ``load_training_pairs("xquad-r")``) as a per-language-rows ``datasets.Dataset`` for
+    :class:`HybridSentenceTransformerTrainer`: columns ``id, lang[, group], anchor, positive[, negative_1..k]``.
+
+    ``group`` (present when the data has duplicate positives) goes to ``HybridBatching(group_column="group")``.
+    ``hard_negatives=k`` keeps each row's first k negatives; every row must have at least k.
+    """
+    for name in ("example_ids", "languages", "availability", "query", "positive", "negatives"):
+        if not hasattr(pairs, name):
+            raise TypeError(f"pairs must be a hybridfast.train_data.ParallelPairs, got {type(pairs).__name__}")
+    if isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or hard_negatives < 0:
+        raise ValueError(f"hard_negatives must be an int >= 0, got {hard_negatives!r}")
+    columns: dict[str, list] = {"id": [], "lang": [], "anchor": [], "positive": []}
+    groups = getattr(pairs, "groups", None)
+    if groups is not None:
+        columns["group"] = []
+    negative_columns = [f"negative_{k + 1}" for k in range(hard_negatives)]
+    for name in negative_columns:
+        columns[name] = []
+    for e, l in zip(*np.nonzero(np.asarray(pairs.availability))):
+        e, l = int(e), int(l)
+        columns["id"].append(str(pairs.example_ids[e]))
+        columns["lang"].append(pairs.languages[l])
+        columns["anchor"].append(pairs.query(e, l))
+        columns["positive"].append(pairs.positive(e, l))
+        if groups is not None:
+            columns["group"].append(int(groups[e]))
+        if negative_columns:
+            negatives = pairs.negatives(e, l)
+            if len(negatives) < hard_negatives:
+                raise ValueError(
+                    f"hard_negatives={hard_negatives}: example {pairs.example_ids[e]!r} in {pairs.languages[l]!r} "
+                    f"has only {len(negatives)} negatives"
+                )
+            for name, text in zip(negative_columns, negatives):
+                columns[name].append(text)
+    return datasets.Dataset.from_dict(columns)
 
 
 class HybridPairDataset(torch.utils.data.Dataset):
