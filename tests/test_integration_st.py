@@ -364,7 +364,7 @@ def test_parallel_pairs_dataset_round_trip():
     rows["q3"]["fr"] = ("what 3 fr", "the 0 fr", ["old 3 fr", "new 3 fr"])  # duplicate positive -> one group
     pairs = ParallelPairs(rows)
     ds = parallel_pairs_dataset(pairs, hard_negatives=2)
-    assert ds.column_names == ["id", "lang", "anchor", "positive", "group", "negative_1", "negative_2"]
+    assert ds.column_names == ["id", "lang", "group", "anchor", "positive", "negative_1", "negative_2"]
     index = HybridPairIndex(ds, HybridBatching(group_column="group"))
     assert index.languages == pairs.languages and index.ids == pairs.example_ids
     np.testing.assert_array_equal(index.availability, pairs.availability)

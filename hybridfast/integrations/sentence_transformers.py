@@ -594,9 +594,10 @@ class HybridPairIndex:
 def parallel_pairs_dataset(pairs: Any, hard_negatives: int = 0) -> "datasets.Dataset":
     """hybridfast training data (``hybridfast.train_data.ParallelPairs``, e.g. from
     ``load_training_pairs("xquad-r")``) as a per-language-rows ``datasets.Dataset`` for
-    :class:`HybridSentenceTransformerTrainer`: columns ``id, lang[, group], anchor, positive[, negative_1..k]``.
+    :class:`HybridSentenceTransformerTrainer`: columns ``id, lang, group, anchor, positive[, negative_1..k]``.
 
-    ``group`` (present when the data has duplicate positives) goes to ``HybridBatching(group_column="group")``.
+    ``group`` joins examples that share a positive text (``pairs.groups``; else each example is its own);
+    pass ``HybridBatching(group_column="group")`` so such false negatives never meet in a batch.
     ``hard_negatives=k`` keeps each row's first k negatives; every row must have at least k.
     """
     for name in ("example_ids", "languages", "availability", "query", "positive", "negatives"):
@@ -604,10 +605,10 @@ def parallel_pairs_dataset(pairs: Any, hard_negatives: int = 0) -> "datasets.Dat
             raise TypeError(f"pairs must be a hybridfast.train_data.ParallelPairs, got {type(pairs).__name__}")
     if isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or hard_negatives < 0:
         raise ValueError(f"hard_negatives must be an int >= 0, got {hard_negatives!r}")
-    columns: dict[str, list] = {"id": [], "lang": [], "anchor": [], "positive": []}
+    columns: dict[str, list] = {"id": [], "lang": [], "group": [], "anchor": [], "positive": []}
     groups = getattr(pairs, "groups", None)
-    if groups is not None:
-        columns["group"] = []
+    if groups is None:  # no duplicates: every example is its own group
+        groups = np.arange(len(pairs.example_ids))
     negative_columns = [f"negative_{k + 1}" for k in range(hard_negatives)]
     for name in negative_columns:
         columns[name] = []
@@ -617,8 +618,7 @@ def parallel_pairs_dataset(pairs: Any, hard_negatives: int = 0) -> "datasets.Dat
         columns["lang"].append(pairs.languages[l])
         columns["anchor"].append(pairs.query(e, l))
         columns["positive"].append(pairs.positive(e, l))
-        if groups is not None:
-            columns["group"].append(int(groups[e]))
+        columns["group"].append(int(groups[e]))
         if negative_columns:
             negatives = pairs.negatives(e, l)
             if len(negatives) < hard_negatives:
