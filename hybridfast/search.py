@@ -49,7 +49,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from hybridfast._backends import faiss_has_gpu, faiss_module, resolve_device
+from hybridfast._backends import fallback_warning, faiss_has_gpu, faiss_module, resolve_device
 
 BACKENDS = ("auto", "torch", "faiss")
 
@@ -361,7 +361,10 @@ def _faiss(q, c, rel, offsets, prio, k, device, chunk, show, ivf_lists, nprobe):
     faiss = faiss_module()
     if faiss is None:
         raise ImportError("search='faiss' needs faiss: pip install faiss-cpu (or faiss-gpu-cu12)")
-    use_gpu = faiss_has_gpu() and device.type == "cuda"
+    use_gpu = device.type == "cuda" and faiss_has_gpu()
+    if device.type == "cuda" and not use_gpu:
+        fallback_warning("faiss-gpu", "search='faiss' on CUDA: faiss has no GPU support here "
+                         "(pip install faiss-gpu-cu12); using faiss-cpu")
     if ivf_lists is None:
         index = _faiss_index(faiss, c, None, nprobe, use_gpu)
 

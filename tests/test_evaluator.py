@@ -239,6 +239,16 @@ def test_torch_and_faiss_backends_agree():
     rt, rf = ev_t.evaluate_embeddings(qe, ce), ev_f.evaluate_embeddings(qe, ce)
     assert rt.per_pair == rf.per_pair and rt.summary == rf.summary
     assert rf.config["search"] == "faiss"
+    # approximate IVF probing every list, lists as long as the pool: the same metrics,
+    # but no rank distance (it needs every relevant candidate's rank)
+    n_cand = len(ev_t._cand_texts)
+    ri = RetrievalEvaluator(bench, k=n_cand, ivf_lists=2, nprobe=2, show_progress=False).evaluate_embeddings(qe, ce)
+    assert not ri.exact and ri.config["search"] == "faiss"
+    for pair, metrics in rt.per_pair.items():
+        for m, v in metrics.items():
+            assert ri.per_pair[pair][m] == pytest.approx(v, abs=1e-12), (pair, m)
+    assert ri.summary["multi"]["map"] == pytest.approx(rt.summary["multi"]["map"], abs=1e-12)
+    assert math.isnan(ri.summary["multi"]["rank_distance"])
 
 
 def test_search_memory_is_chunked():
