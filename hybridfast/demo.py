@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from hybridfast.study import (BASE, LOWER_IS_BETTER, MODES, TABLE_COLUMNS, StudyConfig, best_marks,
-                              build_evaluators, model_label, paired_bootstrap, run_cells, _write_json)
+                              build_evaluators, model_label, paired_bootstrap, run_cells, subset_articles,
+                              _write_json)
 
 RUNS = (BASE,) + MODES
 
@@ -48,8 +49,8 @@ class Budget:
 
 # Tuned by measuring on the 2-core development CPU (see the README for the timings).
 BUDGETS = {
-    ("cpu", False): Budget("cpu default", steps=48, batch_size=16, max_length=64,
-                           languages=("de", "en", "es"), eval_articles=None, target_minutes=20),
+    ("cpu", False): Budget("cpu default", steps=30, batch_size=16, max_length=48,
+                           languages=("de", "en", "es"), eval_articles=8, target_minutes=20),
     ("cpu", True): Budget("cpu --quick", steps=8, batch_size=8, max_length=32,
                           languages=("de", "en"), eval_articles=6, target_minutes=3),
     ("gpu", False): Budget("gpu default", steps=400, batch_size=64, max_length=256,
@@ -79,31 +80,6 @@ def choose_budget(device_type: str, quick: bool, steps=None, batch_size=None, ma
     if changes:
         budget = replace(budget, name=budget.name + " (modified: " + ", ".join(sorted(changes)) + ")", **changes)
     return budget
-
-
-def subset_articles(benchmark, n_articles: int):
-    """The benchmark restricted to its first `n_articles` articles.
-
-    Relies on the LAReQA loader's candidate ids "<lang>:<article>:<paragraph>:<sentence>"
-    (the article index is shared by the translations of an article in XQuAD-R);
-    queries keep only if a relevant candidate survives.
-    """
-    from hybridfast.data import RetrievalBenchmark
-
-    def article(cid):
-        parts = cid.split(":")
-        if len(parts) != 4:
-            raise ValueError(f"benchmark: candidate id {cid!r} is not <lang>:<article>:<paragraph>:<sentence>")
-        return int(parts[1])
-
-    articles = sorted({article(c) for cands in benchmark.candidates.values() for c in cands})
-    keep = set(articles[:n_articles])
-    candidates = {l: {c: v for c, v in cands.items() if article(c) in keep}
-                  for l, cands in benchmark.candidates.items()}
-    kept = {c for cands in candidates.values() for c in cands}
-    qrels = {q: rel & kept for q, rel in benchmark.qrels.items() if rel & kept}
-    queries = {l: {q: t for q, t in qs.items() if q in qrels} for l, qs in benchmark.queries.items()}
-    return RetrievalBenchmark(queries, candidates, qrels, name=f"{benchmark.name}[{len(keep)} articles]")
 
 
 def device_description(device) -> str:

@@ -83,7 +83,12 @@ def resolve_model(name: str) -> str:
 
 
 def model_label(name: str) -> str:
-    """Short readable label: the last path component."""
+    """Short readable label: the last path component (the bundled model by its name)."""
+    try:
+        if Path(str(name)).resolve() == Path(_default_model()).resolve():
+            return "all-MiniLM-L6-v2"
+    except (FileNotFoundError, ImportError, OSError):
+        pass
     return Path(str(name).rstrip("/")).name or str(name)
 
 
@@ -134,6 +139,7 @@ class StudyConfig:
     lr: float = 3e-5
     mono_prob: float = 0.5
     eval_split: str = "auto"        # "auto": the test split when eval is the training data, else all
+    eval_articles: Optional[int] = None  # evaluate on the first N articles of the eval split only (cheap CPU runs)
     eval_subset: Optional[str] = None  # label of any further restriction of the eval data (part of the hash)
     include_base: bool = True
     save_steps: Optional[int] = None  # None: about 4 checkpoints per cell; 0: none (no mid-cell resume)
@@ -159,6 +165,8 @@ class StudyConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.eval_articles is not None and (not isinstance(self.eval_articles, int) or self.eval_articles < 1):
+            raise ValueError(f"eval_articles must be a positive int or None, got {self.eval_articles!r}")
         if self.eval_split not in ("auto", "test", "all"):
             raise ValueError(f"eval_split must be 'auto', 'test' or 'all', got {self.eval_split!r}")
         if self.prefixes not in ("auto", "on", "off"):
@@ -172,7 +180,7 @@ class StudyConfig:
                 "batch_size": self.batch_size, "max_length": self.max_length,
                 "languages": self.languages, "seed": self.seed, "lr": self.lr,
                 "mono_prob": self.mono_prob, "eval_split": self.eval_split, "prefixes": self.prefixes,
-                "eval_subset": self.eval_subset,
+                "eval_subset": self.eval_subset, "eval_articles": self.eval_articles,
                 "extra_train": dict(sorted(self.extra_train.items()))}
 
     def settings_hash(self) -> str:
@@ -415,6 +423,34 @@ def run_cell(config: StudyConfig, model: str, mode: str, evaluators: Dict, train
     return result
 
 
+def subset_articles(benchmark, n_articles: int):
+    """The benchmark restricted to its first `n_articles` articles.
+
+    Relies on the LAReQA loader's candidate ids "<lang>:<article>:<paragraph>:<sentence>"
+    (the article index is shared by the translations of an article in XQuAD-R);
+    a query is kept only if a relevant candidate survives.
+    """
+    from hybridfast.data import RetrievalBenchmark
+
+    if not isinstance(n_articles, int) or n_articles < 1:
+        raise ValueError(f"n_articles must be a positive int, got {n_articles!r}")
+
+    def article(cid):
+        parts = cid.split(":")
+        if len(parts) != 4:
+            raise ValueError(f"benchmark: candidate id {cid!r} is not <lang>:<article>:<paragraph>:<sentence>")
+        return int(parts[1])
+
+    articles = sorted({article(c) for cands in benchmark.candidates.values() for c in cands})
+    keep = set(articles[:n_articles])
+    candidates = {l: {c: v for c, v in cands.items() if article(c) in keep}
+                  for l, cands in benchmark.candidates.items()}
+    kept = {c for cands in candidates.values() for c in cands}
+    qrels = {q: rel & kept for q, rel in benchmark.qrels.items() if rel & kept}
+    queries = {l: {q: t for q, t in qs.items() if q in qrels} for l, qs in benchmark.queries.items()}
+    return RetrievalBenchmark(queries, candidates, qrels, name=f"{benchmark.name}[{len(keep)} articles]")
+
+
 def build_evaluators(config: StudyConfig, benchmarks: Optional[Dict] = None) -> Dict:
     """{eval name: (benchmark, RetrievalEvaluator)}; benchmarks loaded from config.evals unless given."""
     from hybridfast.data import load_benchmark
@@ -423,6 +459,8 @@ def build_evaluators(config: StudyConfig, benchmarks: Optional[Dict] = None) -> 
     if benchmarks is None:
         benchmarks = {name: load_benchmark(name, data_dir=config.data_dir, languages=config.languages,
                                            split=eval_split_for(config, name)) for name in config.evals}
+        if config.eval_articles is not None:
+            benchmarks = {n: subset_articles(b, config.eval_articles) for n, b in benchmarks.items()}
     return {name: (bench, RetrievalEvaluator(bench, device=config.device, show_progress=config.show_progress))
             for name, bench in benchmarks.items()}
 
@@ -581,9 +619,11 @@ def write_outputs(config: StudyConfig, results: List[dict]) -> Dict[str, Path]:
 
 def study_markdown(config: StudyConfig, rows: List[dict], gains: List[dict]) -> str:
     s = config.cell_settings()
-    parts = [f"# hybridfast study\n\nTrain: `{s['train']}` ({s['steps']} steps, batch {s['batch_size']}, "
+    parts = [f"# hybridfast study\n\nTrain: `{Path(s['train']).name}` ({s['steps']} steps, batch {s['batch_size']}, "
              f"max_length {s['max_length']}, lr {s['lr']}, seed {s['seed']}, "
-             f"languages {', '.join(s['languages']) if s['languages'] else 'all'}). "
+             f"languages {', '.join(s['languages']) if s['languages'] else 'all'})"
+             + (f"; evaluation on the first {s['eval_articles']} articles of the eval split" if s['eval_articles'] else "")
+             + ". "
              "Best value per model in bold; rank distance: lower is better.\n"]
     for name in config.evals:
         sub = sorted((r for r in rows if r["eval"] == name),
@@ -753,6 +793,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=3e-5)
     p.add_argument("--mono-prob", type=float, default=0.5, help="alpha of hybrid batches")
     p.add_argument("--languages", default=None, help="comma-separated language subset (default: all)")
+    p.add_argument("--eval-articles", type=int, default=None,
+                   help="evaluate on the first N articles of the eval split only (cheap CPU runs)")
     p.add_argument("--data-dir", default=None, help="where benchmarks live (else $HYBRIDFAST_DATA, cache)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -777,7 +819,7 @@ def run(args) -> int:
                          max_length=args.max_length, languages=args.languages, data_dir=args.data_dir,
                          device=args.device, seed=args.seed, lr=args.lr, mono_prob=args.mono_prob,
                          eval_split=args.eval_split, include_base=not args.no_base,
-                         save_steps=args.save_steps, prefixes=args.prefixes)
+                         save_steps=args.save_steps, prefixes=args.prefixes, eval_articles=args.eval_articles)
     try:
         run_study(config)
     except FileNotFoundError as e:
