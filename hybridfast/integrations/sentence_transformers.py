@@ -1,6 +1,6 @@
 """sentence-transformers integration: the fused loss and hybrid batches inside SentenceTransformerTrainer.
 
-Install with ``pip install hybridfast[st]``. Three pieces:
+Install with ``pip install hybridfast[st]``. The pieces:
 
 * :class:`HybridMNRLoss` -- drop-in for ``losses.MultipleNegativesRankingLoss`` (``symmetric=True``: for
   ``MultipleNegativesSymmetricRankingLoss``, i.e. ``directions=("query_to_doc", "doc_to_query")``,
@@ -13,6 +13,7 @@ Install with ``pip install hybridfast[st]``. Three pieces:
 * :class:`HybridSentenceTransformerTrainer` (+ :class:`HybridBatching`) -- runs the C++
   :class:`hybridfast.HybridBatchSampler` over a ``datasets.Dataset`` whose rows carry an example id and a
   language per text column, so every step is monolingual or cross-lingual as in the paper.
+* :func:`parallel_pairs_dataset` -- hybridfast's training data (``load_training_pairs``) as such a dataset.
 
 Why a trainer subclass rather than ``SentenceTransformerTrainingArguments(batch_sampler=...)``: that hook
 can only choose row indices, while a cross-lingual slot takes its anchor from one row (query language)
@@ -52,7 +53,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'hybridfast[st]'"
     ) from exc
 
-try:  # sentence-transformers >= 5.x shares one forward across like-shaped candidate columns
+try:  # recent sentence-transformers share one forward across like-shaped candidate columns
     from sentence_transformers.base.losses.merged_forward import embed_columns as _st_embed_columns
 except ImportError:  # older versions: one forward per column
     _st_embed_columns = None
