@@ -219,6 +219,7 @@ class Encoder(torch.nn.Module):
         self.dense = torch.nn.ModuleList(_Dense.load(d) for d in dense_dirs)
         self.model.to(resolve_device(device))
         self.dense.to(resolve_device(device))
+        self.eval()  # inference by default, as from_pretrained leaves models; trainers call .train()
         self.source = source
 
     # ------------------------------------------------------------------ basics

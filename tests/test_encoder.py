@@ -95,6 +95,9 @@ def test_length_sorting_restores_order(tiny_dir):
 
 def test_forward_is_differentiable_and_matches_encode(tiny_dir):
     enc = Encoder(tiny_dir, device="cpu", show_progress=False)
+    assert not enc.training and not enc.model.training  # no dropout unless asked for
+    enc.encode_queries(["a"])
+    assert not enc.model.training
     batch = enc.tokenize(["the cat sat on the mat", "a dog"], kind="query")
     out = enc(**batch)
     out[:, 0].sum().backward()
