@@ -380,8 +380,10 @@ def run_cell(config: StudyConfig, model: str, mode: str, evaluators: Dict, train
     train_seconds = None
     if mode != BASE:
         trained_file = cdir / "trained.json"
-        if trained_file.exists() and _final_is_loadable(Path(json.loads(trained_file.read_text())["final"])):
-            info = json.loads(trained_file.read_text())
+        info = json.loads(trained_file.read_text()) if trained_file.exists() else None
+        if info is not None and not _final_is_loadable(Path(info["final"])):
+            info["final"] = str(cdir / "train" / "final")  # the --out folder was moved since
+        if info is not None and _final_is_loadable(Path(info["final"])):
             final, train_seconds = info["final"], info["train_seconds"]
             log(f"[study] {model_label(model)} / {mode}: trained earlier, evaluating {final}")
         else:
