@@ -125,7 +125,7 @@ def _contrastive_fwd_kernel(
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m_i = m_new
-    tl.store(LSE + rows, m_i + tl.log(l_i), mask=row_ok)
+    tl.store(LSE + rows, m_i + tl.log(tl.where(row_ok, l_i, 1.0)), mask=row_ok)  # padded rows have l_i = 0
     tl.store(POS + rows, pos, mask=row_ok)
 
 

@@ -181,6 +181,27 @@ def test_wide_embeddings_loop_over_d(backend):
     assert_matches(results, torch.float32)
 
 
+@pytest.mark.parametrize("backend,examples", [("torch", 25), pytest.param("triton", 8, marks=needs_triton)])
+def test_random_shapes_property(backend, examples):
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=examples, deadline=None, derandomize=True)
+    @hypothesis.given(B=st.integers(1, 24), extra=st.integers(0, 30), D=st.integers(4, 70), groups=st.integers(0, 4),
+                      symmetric=st.booleans(), seed=st.integers(0, 2**16))
+    def prop(B, extra, D, groups, symmetric, seed):
+        # D >= 4: with D = 1 cosine is +-1 and fp32 normalize-backward noise dominates the ~0 gradient
+        g = torch.Generator().manual_seed(seed)
+        q, p = torch.randn(B, D, generator=g), torch.randn(B + extra, D, generator=g)
+        labels = torch.randint(0, B + extra, (B,), generator=g)
+        qg = torch.randint(0, groups, (B,), generator=g) if groups else None
+        pg = torch.randint(0, groups, (B + extra,), generator=g) if groups else None
+        results = run_both(q, p, labels, qg, pg, 0.1, "scaled", backend, symmetric=symmetric, reduction="none")
+        assert_matches(results, torch.float32)
+
+    prop()
+
+
 def test_torch_backend_chunk_sizes_agree():
     q, p, labels, qg, pg = make_inputs(B=37, negatives=2, D=20, seed=6, groups=5)
     outs = []
