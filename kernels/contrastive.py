@@ -26,13 +26,17 @@ labels); ds is written as one partial per program and summed by the caller.
 Known limits:
 - the B x N logits are never stored: each tile is recomputed once in backward,
   so forward+backward costs 4 matmul-equivalents (as flash-attention does);
-- atomic adds make dA/dB non-deterministic in the last bits;
+- atomic adds make dA/dB non-deterministic in the last bits, and their traffic,
+  (N/BLOCK_N)*B*D + (B/BLOCK_M)*N*D fp32 adds, is the likely bottleneck at large
+  B and N; tile sizes are not yet tuned on a device (none was available);
+- cosine similarity is normalised in PyTorch before the kernels (one extra copy
+  of q and p, differentiable by autograd);
 - inputs must be fp32, bf16 or fp16 with unit stride along D; fp32 uses IEEE
   (not TF32) dots so that temperature 0.01 keeps fp32 accuracy;
 - under TRITON_INTERPRET=1 bf16 tiles are upcast to fp32 before tl.dot (the
   interpreter's dot misreads bf16); on GPUs the tensor cores take bf16 directly;
-- labels, keys and groups are int64 tensors; a row whose only kept entry is its
-  positive gets loss 0 (never NaN) because the running max starts finite.
+- labels, keys and groups are int64 tensors; the running max starts at -1e30,
+  not -inf, so a tile whose entries are all masked adds nothing instead of NaN.
 """
 import torch
 import triton
