@@ -66,7 +66,7 @@ def problem():
     def noisy(base, l, n):
         return _unit(base + LANG_WEIGHT * lang_vec[l] + NOISE * _unit(rng.standard_normal((n, DIM), dtype=np.float32)))
 
-    cand = np.empty((len(ev._cand_ids), DIM), dtype=np.float32)
+    cand = np.empty((len(ev.candidate_ids), DIM), dtype=np.float32)
     for i, l in enumerate(ev.candidate_languages):
         s, n = ev._offsets[i], CANDIDATES[l]
         base = np.zeros((n, DIM), dtype=np.float32)
@@ -134,7 +134,7 @@ def test_pytrec_eval_baseline_subset(benchmark, problem):
     langs = ev.candidate_languages
     rows = np.nonzero(ev._q_lang == ev.query_languages.index("en"))[0][:BASELINE_QUERIES]
     blocks = {l: (ev._offsets[i], ev._offsets[i + 1]) for i, l in enumerate(langs)}
-    ids = ev._cand_ids
+    ids = ev.candidate_ids
     measures = {"map", "recip_rank", "ndcg_cut.10", "recall.1,10,100"}
     pairs = [("en", blocks["en"]), ("de", blocks["de"]), ("pool", (0, len(ids)))]
 

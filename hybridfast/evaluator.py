@@ -279,7 +279,7 @@ class RetrievalEvaluator:
         q_lang, q_ids, q_texts, rel_rows = [], [], [], []
         for lang in sorted(b.queries):
             for qid, text in b.queries[lang].items():
-                cols = sorted(column[c] for c in b.qrels.get(qid, ()) if c in column)
+                cols = sorted(column[str(c)] for c in b.qrels.get(qid, ()) if str(c) in column)
                 if cols:
                     q_lang.append(lang)
                     q_ids.append(qid)
@@ -298,6 +298,25 @@ class RetrievalEvaluator:
         self._offsets = np.array(offsets, dtype=np.int64)
         self._relevant = relevant
         self._prio = tie_priority(cand_ids)
+
+    @property
+    def query_rows(self):
+        """(language, query id) of each row of the query embeddings, in order."""
+        return [(self.query_languages[l], q) for l, q in zip(self._q_lang, self._q_ids)]
+
+    @property
+    def query_texts(self):
+        return list(self._q_texts)
+
+    @property
+    def candidate_ids(self):
+        """Candidate id of each row of the candidate embeddings, in order (languages sorted)."""
+        return list(self._cand_ids)
+
+    @property
+    def candidate_texts(self):
+        """The encoder inputs of the candidates: candidate_text(sentence, context)."""
+        return list(self._cand_texts)
 
     # ------------------------------------------------------------ evaluation
     def encode(self, encoder):
@@ -340,9 +359,9 @@ class RetrievalEvaluator:
         return result
 
     def evaluate_embeddings(self, query_embeddings, candidate_embeddings) -> EvaluationResult:
-        """Metrics from precomputed embeddings, rows in the evaluator's order
-        (queries: languages sorted, then benchmark order, only queries with qrels;
-        candidates: languages sorted, then benchmark order)."""
+        """Metrics from precomputed embeddings, rows in the evaluator's order: `query_rows`
+        (languages sorted, then benchmark order, only queries with qrels) and
+        `candidate_ids` (languages sorted, then benchmark order)."""
         q = _embeddings(query_embeddings, len(self._q_texts), "encode_queries")
         c = _embeddings(candidate_embeddings, len(self._cand_texts), "encode_passages")
         if q.shape[1] != c.shape[1]:

@@ -64,7 +64,10 @@ def hand_benchmark():
 
 def test_hand_computed_benchmark():
     bench, enc = hand_benchmark()
-    res = RetrievalEvaluator(bench, show_progress=False).evaluate(enc)
+    ev = RetrievalEvaluator(bench, show_progress=False)
+    assert ev.query_rows == [("de", "q1"), ("de", "q2"), ("en", "q1"), ("en", "q2")]
+    assert ev.candidate_ids == ["d1", "d2", "e1", "e2"] and ev.candidate_texts[0] == candidate_text("d1", "ctx")
+    res = ev.evaluate(enc)
     # en->en and de->de: every relevant candidate first
     assert res.per_pair[("en", "en")]["map"] == 1.0 and res.per_pair[("de", "de")]["map"] == 1.0
     # en->de: d1 (0.5) below d2 (0.95); d2 (0.6) below d1 (0.7): both rank 2
@@ -234,14 +237,14 @@ def test_torch_and_faiss_backends_agree():
     rng = np.random.default_rng(0)
     ev_t = RetrievalEvaluator(bench, search="torch", show_progress=False)
     ev_f = RetrievalEvaluator(bench, search="faiss", show_progress=False)
-    qe = rng.standard_normal((len(ev_t._q_texts), 16)).astype(np.float32)
-    ce = rng.standard_normal((len(ev_t._cand_texts), 16)).astype(np.float32)
+    qe = rng.standard_normal((len(ev_t.query_rows), 16)).astype(np.float32)
+    ce = rng.standard_normal((len(ev_t.candidate_ids), 16)).astype(np.float32)
     rt, rf = ev_t.evaluate_embeddings(qe, ce), ev_f.evaluate_embeddings(qe, ce)
     assert rt.per_pair == rf.per_pair and rt.summary == rf.summary
     assert rf.config["search"] == "faiss"
     # approximate IVF probing every list, lists as long as the pool: the same metrics,
     # but no rank distance (it needs every relevant candidate's rank)
-    n_cand = len(ev_t._cand_texts)
+    n_cand = len(ev_t.candidate_ids)
     ri = RetrievalEvaluator(bench, k=n_cand, ivf_lists=2, nprobe=2, show_progress=False).evaluate_embeddings(qe, ce)
     assert not ri.exact and ri.config["search"] == "faiss"
     for pair, metrics in rt.per_pair.items():
