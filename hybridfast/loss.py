@@ -322,6 +322,18 @@ def _gather_sizes_equal(B, N, device):
 
 # ----------------------------------------------------------------------------- public API
 
+def _normalize(x):
+    """Differentiable L2 normalisation; half precision gets an fp32 norm and product.
+
+    Only the input and the [rows, 1] norm are saved for backward (no fp32 copy of x
+    stays alive), which matters at B = 65536.
+    """
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return F.normalize(x, dim=1)
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
+    return (x * norm.clamp_min(1e-12).reciprocal()).to(x.dtype)
+
+
 def _pick_backend(backend, q):
     if backend == "torch" or q.dtype == torch.float64 and backend == "auto":
         return "torch"
@@ -345,10 +357,7 @@ def _contrastive(q, p, labels, query_groups, passage_groups, scale, similarity, 
     labels, query_groups, passage_groups = _check_inputs(q, p, labels, query_groups, passage_groups)
     backend = _pick_backend(backend, q)
     if similarity == "cos":
-        if q.dtype in (torch.float16, torch.bfloat16):  # normalise in fp32, keep the storage dtype
-            q, p = F.normalize(q.float(), dim=1).to(q.dtype), F.normalize(p.float(), dim=1).to(p.dtype)
-        else:
-            q, p = F.normalize(q, dim=1), F.normalize(p, dim=1)
+        q, p = _normalize(q), _normalize(p)
     B, N = q.shape[0], p.shape[0]
     q_all, offset, labels_all, q_grp_all = q, 0, labels, query_groups
     if gather_across_devices:
