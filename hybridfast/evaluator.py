@@ -383,20 +383,22 @@ class RetrievalEvaluator:
         rel_block = np.where(valid, block_of[np.maximum(rel, 0)], -1)
         per_pair, n_queries = {}, {}
         want_pairs = "mono" in self.settings or "cross" in self.settings
-        for xi, x in enumerate(self.query_languages):
-            rows = self._q_lang == xi
-            for yi, y in enumerate(self.candidate_languages):
-                if not want_pairs or (x == y and "mono" not in self.settings) or \
-                        (x != y and "cross" not in self.settings):
+        n_lang = len(self.query_languages)
+        for yi, y in enumerate(self.candidate_languages if want_pairs else []):
+            # all queries against candidate language y at once, then grouped by query language
+            mask = rel_block == yi
+            keep = mask.any(1)  # queries with a relevant candidate in y
+            groups = self._q_lang[keep]
+            count = np.bincount(groups, minlength=n_lang)
+            values = per_query_metrics(np.where(mask, found.block_ranks, 0)[keep], mask[keep].sum(1)) \
+                if keep.any() else {m: np.zeros(0) for m in METRICS}
+            sums = {m: np.bincount(groups, v, minlength=n_lang) for m, v in values.items()}
+            for xi, x in enumerate(self.query_languages):
+                if (x == y and "mono" not in self.settings) or (x != y and "cross" not in self.settings):
                     continue
-                mask = rel_block[rows] == yi
-                keep = mask.any(1)  # queries with a relevant candidate in y
-                n_queries[f"{x}->{y}"] = int(keep.sum())
-                if not keep.any():
-                    per_pair[(x, y)] = {m: float("nan") for m in METRICS}
-                    continue
-                ranks = np.where(mask, found.block_ranks[rows], 0)[keep]
-                per_pair[(x, y)] = mean_metrics(per_query_metrics(ranks, mask[keep].sum(1)))
+                n_queries[f"{x}->{y}"] = int(count[xi])
+                per_pair[(x, y)] = {m: float(sums[m][xi] / count[xi]) if count[xi] else float("nan")
+                                    for m in METRICS}
         per_language = {}
         if "multi" in self.settings:
             for xi, x in enumerate(self.query_languages):
