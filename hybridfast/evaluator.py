@@ -32,6 +32,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from hybridfast.metrics import METRICS, MULTI_METRICS, macro_average, mean_metrics, per_query_metrics, tie_priority
+from hybridfast._backends import resolve_device
 from hybridfast.search import BACKENDS, resolve_backend, search
 
 SETTINGS = ("mono", "cross", "multi")
@@ -356,6 +357,7 @@ class RetrievalEvaluator:
         result = self.evaluate_embeddings(q, c)
         result.unk_rates = self.unk_rates(encoder)
         result.timings["encode_s"] = t1 - t0
+        result.timings["encode_texts_per_s"] = (len(self._q_texts) + len(self._cand_texts)) / max(t1 - t0, 1e-9)
         return result
 
     def evaluate_embeddings(self, query_embeddings, candidate_embeddings) -> EvaluationResult:
@@ -418,7 +420,8 @@ class RetrievalEvaluator:
             summary["cross"] = macro_average(m for (x, y), m in per_pair.items() if x != y)
         if "multi" in self.settings:
             summary["multi"] = macro_average(per_language.values())
-        config = {"search": resolve_backend(self.search, self.device, self.ivf_lists), "device": str(self.device),
+        config = {"search": resolve_backend(self.search, self.device, self.ivf_lists),
+                  "device": str(resolve_device(self.device)),
                   "k": self.k, "ivf_lists": self.ivf_lists, "nprobe": self.nprobe if self.ivf_lists else None,
                   "settings": list(self.settings), "queries": len(self._q_ids), "candidates": len(self._cand_ids)}
         return EvaluationResult(summary=summary, per_pair=per_pair, per_language=per_language,
