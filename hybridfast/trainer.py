@@ -37,7 +37,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -105,6 +105,10 @@ class TrainConfig:
     output: Union[str, Path] = "runs/train"
     resume: bool = False
     show_progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.languages, (str, tuple)):  # "en,de" or a tuple: one canonical form
+            self.languages = _split_list(self.languages)
 
     def validate(self):
         """Check every field without touching files; raise ValueError/TypeError naming the field."""
@@ -674,6 +678,16 @@ def _encoder_kwargs(config, device):
     return kw
 
 
+def enable_checkpointing(model):
+    """Activation (gradient) checkpointing of a Hugging Face model. Non-reentrant
+    checkpoints restore the RNG state, so recomputed dropout masks match."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _update(params, optimizer, scheduler, scaler, world):
     """Average gradients over ranks, clip at 1.0, step the optimizer and schedule."""
     _allreduce_gradients(params, world)
@@ -768,12 +782,7 @@ def _train(config, device, rank, world):
     encoder = Encoder(model_path, **_encoder_kwargs(config, device))
     encoder.train()
     if config.gradient_checkpointing:
-        # non-reentrant checkpoints keep the RNG state, so recomputed dropout masks match
-        kwargs = {"use_reentrant": False}
-        if hasattr(encoder.model, "activation_checkpointing_enable"):  # the newer name
-            encoder.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(encoder.model)
     _broadcast_parameters(encoder, world)
     torch.manual_seed(config.seed + rank)  # each rank its own dropout masks
 
@@ -801,7 +810,8 @@ def _train(config, device, rank, world):
     steps_this_epoch = len(sampler)
 
     collate = Collator(pairs, encoder, config.hard_negatives, config.seed, config.max_length)
-    logger = _Logger(output, rank == 0, step if resume_from is not None else None)
+    # resuming (even with no checkpoint yet) drops log rows of steps that will be redone
+    logger = _Logger(output, rank == 0, step if config.resume else None)
     if rank == 0:
         (output / "train_config.json").write_text(json.dumps(_config_json(config), indent=2))
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
