@@ -421,6 +421,8 @@ def search(queries, candidates, relevant, *, offsets=None, tie_priority=None, k=
     q, c, rel, offsets, prio, k = _check_inputs(queries, candidates, relevant, offsets, tie_priority, k)
     backend = resolve_backend(backend, device, ivf_lists)
     dev = resolve_device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available (use device='auto' or 'cpu')")
     chunk = _chunk_rows(c.shape[0], rel.shape[1], dev, chunk_size)
     if q.shape[0] == 0:
         empty = np.zeros(rel.shape, dtype=np.int64)

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from hybridfast.data import RetrievalBenchmark, candidate_text
 from hybridfast.evaluator import EvaluationResult, RetrievalEvaluator
@@ -339,6 +340,9 @@ def test_bad_arguments():
         RetrievalEvaluator(RetrievalBenchmark({}, bench.candidates, {}))
     with pytest.raises(ValueError, match="relevant"):
         search(np.ones((2, 3)), np.ones((4, 3)), np.array([[5], [0]]))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            search(np.ones((2, 3)), np.ones((4, 3)), np.array([[1], [0]]), device="cuda")
     with pytest.raises(ValueError, match="distinct"):
         search(np.ones((2, 3)), np.ones((4, 3)), np.array([[1], [0]]), tie_priority=[0, 0, 1, 2])
     with pytest.raises(ValueError, match="offsets"):
