@@ -11,7 +11,7 @@ Settings (LAReQA conventions, see DESIGN.md):
 - ``multi``: each query against the pool of all languages' candidates; mean per
   query language, then over languages; adds ``rank_distance`` (max rank
   distance: worst minus best rank of a query's relevant candidates in the pool;
-  lower is better, 0 means no language is preferred).
+  lower is better; its floor is n_relevant - 1, all relevant candidates side by side).
 Within a pair, a metric is the mean over its queries; a query with no relevant
 candidate in the pair's candidate language is left out of that pair, and only
 queries whose id has relevant candidates are evaluated at all.
@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 

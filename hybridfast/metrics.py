@@ -33,7 +33,7 @@ number of ranks given when a ranking was truncated (top-k search), in which case
 the missing ones count as not retrieved, as trec_eval does for a truncated run.
 """
 import math
-from typing import Dict, Iterable, Mapping, Optional, Sequence
+from typing import Dict, Iterable, Mapping, Sequence
 
 import numpy as np
 
