@@ -357,8 +357,9 @@ class Collator:
             f = int(avail[rng.integers(len(avail))])
             if f not in taken and self.pairs.group_of(f) != own:
                 chosen.append(self.pairs.positive(f, y))
-        while len(chosen) < k:  # tiny data: repeat what there is
-            chosen.append(chosen[len(chosen) % max(1, len(chosen))] if chosen else self.pairs.positive(e, y))
+        while len(chosen) < k:  # tiny data: repeat a negative (or, with none, the positive:
+            # it carries e's group, so the loss masks it for e's own query)
+            chosen.append(chosen[0] if chosen else self.pairs.positive(e, y))
         return chosen
 
     def __call__(self, batch, step):
