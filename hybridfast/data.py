@@ -537,6 +537,7 @@ def download(name: str, to=None, show_progress: bool = True) -> Path:
     else:
         root = Path(os.environ["HYBRIDFAST_DATA"]) if os.environ.get("HYBRIDFAST_DATA") else cache_dir()
     dest = root / name
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     recorded = _read_sums(dest / "SHA256SUMS")
     present = {f: _sha256((dest / f).read_bytes()) for f in src.files if (dest / f).is_file()}
@@ -578,6 +579,8 @@ def download(name: str, to=None, show_progress: bool = True) -> Path:
             os.replace(tmp, dest / "SHA256SUMS")
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if created and not any(root.iterdir()):  # a failed first download leaves no empty folder behind
+            root.rmdir()
     return dest
 
 

@@ -307,7 +307,7 @@ def test_download_checksum_failure_writes_nothing(tmp_path, monkeypatch):
     (served / "de.json").write_text((served / "de.json").read_text().replace("S.", "X."))  # tampered
     with pytest.raises(DownloadError, match="de.json: sha256 .* does not match"):
         data.download("fake-r", to=tmp_path / "out", show_progress=False)
-    assert list((tmp_path / "out").iterdir()) == []  # en.json was fetched first, yet not written
+    assert not (tmp_path / "out").exists()  # en.json was fetched first, yet nothing was written
 
 
 def test_download_unpinned_checks_structure(tmp_path, monkeypatch):
@@ -315,7 +315,7 @@ def test_download_unpinned_checks_structure(tmp_path, monkeypatch):
     (served / "de.json").write_text('{"data": [{"title": "T", "paragraphs": [{"context": "x", "qas": []}]}]}')
     with pytest.raises(DownloadError, match="not LAReQA data.*sentence_breaks"):
         data.download("fake-r", to=tmp_path / "out", show_progress=False)
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()
 
 
 def test_download_offline_message(tmp_path, monkeypatch, capsys):
@@ -326,7 +326,11 @@ def test_download_offline_message(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HYBRIDFAST_DATA", str(tmp_path / "env"))
     with pytest.raises(DownloadError, match="--data-dir DIR or set HYBRIDFAST_DATA"):
         data.download("xquad-r", show_progress=False)
-    assert list((tmp_path / "env").iterdir()) == []  # default destination: $HYBRIDFAST_DATA
+    assert not (tmp_path / "env").exists()  # the default destination, $HYBRIDFAST_DATA, is not left behind
+    (tmp_path / "keep").mkdir()
+    with pytest.raises(DownloadError):
+        data.download("xquad-r", to=tmp_path / "keep", show_progress=False)
+    assert (tmp_path / "keep").is_dir() and not list((tmp_path / "keep").iterdir())  # existing folder stays
     assert cli_main(["data", "download", "mlqa-r", "--to", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
     assert "354d67d1cd066854cdfbf5ad0e6105528976141d/mlqa-r/ar.json" in err and "HYBRIDFAST_DATA" in err
