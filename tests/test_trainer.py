@@ -347,6 +347,25 @@ def test_kill_and_resume_equals_uninterrupted(toy, tmp_path, monkeypatch):
     assert [r["loss"] for r in read_log(out)] == [r["loss"] for r in read_log(tmp_path / "full")]
 
 
+def test_resume_without_checkpoint_restarts_cleanly(toy, tmp_path, monkeypatch):
+    cfg = base_config(toy, tmp_path / "full", max_steps=3)
+    full = load_weights(train(cfg))
+    out = tmp_path / "killed"
+
+    def kill_at_2(step):
+        if step == 2:
+            raise Killed()
+
+    monkeypatch.setattr(trainer, "_after_step", kill_at_2)
+    with pytest.raises(Killed):
+        train(replace(cfg, output=str(out)))
+    monkeypatch.undo()
+    resumed = load_weights(train(replace(cfg, output=str(out), resume=True)))
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+    for name in full:
+        assert torch.equal(resumed[name], full[name]), name
+
+
 def test_resume_refuses_changed_data_order(toy, tmp_path):
     cfg = base_config(toy, tmp_path / "r", max_steps=2, save_steps=1)
     train(cfg)
