@@ -388,10 +388,13 @@ def run_cell(config: StudyConfig, model: str, mode: str, evaluators: Dict, train
             log(f"[study] {model_label(model)} / {mode}: trained earlier, evaluating {final}")
         else:
             train_out = cdir / "train"
+            # an interrupted run restarts from its last checkpoint (the trainer starts
+            # afresh when there is none, and refuses a non-empty folder without resume)
             resume = train_out.exists() and any(train_out.iterdir())
+            has_checkpoint = resume and any(train_out.glob("checkpoint-*"))
             log(f"[study] {model_label(model)} / {mode}: training {config.steps} steps "
                 f"(batch {config.batch_size}, max_length {config.max_length})"
-                + (", resuming from its last checkpoint" if resume else ""))
+                + (", resuming from its last checkpoint" if has_checkpoint else ""))
             t0 = time.perf_counter()
             final = str(train_fn(train_config(config, model_path, mode, train_out, resume)))
             train_seconds = time.perf_counter() - t0
