@@ -85,10 +85,10 @@ def test_prefixes_are_applied_per_kind(tiny_dir):
 
 def test_length_sorting_restores_order(tiny_dir):
     enc = Encoder(tiny_dir, device="cpu", show_progress=False)
-    texts = _sentences(23, seed=1)
+    texts = _sentences(13, seed=1)
     assert len({len(t.split()) for t in texts}) > 5  # lengths really differ, so sorting permutes
     one_by_one = torch.cat([enc.encode_passages([t]) for t in texts])
-    for bs in (1, 3, 8, 64):
+    for bs in (3, 64):
         torch.testing.assert_close(enc.encode_passages(texts, batch_size=bs), one_by_one, atol=1e-5, rtol=1e-4)
     assert enc.encode_queries([]).shape == (0, 32)
 
@@ -203,8 +203,8 @@ def test_minilm_reproduces_sentence_transformers(minilm, xquad_dir):
 
     bench = load_lareqa(xquad_dir, languages=["en", "de", "zh"])
     # long candidates (truncated at 256 tokens), short queries, an [UNK]-heavy script
-    texts = [candidate_text(*c) for lang in ("en", "de", "zh") for c in list(bench.candidates[lang].values())[:5]]
-    texts += [q for lang in ("en", "zh") for q in list(bench.queries[lang].values())[:5]]
+    texts = [candidate_text(*c) for lang in ("en", "de", "zh") for c in list(bench.candidates[lang].values())[:4]]
+    texts += [q for lang in ("en", "zh") for q in list(bench.queries[lang].values())[:4]]
     assert minilm.pooling == "mean" and minilm.max_length == 256
     ours = minilm.encode_passages(texts, batch_size=8)
     st = SentenceTransformer(default_model_path(), device="cpu")
