@@ -293,7 +293,10 @@ def _test_articles(files: Dict[str, Path]) -> Set[Tuple[str, int]]:
         groups.setdefault(find(node), []).append(node)
     keyed = sorted((hashlib.sha256(min(titles[n] for n in g).encode("utf-8")).hexdigest(),
                     min(titles[n] for n in g), sorted(g)) for g in groups.values())
-    n_test = round(TEST_FRACTION * len(keyed))
+    if len(keyed) < 2:
+        raise ValueError(f"split: {next(iter(files.values())).parent} has {len(keyed)} article group(s); "
+                         "a train/test split needs at least 2 (use split='all')")
+    n_test = min(len(keyed) - 1, max(1, round(TEST_FRACTION * len(keyed))))  # both sides non-empty
     return {node for _, _, g in keyed[:n_test] for node in g}
 
 

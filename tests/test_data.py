@@ -184,6 +184,17 @@ def test_partly_parallel_split_keeps_linked_articles_together(mlqa_like):
         assert all(c in {cid for cs in test.candidates.values() for cid in cs} for c in rel)
 
 
+def test_split_needs_two_article_groups(tmp_path):
+    root = tmp_path / "one"
+    _write(root, "en", [("T", [_para(["S."], [("q", "q?", [(0, 0)])])])])
+    _write(root, "de", [("T-de", [_para(["D."], [("q", "q?", [(0, 0)])])])])  # linked to T: one group
+    with pytest.raises(ValueError, match="1 article group.*split='all'"):
+        load_lareqa(root, split="test")
+    _write(root, "de", [("U", [_para(["D."], [("r", "r?", [(0, 0)])])])])      # now two groups
+    train, test = load_lareqa(root, split="train"), load_lareqa(root, split="test")
+    assert sorted([*train.qrels, *test.qrels]) == ["q", "r"]
+
+
 def test_unmatched_answer_starts_warn_once_and_are_skipped(tmp_path):
     root = tmp_path / "gaps"
     para = _para(["S0.", "S1."], [("q1", "q1?", [(1, 0)]), ("q2", "q2?", [(0, 0)])])
