@@ -140,8 +140,7 @@ def _fail(path, where, problem):
 
 def _expect(path, where, value, kind, what):
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        _fail(path, where, f"{what} must be {kind.__name__ if isinstance(kind, type) else kind}, "
-                           f"got {type(value).__name__}")
+        _fail(path, where, f"{what} must be {kind.__name__}, got {type(value).__name__}")
     return value
 
 
@@ -463,9 +462,13 @@ def _has_lang_files(path: Path) -> bool:
 
 
 def resolve_dataset(name_or_path, data_dir=None) -> Path:
-    """The folder of a benchmark: an existing folder as given, or "xquad-r"/"mlqa-r"
-    found under data_dir, then $HYBRIDFAST_DATA, then the cache folder (a root may
-    also be the dataset folder itself)."""
+    """The folder of a benchmark.
+
+    A known name ("xquad-r", "mlqa-r") is looked up as <root>/<name> (or a root that
+    is itself the dataset folder) under data_dir, then $HYBRIDFAST_DATA, then the
+    cache folder, then as a folder of that name here; anything else must be an
+    existing folder of <lang>.json files.
+    """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
     given, name = Path(name_or_path), str(name_or_path)
