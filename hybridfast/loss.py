@@ -34,9 +34,12 @@ MAX_SCALE = 100.0
 SIMILARITIES = ("cos", "dot")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "torch", "triton")
-# Logits held per chunk by the torch backend (elements). 2**22 fp32 = 16 MiB per chunk
-# buffer; tuned on the CPU benchmark (bench/bench_loss.py) for time vs peak memory.
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
+# Logits held per chunk by the torch backend (elements): 2**23 fp32 = 32 MiB, i.e. 1024
+# query rows at N = 8192. Tuned on the 2-core CPU case of bench/bench_loss.py (best of 3,
+# round-robin, naive = 8.7 s / 1048 MiB): 512 rows 9.1 s / 142 MiB, 1024 rows 6.6 s /
+# 131 MiB, 2048 rows 5.3 s / 164 MiB, 4096 rows 5.1 s / 310 MiB. Fewer, larger chunks
+# re-read p and update dp less often; 1024 keeps memory well under 0.2x naive.
+DEFAULT_CHUNK_ELEMENTS = 1 << 23
 
 
 # ----------------------------------------------------------------------------- validation
