@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from hybridfast.study import (BASE, LOWER_IS_BETTER, MODES, TABLE_COLUMNS, StudyConfig, best_marks,
-                              build_evaluators, model_label, paired_bootstrap, run_cells, subset_articles,
-                              _write_json)
+                              build_evaluators, configure_threads, model_label, paired_bootstrap,
+                              run_cells, subset_articles, _write_json)
 
 RUNS = (BASE,) + MODES
 
@@ -308,18 +308,13 @@ def add_arguments(p) -> None:
     p.add_argument("--max-length", type=int, default=None, help="(default: by budget)")
     p.add_argument("--languages", default=None, help="comma-separated subset (default: by budget)")
     p.add_argument("--model", default=None, help="model folder (default: the bundled all-MiniLM-L6-v2)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice); on a busy shared CPU, 1 avoids "
-                        "oversubscription (measured 7-13x faster training steps here under load)")
+    p.add_argument("--threads", default="auto",
+                   help="CPU threads for torch: a number, or auto (1 when the CPU is already busy, which "
+                        "avoids oversubscription: 7-13x faster steps measured under load; else torch's choice)")
 
 
 def run(args) -> int:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    configure_threads(args.threads)
     try:
         run_demo(out=args.out, data_dir=args.data_dir, quick=args.quick, steps=args.steps, device=args.device,
                  model=args.model, languages=args.languages, batch_size=args.batch_size,

@@ -306,6 +306,20 @@ def test_markdown_marks_best_per_model():
     assert "**2.00**" in table and "**5.00**" not in table  # rank distance: lower is better
 
 
+def test_configure_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert study.configure_threads(1) == 1 == torch.get_num_threads()
+        assert study.configure_threads("auto", log=lambda *a: None) >= 1
+        for bad in ("many", 0, -2):
+            with pytest.raises(ValueError, match="threads"):
+                study.configure_threads(bad)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_use_prefixes(tmp_path):
     st = tmp_path / "st"
     st.mkdir()
