@@ -382,10 +382,12 @@ def _contrastive(q, p, labels, query_groups, passage_groups, scale, similarity, 
     need_grad = torch.is_grad_enabled() and (q_all.requires_grad or p.requires_grad or scale.requires_grad)
     n_cols = max(p.shape[0], q_all.shape[0])
     chunk_rows = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // n_cols)
-    fn = _ContrastiveFunction
-    out = fn.apply(q_all.contiguous(), p.contiguous(), scale, labels_all, q_grp_all, passage_groups, offset, B,
-                   symmetric, reduction, backend, chunk_rows, need_grad)
-    return out
+    # Under autocast the inputs keep their dtype here: the engines pick their own
+    # accumulation precision and write into fp32 buffers in place.
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return _ContrastiveFunction.apply(q_all.contiguous(), p.contiguous(), scale, labels_all, q_grp_all,
+                                          passage_groups, offset, B, symmetric, reduction, backend, chunk_rows,
+                                          need_grad)
 
 
 def _scale_from_temperature(temperature, device):

@@ -269,6 +269,19 @@ def test_module_equals_functional_and_no_grad(backend):
     assert "temperature=0.05" in repr(module)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_does_not_change_the_loss(backend):
+    # a bf16 autocast region around the training step must not lower the loss's own precision
+    q, p, labels, qg, pg = make_inputs(B=12, D=20, seed=14, groups=2)
+    expected = hybrid_contrastive_loss(q, p, labels, qg, pg, symmetric=True, backend=backend)
+    qq = q.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = hybrid_contrastive_loss(qq, p, labels, qg, pg, symmetric=True, backend=backend)
+    got.backward()
+    torch.testing.assert_close(got, expected)
+    assert qq.grad.dtype == torch.float32 and torch.isfinite(qq.grad).all()
+
+
 def test_auto_backend_on_cpu_is_torch_and_matches():
     q, p, labels, _, _ = make_inputs(B=10, D=12, seed=11)
     torch.testing.assert_close(hybrid_contrastive_loss(q, p, labels),
