@@ -153,6 +153,30 @@ def test_mono_and_cross_modes_and_hard_negatives(toy, tmp_path):
     assert log_kinds == {"mono": {"mono"}, "cross": {"cross"}}
 
 
+def test_tensorboard_when_installed(toy, tmp_path, monkeypatch):
+    """With tensorboard importable, every logged number also goes to a SummaryWriter."""
+    import types
+
+    calls = []
+
+    class FakeWriter:
+        def __init__(self, logdir):
+            calls.append(("init", logdir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    out = tmp_path / "tb"
+    train(base_config(toy, out, max_steps=2))
+    assert calls[0] == ("init", str(out / "tensorboard")) and calls[-1] == ("close",)
+    logged = {(tag, step) for tag, *rest in calls[1:-1] for step in rest[1:]}
+    assert {("train/loss", 1), ("train/loss", 2), ("train/lr", 2), ("train/examples_per_s", 1)} <= logged
+
+
 def test_collator_layout_and_groups(toy, tmp_path):
     from hybridfast.train_data import load_training_pairs
 
