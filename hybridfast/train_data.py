@@ -241,7 +241,8 @@ def read_lareqa(path, split="train", languages=None) -> ParallelPairs:
     """
     from hybridfast.data import candidate_text, lareqa_examples
 
-    available = sorted(f.stem for f in Path(path).glob("*.json"))
+    # <lang>.json files only (a folder may also hold other JSON, e.g. metadata)
+    available = sorted(f.stem for f in Path(path).glob("*.json") if _LANG_RE.match(f.stem))
     languages = select_languages(available, languages, name=str(path))
     records = lareqa_examples(path, languages=languages, split=split)
     if not records:
