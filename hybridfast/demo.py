@@ -89,7 +89,7 @@ def device_description(device) -> str:
 
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA)"
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads: {torch.get_num_threads()})"
 
 
 # ---------------------------------------------------------------------------

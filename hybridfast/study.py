@@ -682,7 +682,9 @@ def plot_study(rows: List[dict], gains: List[dict], folder: Path) -> Dict[str, P
     paths = {}
     for name in sorted({r["eval"] for r in rows}):
         sub = [r for r in rows if r["eval"] == name]
-        fig, axes = plt.subplots(1, len(TABLE_COLUMNS), figsize=(4 * len(TABLE_COLUMNS), 3.6))
+        fig, axes = plt.subplots(2, 3, figsize=(12, 7))
+        axes = axes.ravel()
+        axes[-1].axis("off")  # five metrics on a 2 x 3 grid; the sixth cell holds the legend
         for ax, (setting, metric, head) in zip(axes, TABLE_COLUMNS):
             for mode in [BASE] + list(MODES):
                 pts = sorted((r["params"], r.get(f"{setting}_{metric}")) for r in sub if r["mode"] == mode)
@@ -693,7 +695,7 @@ def plot_study(rows: List[dict], gains: List[dict], folder: Path) -> Dict[str, P
             ax.set_xlabel("parameters")
             ax.set_title(head + (" (lower better)" if metric in LOWER_IS_BETTER else ""))
             ax.grid(alpha=0.3)
-        axes[0].legend()
+        axes[-1].legend(*axes[0].get_legend_handles_labels(), loc="center", title="batch mode")
         fig.suptitle(f"{name}: metrics vs model size per batch mode")
         fig.tight_layout()
         paths[f"metrics_{name}"] = folder / f"metrics_vs_params-{_slug(name)}.png"
