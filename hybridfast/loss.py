@@ -34,12 +34,13 @@ MAX_SCALE = 100.0
 SIMILARITIES = ("cos", "dot")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "torch", "triton")
-# Logits held per chunk by the torch backend (elements): 2**23 fp32 = 32 MiB, i.e. 1024
-# query rows at N = 8192. Tuned on the 2-core CPU case of bench/bench_loss.py (best of 3,
-# round-robin, naive = 8.7 s / 1048 MiB): 512 rows 9.1 s / 142 MiB, 1024 rows 6.6 s /
-# 131 MiB, 2048 rows 5.3 s / 164 MiB, 4096 rows 5.1 s / 310 MiB. Fewer, larger chunks
-# re-read p and update dp less often; 1024 keeps memory well under 0.2x naive.
-DEFAULT_CHUNK_ELEMENTS = 1 << 23
+# Logits held per chunk by the torch backend (elements): 12 Mi fp32 = 48 MiB, 1536 query
+# rows at N = 8192. Tuned on the 2-core CPU case of bench/bench_loss.py (round-robin,
+# best of 3, shared machine; naive 5.6 s / 1024 MiB): 1024 rows 4.6 s / 126 MiB, 1536 rows
+# 3.9 s / 136 MiB, 2048 rows 4.1 s / 182 MiB (512 rows was slower than naive). Larger
+# chunks give the dp update (G^T @ q_chunk, inner size = chunk) a deeper, faster GEMM;
+# 1536 keeps peak memory well under 0.2x naive.
+DEFAULT_CHUNK_ELEMENTS = 12 << 20
 
 
 # ----------------------------------------------------------------------------- validation
