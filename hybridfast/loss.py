@@ -41,6 +41,8 @@ BACKENDS = ("auto", "torch", "triton")
 # chunks give the dp update (G^T @ q_chunk, inner size = chunk) a deeper, faster GEMM;
 # 1536 keeps peak memory well under 0.2x naive.
 DEFAULT_CHUNK_ELEMENTS = 12 << 20
+# GPUs have memory to spare and want big GEMMs: 256 MiB of fp32 logits per chunk (untuned).
+DEFAULT_CHUNK_ELEMENTS_CUDA = 1 << 26
 
 
 # ----------------------------------------------------------------------------- validation
@@ -382,7 +384,8 @@ def _contrastive(q, p, labels, query_groups, passage_groups, scale, similarity, 
     scale = scale.to(device=q.device, dtype=compute_dtype).reshape(())
     need_grad = torch.is_grad_enabled() and (q_all.requires_grad or p.requires_grad or scale.requires_grad)
     n_cols = max(p.shape[0], q_all.shape[0])
-    chunk_rows = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // n_cols)
+    budget = DEFAULT_CHUNK_ELEMENTS_CUDA if q.is_cuda else DEFAULT_CHUNK_ELEMENTS
+    chunk_rows = chunk_size or max(1, budget // n_cols)
     # Under autocast the inputs keep their dtype here: the engines pick their own
     # accumulation precision and write into fp32 buffers in place.
     with torch.autocast(device_type=q.device.type, enabled=False):
