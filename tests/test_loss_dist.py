@@ -56,6 +56,13 @@ def _worker(rank, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         results = [loss_and_grads(*shard(rank), cfg, gather=True) for cfg in CONFIGS]
+        # unequal local batches cannot be offset by rank * N_local: every rank must refuse
+        q, p = torch.randn(4 + rank, D), torch.randn(8, D)
+        try:
+            hybrid_contrastive_loss(q, p, gather_across_devices=True)
+            results.append("no error")
+        except ValueError as exc:
+            results.append(str(exc))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -94,3 +101,8 @@ def test_gather_equals_single_process(per_rank, index):
     torch.testing.assert_close(torch.cat([r[2] for r in ranks]), gp * factor, rtol=1e-4, atol=1e-6)
     # temperature: a replicated parameter, so DDP would average its per-rank gradients
     torch.testing.assert_close(sum(r[3] for r in ranks) / factor, gt, rtol=1e-4, atol=1e-5)
+
+
+def test_unequal_local_batches_are_refused_on_every_rank(per_rank):
+    for rank in range(WORLD):
+        assert "same q and p sizes on every rank" in per_rank[rank][-1]
