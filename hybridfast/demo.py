@@ -247,7 +247,7 @@ def run_demo(out="runs/demo", data="xquad-r", data_dir=None, quick=False, steps=
               f"  device: {dev_text}\n"
               f"  budget: {budget.name} -- {budget.steps} steps x batch {budget.batch_size} per mode, "
               f"max_length {budget.max_length}, languages {', '.join(langs)}; "
-              f"tuned to about {budget.target_minutes:g} min on {'a GPU' if dev.type == 'cuda' else 'a 2-core CPU'}\n"
+              f"meant to finish within {budget.target_minutes:g} min on {'a GPU' if dev.type == 'cuda' else 'a 2-core CPU'}\n"
               f"  test: {n_art} of {n_articles_all} held-out articles, {n_queries} queries, {n_cands} candidates")
     log(header)
     config = StudyConfig(models=[str(model)], modes=MODES, train=str(data_path), evals=[data_path.name],
