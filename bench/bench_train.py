@@ -77,13 +77,16 @@ def _pairs():
     return load_training_pairs("xquad-r", data_dir=_data_root(), split="train")
 
 
-def _timed(step, batches):
-    """Seconds per step over `batches` (collate included, as in training), after one warm-up step."""
+def _timed(step, batches, cpu=False):
+    """Seconds per step over `batches` (collate included, as in training), after one warm-up step;
+    with cpu=True also this process's CPU seconds per step (on a shared CPU, wall time
+    depends on the neighbours' load; CPU time much less)."""
     step(batches[0]())
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for make in batches[1:]:
         step(make())
-    return (time.perf_counter() - t0) / (len(batches) - 1)
+    wall = (time.perf_counter() - t0) / (len(batches) - 1)
+    return (wall, (time.process_time() - c0) / (len(batches) - 1)) if cpu else wall
 
 
 def bench_cpu(steps):
@@ -103,13 +106,15 @@ def bench_cpu(steps):
         collate = trainer.Collator(pairs, enc, max_length=MAX_LENGTH)
         step = Step(enc, HybridContrastiveLoss(), chunk_size=chunk)
         batches = [lambda b=b, i=i: collate(b, i) for i, b in enumerate(plan)]
-        seconds = _timed(step, batches)
+        load_before = os.getloadavg()[0]
+        seconds, cpu_seconds = _timed(step, batches, cpu=True)
         peak = peak_memory_bytes(lambda: step(batches[-1]()), device)
         tokens = sum(int(t["attention_mask"].sum()) for t in collate(plan[-1], 0)[:2])
         records.append(dict(name=name, device="cpu", model="all-MiniLM-L6-v2", batch_size=BATCH,
                             max_length=MAX_LENGTH, chunk_size=chunk, gradient_checkpointing=ckpt,
                             threads=torch.get_num_threads(), steps_timed=len(plan) - 1,
                             seconds_per_step=seconds, steps_per_s=1 / seconds, examples_per_s=BATCH / seconds,
+                            cpu_seconds_per_step=cpu_seconds, loadavg_1min=[load_before, os.getloadavg()[0]],
                             tokens_per_step=tokens, peak_memory_bytes=peak))
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in records[-1].items()}, flush=True)
     return records
