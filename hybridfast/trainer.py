@@ -372,6 +372,31 @@ class Collator:
                 torch.tensor(p_groups, dtype=torch.int64, device=dev))
 
 
+def prefetch(sampler, collate, first_step):
+    """Yield (batch, collate(batch, step)) for the sampler's batches, collating batch
+    i+1 in a background thread while the caller trains on batch i (tokenisers release
+    the GIL; on a GPU this hides the collate time). Collate is a pure function of
+    (batch, step), so results do not depend on the timing. If the caller stops early,
+    one extra batch was drawn from the sampler: checkpoints therefore save the
+    sampler position explicitly (state_dict(step=...))."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = iter(sampler)
+
+    def draw():
+        batch = next(batches, None)
+        return None if batch is None else [tuple(int(v) for v in t) for t in batch]
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridfast-collate") as pool:
+        step, batch = first_step, draw()
+        pending = pool.submit(collate, batch, step) if batch is not None else None
+        while pending is not None:
+            current, result = batch, pending.result()
+            step, batch = step + 1, draw()
+            pending = pool.submit(collate, batch, step) if batch is not None else None
+            yield current, result
+
+
 def batch_kind(batch) -> str:
     return "mono" if all(x == y for _, x, y in batch) else "cross"
 
@@ -827,10 +852,10 @@ def _train(config, device, rank, world):
         return round(epoch + in_epoch / max(1, steps_this_epoch), 4)
 
     while step < total_steps:
-        for batch in sampler:  # a resumed sampler starts at its saved position
-            batch = [tuple(int(v) for v in t) for t in batch]
+        # a resumed sampler starts at its saved position; the next batch is tokenised
+        # while this one trains
+        for batch, (q_in, p_in, q_groups, p_groups) in prefetch(sampler, collate, step):
             kind = batch_kind(batch)
-            q_in, p_in, q_groups, p_groups = collate(batch, step)
             if config.chunk_size:
                 loss = gradcache_step(encoder, loss_fn, q_in, p_in, q_groups, p_groups, config.chunk_size,
                                       amp_dtype, scaler)
