@@ -71,6 +71,8 @@ class EvaluationResult:
     per_language: {query_lang: {metric: value}} in the multilingual pool
     unk_rates:    {lang: fraction of [UNK] tokens} when the encoder has unk_rate(texts), else {}
     n_queries:    {"xx->yy" or "xx->multi": number of queries evaluated}
+    per_query:    {"xx->yy" or "xx->multi": {query_id: {metric: value}}} when the evaluator
+                  was built with keep_per_query=True (for significance tests), else {}
     """
 
     summary: Dict[str, Dict[str, float]]
@@ -84,6 +86,7 @@ class EvaluationResult:
     exact: bool = True
     config: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    per_query: Dict[str, Dict[str, Dict[str, float]]] = field(default_factory=dict)
 
     # ------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:
@@ -96,6 +99,7 @@ class EvaluationResult:
             "per_pair": {_pair_key(p): m for p, m in self.per_pair.items()},
             "per_language": self.per_language, "unk_rates": self.unk_rates,
             "n_queries": self.n_queries, "config": self.config, "timings": self.timings,
+            **({"per_query": self.per_query} if self.per_query else {}),
         })
 
     def to_json(self, path) -> Path:
@@ -118,7 +122,7 @@ class EvaluationResult:
                    candidate_languages=data.get("candidate_languages", []),
                    n_queries=data.get("n_queries", {}), benchmark=data.get("benchmark", "benchmark"),
                    exact=data.get("exact", True), config=data.get("config", {}),
-                   timings=data.get("timings", {}))
+                   timings=data.get("timings", {}), per_query=data.get("per_query", {}))
 
     @classmethod
     def from_json(cls, path) -> "EvaluationResult":
@@ -221,10 +225,12 @@ class RetrievalEvaluator:
     search: "auto" | "torch" | "faiss" (see hybridfast.search). device: for the search.
     batch_size: passed to the encoder's encode_* when they accept it. languages:
     evaluate only these (queries and candidates); ivf_lists / nprobe: approximate faiss IVF.
+    keep_per_query: also return every query's metric values (EvaluationResult.per_query).
     """
 
     def __init__(self, benchmark, settings=SETTINGS, k=100, search="auto", device="auto", batch_size=None,
-                 show_progress=True, languages=None, chunk_size=None, ivf_lists=None, nprobe=16):
+                 show_progress=True, languages=None, chunk_size=None, ivf_lists=None, nprobe=16,
+                 keep_per_query=False):
         for attr in ("queries", "candidates", "qrels"):
             if not isinstance(getattr(benchmark, attr, None), dict):
                 raise TypeError(f"benchmark must be a RetrievalBenchmark (dict attributes queries, candidates, "
@@ -259,6 +265,7 @@ class RetrievalEvaluator:
         self.chunk_size = chunk_size
         self.ivf_lists = ivf_lists
         self.nprobe = nprobe
+        self.keep_per_query = bool(keep_per_query)
         self._prepare()
 
     # ------------------------------------------------------------ layout
@@ -383,7 +390,13 @@ class RetrievalEvaluator:
         valid = rel >= 0
         block_of = np.repeat(np.arange(len(self.candidate_languages)), np.diff(self._offsets))
         rel_block = np.where(valid, block_of[np.maximum(rel, 0)], -1)
-        per_pair, n_queries = {}, {}
+        per_pair, n_queries, per_query = {}, {}, {}
+        q_ids = np.array(self._q_ids, dtype=object)
+
+        def keep_values(key, ids, values):
+            if self.keep_per_query:
+                per_query[key] = {str(q): {m: float(v[i]) for m, v in values.items()} for i, q in enumerate(ids)}
+
         want_pairs = "mono" in self.settings or "cross" in self.settings
         n_lang = len(self.query_languages)
         for yi, y in enumerate(self.candidate_languages if want_pairs else []):
@@ -401,6 +414,8 @@ class RetrievalEvaluator:
                 n_queries[f"{x}->{y}"] = int(count[xi])
                 per_pair[(x, y)] = {m: float(sums[m][xi] / count[xi]) if count[xi] else float("nan")
                                     for m in METRICS}
+                sel = groups == xi
+                keep_values(f"{x}->{y}", q_ids[keep][sel], {m: v[sel] for m, v in values.items()})
         per_language = {}
         if "multi" in self.settings:
             for xi, x in enumerate(self.query_languages):
@@ -408,11 +423,11 @@ class RetrievalEvaluator:
                 ranks = np.where(valid[rows], found.ranks[rows], 0)
                 n_rel = valid[rows].sum(1)
                 n_queries[f"{x}->multi"] = int(rows.sum())
-                if found.exact:
-                    per_language[x] = mean_metrics(per_query_metrics(ranks, n_rel, with_rank_distance=True))
-                else:
-                    per_language[x] = dict(mean_metrics(per_query_metrics(ranks, n_rel)),
-                                           rank_distance=float("nan"))
+                values = per_query_metrics(ranks, n_rel, with_rank_distance=found.exact)
+                if not found.exact:  # needs every relevant candidate's rank
+                    values["rank_distance"] = np.full(len(ranks), np.nan)
+                per_language[x] = mean_metrics(values)
+                keep_values(f"{x}->multi", q_ids[rows], values)
         summary = {}
         if "mono" in self.settings:
             summary["mono"] = macro_average(m for (x, y), m in per_pair.items() if x == y)
@@ -428,7 +443,7 @@ class RetrievalEvaluator:
                                 query_languages=list(self.query_languages),
                                 candidate_languages=list(self.candidate_languages), n_queries=n_queries,
                                 benchmark=getattr(self.benchmark, "name", "benchmark"), exact=found.exact,
-                                config=config, timings={})
+                                config=config, timings={}, per_query=per_query)
 
 
 # ---------------------------------------------------------------------------- CLI: hybridfast evaluate

@@ -125,7 +125,7 @@ def trec_reference(bench, encoder):
     langs_q, langs_c = sorted(bench.queries), sorted(bench.candidates)
     cids = {l: list(bench.candidates[l]) for l in langs_c}
     cemb = {l: encoder.encode_passages([candidate_text(*bench.candidates[l][c]) for c in cids[l]]) for l in langs_c}
-    per_pair, per_lang = {}, {}
+    per_pair, per_lang, multi_ap = {}, {}, {}
     for x in langs_q:
         qids = [q for q in bench.queries[x] if bench.qrels.get(q)]
         qemb = encoder.encode_queries([bench.queries[x][q] for q in qids])
@@ -140,20 +140,21 @@ def trec_reference(bench, encoder):
                for i, q in enumerate(qids)}
         m = pytrec_eval_metrics(run, {q: bench.qrels[q] for q in qids})
         per_lang[x] = {k: np.mean([m[q][k] for q in qids]) for k in METRICS}
+        multi_ap[x] = {q: m[q]["map"] for q in qids}
         rd = []
         for q in qids:
             r = sorted(reference_ranks(run[q], bench.qrels[q]).values())
             rd.append(r[-1] - r[0])
         per_lang[x]["rank_distance"] = np.mean(rd)
-    return per_pair, per_lang
+    return per_pair, per_lang, multi_ap
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_equals_pytrec_eval_on_partly_parallel_data_with_ties(seed):
     bench = partly_parallel_benchmark(seed)
     enc = HashEncoder()
-    res = RetrievalEvaluator(bench, show_progress=False, chunk_size=7).evaluate(enc)
-    per_pair, per_lang = trec_reference(bench, enc)
+    res = RetrievalEvaluator(bench, show_progress=False, chunk_size=7, keep_per_query=True).evaluate(enc)
+    per_pair, per_lang, multi_ap = trec_reference(bench, enc)
     assert set(res.per_pair) == {(x, y) for x in bench.queries for y in bench.candidates}
     for pair, ref in per_pair.items():
         for m in METRICS:
@@ -169,6 +170,17 @@ def test_equals_pytrec_eval_on_partly_parallel_data_with_ties(seed):
     assert "orphan" not in str(res.n_queries) and res.n_queries["ar->multi"] == sum(
         1 for q in bench.queries["ar"] if bench.qrels.get(q))
     assert res.unk_rates.keys() == set(bench.languages)
+    # per-query values: each query's multilingual AP is trec_eval's; pair means are per_pair
+    for x, aps in multi_ap.items():
+        got = res.per_query[f"{x}->multi"]
+        assert set(got) == set(aps)
+        for q, ap in aps.items():
+            assert got[q]["map"] == pytest.approx(ap, abs=1e-12)
+    for (x, y), metrics in res.per_pair.items():
+        values = res.per_query[f"{x}->{y}"]
+        assert len(values) == res.n_queries[f"{x}->{y}"]
+        if values:
+            assert metrics["ndcg@10"] == pytest.approx(np.mean([v["ndcg@10"] for v in values.values()]))
 
 
 # ---------------------------------------------------------------------------- search backends
@@ -266,13 +278,14 @@ def test_search_memory_is_chunked():
 
 def test_json_round_trip_markdown_and_plot(tmp_path):
     bench = partly_parallel_benchmark(1)
-    res = RetrievalEvaluator(bench, show_progress=False).evaluate(HashEncoder())
+    res = RetrievalEvaluator(bench, show_progress=False, keep_per_query=True).evaluate(HashEncoder())
     path = res.to_json(tmp_path / "r" / "results.json")
     data = json.loads(path.read_text())
     assert "ar->de" in data["per_pair"] and set(data["summary"]) == {"mono", "cross", "multi"}
     back = EvaluationResult.from_json(path)
     assert back.per_pair == res.per_pair and back.summary == res.summary
     assert back.per_language == res.per_language and back.unk_rates == res.unk_rates
+    assert back.per_query == res.per_query and "ar->multi" in back.per_query
     md = res.to_markdown()
     assert "| mono |" in md and "| cross |" in md and "| multi |" in md
     assert f"{res.per_pair[('de', 'zh')]['map']:.4f}" in md
