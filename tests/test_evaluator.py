@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hybridfast.data import RetrievalBenchmark, candidate_text
 from hybridfast.evaluator import EvaluationResult, RetrievalEvaluator
@@ -215,6 +217,36 @@ def test_search_ranks_and_topk_equal_sorting_reference(counter):
             block = {ids[x]: run[ids[x]] for x in range(offsets[b], offsets[b + 1])}
             assert res.block_ranks[i, slot] == reference_ranks(block, [ids[j]])[ids[j]]
         assert [ids[x] for x in res.topk_ids[i]] == trec_order(run)[:12]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 40), st.integers(1, 4), st.integers(1, 4), st.integers(1, 13),
+       st.integers(0, 2**31 - 1), st.sampled_from(["numpy", "torch"]))
+def test_search_property_ranks_equal_sorting(Q, C, D, R, chunk, seed, counter):
+    """Any shape, block layout, chunk size and tie pattern: counted ranks = sorted ranks."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-1, 2, (Q, D)).astype(np.float32)
+    c = rng.integers(-1, 2, (C, D)).astype(np.float32)
+    cuts = np.sort(rng.integers(0, C + 1, rng.integers(0, 4)))
+    offsets = np.concatenate([[0], cuts, [C]])
+    prio = rng.permutation(C)
+    rel = np.full((Q, R), -1)
+    for i in range(Q):
+        n = rng.integers(0, min(R, C) + 1)
+        rel[i, :n] = rng.choice(C, n, replace=False)
+    res = search(q, c, rel, offsets=offsets, tie_priority=prio, chunk_size=chunk, counter=counter)
+    S = q @ c.T
+    for i in range(Q):
+        order = sorted(range(C), key=lambda j: (-S[i, j], -prio[j]))  # trec order by priority
+        pos = {j: p + 1 for p, j in enumerate(order)}
+        for slot, j in enumerate(rel[i]):
+            if j < 0:
+                assert res.ranks[i, slot] == 0
+                continue
+            assert res.ranks[i, slot] == pos[j]
+            b = np.searchsorted(offsets, j, side="right") - 1
+            in_block = [x for x in order if offsets[b] <= x < offsets[b + 1]]
+            assert res.block_ranks[i, slot] == in_block.index(j) + 1
 
 
 def test_signed_zero_scores_tie_like_trec_eval():
