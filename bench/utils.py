@@ -90,8 +90,14 @@ def save_results(op: str, device: torch.device, records) -> Path:
     path = RESULTS_DIR / f"{device_slug(device)}.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     data[op] = {"environment": environment(device), "records": records}
+    text = json.dumps(data, indent=2, sort_keys=True)  # fails before any file is touched
     fd, tmp = tempfile.mkstemp(dir=RESULTS_DIR, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return path

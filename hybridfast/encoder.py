@@ -57,6 +57,19 @@ def _read_json(path: Path):
         return json.load(f)
 
 
+def _default_prefixes(folder: Path, saved: dict):
+    """The model's own prefixes: what hybridfast saved, else a sentence-transformers
+    folder's prompts (none at all for models such as all-MiniLM-L6-v2, which were
+    trained without prefixes), else the paper's "query: " / "passage: "."""
+    if "query_prefix" in saved or "passage_prefix" in saved:
+        return saved.get("query_prefix", ""), saved.get("passage_prefix", "")
+    if (folder / "modules.json").is_file():
+        st_config = folder / "config_sentence_transformers.json"
+        prompts = (_read_json(st_config).get("prompts") or {}) if st_config.is_file() else {}
+        return prompts.get("query", ""), prompts.get("passage", prompts.get("document", ""))
+    return DEFAULT_QUERY_PREFIX, DEFAULT_PASSAGE_PREFIX
+
+
 def _st_layout(folder: Path):
     """(transformer subfolder, pooling from the Pooling config or None, Dense folders, ignored module types).
 
@@ -161,9 +174,9 @@ def _check_positive_int(value, arg):
 class Encoder(torch.nn.Module):
     """Sentence embeddings from a Hugging Face model, with query/passage prefixes.
 
-    query_prefix / passage_prefix: None means the model's own (a folder written by
-    save_pretrained records them), else "query: " / "passage: "; pass "" for models
-    trained without prefixes. amp: autocast for encode_* on CUDA ("auto": bf16 where
+    query_prefix / passage_prefix: None means the model's own: those recorded by
+    save_pretrained, else a sentence-transformers folder's prompts (empty for models
+    trained without prefixes, such as all-MiniLM-L6-v2), else "query: " / "passage: ". amp: autocast for encode_* on CUDA ("auto": bf16 where
     supported, else fp16; "bf16"; "fp16"; None: off). Never used on CPU.
     """
 
@@ -200,10 +213,9 @@ class Encoder(torch.nn.Module):
                              "(pass pooling='mean' or 'cls' to override)")
         self.pooling = (st_pooling or saved.get("pooling") or "mean") if pooling == "auto" else pooling
         self.normalize = bool(normalize)
-        self.query_prefix = query_prefix if query_prefix is not None else saved.get(
-            "query_prefix", DEFAULT_QUERY_PREFIX)
-        self.passage_prefix = passage_prefix if passage_prefix is not None else saved.get(
-            "passage_prefix", DEFAULT_PASSAGE_PREFIX)
+        default_query, default_passage = _default_prefixes(folder, saved)
+        self.query_prefix = default_query if query_prefix is None else query_prefix
+        self.passage_prefix = default_passage if passage_prefix is None else passage_prefix
         self.show_progress = bool(show_progress)
         self.amp = amp or None
         # transformers renamed torch_dtype to dtype in 4.56.
@@ -305,7 +317,7 @@ class Encoder(torch.nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with torch.no_grad(), self._autocast(), tqdm(total=len(texts), desc=f"encode {kind}s", unit="text",
+            with torch.no_grad(), self._autocast(), tqdm(total=len(texts), desc=f"encode {kind} texts", unit="text",
                                                          disable=not self.show_progress) as bar:
                 for start in range(0, len(order), batch_size):
                     idx = order[start:start + batch_size]

@@ -235,3 +235,23 @@ def test_cuda_autocast_close_to_fp32(minilm, xquad_dir):
     texts = [candidate_text(*c) for c in list(bench.candidates["en"].values())[:64]]
     gpu = Encoder(default_model_path(), query_prefix="", passage_prefix="", device="cuda", show_progress=False)
     assert F.cosine_similarity(gpu.encode_passages(texts), minilm.encode_passages(texts)).min() > 0.99
+
+
+def test_default_prefixes_follow_the_model(tmp_path):
+    """A plain HF folder gets the paper's prefixes; a sentence-transformers folder its own
+    prompts (none for the bundled all-MiniLM-L6-v2, trained without prefixes)."""
+    import json
+
+    from hybridfast.encoder import _default_prefixes
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert _default_prefixes(plain, {}) == ("query: ", "passage: ")
+    st = tmp_path / "st"
+    st.mkdir()
+    (st / "modules.json").write_text("[]")
+    assert _default_prefixes(st, {}) == ("", "")
+    (st / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": {"query": "q: ", "document": "d: "}}))
+    assert _default_prefixes(st, {}) == ("q: ", "d: ")
+    assert _default_prefixes(st, {"query_prefix": "x ", "passage_prefix": "y "}) == ("x ", "y ")
