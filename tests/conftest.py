@@ -30,3 +30,14 @@ def xquad_dir():
     if not (path / "en.json").exists():
         pytest.skip(f"XQuAD-R not found under {path} (set HYBRIDFAST_DATA)")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one intra-op thread: on a shared 2-core CI machine,
+    OpenMP threads spinning on 32-wide matmuls cost more than the work. Use with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

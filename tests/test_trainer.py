@@ -74,14 +74,7 @@ def make_toy_jsonl(path: Path, n_examples=24, seed=0, negatives=False):
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the CI CPU is shared): OpenMP
-    threads spinning on 32-wide matmuls cost more than the work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
