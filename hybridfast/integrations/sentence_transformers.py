@@ -251,7 +251,7 @@ def _sync_context(model: nn.Module, last: bool):
     return nullcontext()
 
 
-class CachedHybridMNRLoss(nn.Module):
+class CachedHybridMNRLoss(HybridMNRLoss):
     """GradCache form of :class:`HybridMNRLoss`: the batch size no longer bounds memory, only mini_batch_size.
 
     Same value and gradients as the uncached loss (tests compare both). Args as :class:`HybridMNRLoss`, plus
@@ -270,18 +270,11 @@ class CachedHybridMNRLoss(nn.Module):
         show_progress_bar: bool = False,
         **loss_kwargs: Any,
     ) -> None:
-        super().__init__()
         if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
-        self.model = model
-        self.loss_fn = _make_fused_loss(scale, similarity, symmetric, gather_across_devices, backend, loss_kwargs)
-        self.scale = float(scale)
-        self.loss_kwargs = dict(loss_kwargs)
+        super().__init__(model, scale=scale, symmetric=symmetric, gather_across_devices=gather_across_devices,
+                         similarity=similarity, backend=backend, **loss_kwargs)
         self.mini_batch_size = mini_batch_size
-        self.symmetric = bool(symmetric)
-        self.gather_across_devices = bool(gather_across_devices)
-        self.similarity = similarity
-        self.backend = backend
         self.show_progress_bar = show_progress_bar
 
     def _ranges(self, rows: int) -> list[tuple[int, int]]:
@@ -355,21 +348,8 @@ class CachedHybridMNRLoss(nn.Module):
                         surrogate = surrogate * grad_output.to(dtype)
                         surrogate.backward()
 
-    @property
-    def temperature(self) -> float:
-        """The temperature in use (the learnt one with ``learn_temperature=True``)."""
-        return float(self.loss_fn.temperature)
-
     def get_config_dict(self) -> dict[str, Any]:
-        return {
-            "scale": self.scale,
-            "similarity": self.similarity,
-            "symmetric": self.symmetric,
-            "mini_batch_size": self.mini_batch_size,
-            "gather_across_devices": self.gather_across_devices,
-            "backend": self.backend,
-            **self.loss_kwargs,
-        }
+        return {**super().get_config_dict(), "mini_batch_size": self.mini_batch_size}
 
     @property
     def citation(self) -> str:
