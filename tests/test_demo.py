@@ -11,14 +11,7 @@ from hybridfast.demo import choose_budget, format_table, run_demo, subset_articl
 from test_study import LANGS, write_synthetic_lareqa, write_tiny_bert
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
