@@ -96,23 +96,21 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:60]
 
 
-def use_prefixes(model_path: str, prefixes: str = "auto") -> bool:
-    """Whether to use the "query: "/"passage: " prefixes with this model.
+def prefix_kwargs(prefixes: str = "auto") -> dict:
+    """Encoder/TrainConfig keyword arguments for the prefix choice.
 
-    "auto": off for a sentence-transformers folder not written by hybridfast
-    (all-MiniLM-L6-v2, all-mpnet-base-v2 were trained without prefixes, so
-    adding them would handicap the untouched baseline), on otherwise.
+    "auto" leaves it to the Encoder, which uses the model's own prefixes (none for
+    sentence-transformers models such as all-MiniLM-L6-v2 and all-mpnet-base-v2, so
+    the untouched baseline is not handicapped); "on" / "off" force the paper's
+    "query: " / "passage: " prefixes or none.
     """
-    if prefixes != "auto":
-        return prefixes == "on"
-    folder = Path(model_path)
-    is_st = (folder / "modules.json").is_file() or (folder / "config_sentence_transformers.json").is_file()
-    return not (is_st and not (folder / "hybridfast_config.json").is_file())
+    if prefixes == "auto":
+        return {}
+    from hybridfast.encoder import DEFAULT_PASSAGE_PREFIX, DEFAULT_QUERY_PREFIX
 
-
-def prefix_kwargs(model_path: str, prefixes: str = "auto") -> dict:
-    """Encoder/TrainConfig keyword arguments for the prefix choice ({} = Encoder default)."""
-    return {} if use_prefixes(model_path, prefixes) else {"query_prefix": "", "passage_prefix": ""}
+    on = prefixes == "on"
+    return {"query_prefix": DEFAULT_QUERY_PREFIX if on else "",
+            "passage_prefix": DEFAULT_PASSAGE_PREFIX if on else ""}
 
 
 def count_parameters(module) -> int:
@@ -172,7 +170,7 @@ class StudyConfig:
     eval_subset: Optional[str] = None  # label of any further restriction of the eval data (part of the hash)
     include_base: bool = True
     save_steps: Optional[int] = None  # None: about 4 checkpoints per cell; 0: none (no mid-cell resume)
-    prefixes: str = "auto"          # "auto" | "on" | "off": query/passage prefixes, see use_prefixes
+    prefixes: str = "auto"          # "auto" | "on" | "off": query/passage prefixes, see prefix_kwargs
     bootstrap: int = 2000
     show_progress: bool = True
     extra_train: Dict = field(default_factory=dict)  # more TrainConfig fields
@@ -387,7 +385,7 @@ def train_config(config: StudyConfig, model_path: str, mode: str, output: Path, 
                   batch_size=config.batch_size, max_steps=config.steps, lr=config.lr,
                   max_length=config.max_length, seed=config.seed, device=config.device,
                   save_steps=save_steps, output=str(output), resume=resume,
-                  show_progress=config.show_progress, **prefix_kwargs(model_path, config.prefixes))
+                  show_progress=config.show_progress, **prefix_kwargs(config.prefixes))
     kwargs.update(config.extra_train)
     return TrainConfig(**kwargs)
 
@@ -436,7 +434,7 @@ def run_cell(config: StudyConfig, model: str, mode: str, evaluators: Dict, train
     from hybridfast.encoder import Encoder
 
     # a fine-tuned folder records its prefixes; the base model gets the training choice
-    kw = prefix_kwargs(model_path, config.prefixes) if mode == BASE else {}
+    kw = prefix_kwargs(config.prefixes) if mode == BASE else {}
     encoder = Encoder(eval_path, max_length=config.max_length, device=config.device,
                       show_progress=config.show_progress, **kw)
     params = count_parameters(encoder.model)

@@ -312,13 +312,26 @@ def test_configure_threads():
         torch.set_num_threads(before)
 
 
-def test_use_prefixes(tmp_path):
+def test_prefix_choice(tmp_path):
+    """auto: the Encoder's rule (none for a sentence-transformers folder, the paper's
+    prefixes for a plain one); on/off force them."""
+    from hybridfast.encoder import _default_prefixes
+
     st = tmp_path / "st"
     st.mkdir()
     (st / "modules.json").write_text("[]")
-    assert study.use_prefixes(str(st)) is False
-    assert study.use_prefixes(str(st), "on") is True
-    assert study.use_prefixes(str(tmp_path / "plain")) is True
+    plain = tmp_path / "plain"
+    plain.mkdir()
+
+    def effective(folder, choice):
+        kw = study.prefix_kwargs(choice)
+        default = _default_prefixes(folder, {})
+        return kw.get("query_prefix", default[0]), kw.get("passage_prefix", default[1])
+
+    assert effective(st, "auto") == ("", "")
+    assert effective(st, "on") == ("query: ", "passage: ")
+    assert effective(plain, "auto") == ("query: ", "passage: ")
+    assert effective(plain, "off") == ("", "")
 
 
 def _fake_mpnet_parts(folder: Path, payload: bytes, wheels=True):
