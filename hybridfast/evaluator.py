@@ -33,15 +33,10 @@ import numpy as np
 
 from hybridfast.metrics import METRICS, MULTI_METRICS, macro_average, mean_metrics, per_query_metrics, tie_priority
 from hybridfast._backends import resolve_device
+from hybridfast.data import candidate_text
 from hybridfast.search import BACKENDS, resolve_backend, search
 
 SETTINGS = ("mono", "cross", "multi")
-
-
-def _candidate_text(sentence, context):
-    from hybridfast.data import candidate_text
-
-    return candidate_text(sentence, context)
 
 
 def _pair_key(pair):
@@ -278,7 +273,7 @@ class RetrievalEvaluator:
                 if not (isinstance(value, (tuple, list)) and len(value) == 2):
                     raise ValueError(f"benchmark.candidates[{lang!r}][{cid!r}] must be (sentence, context)")
                 cand_ids.append(str(cid))
-                cand_texts.append(_candidate_text(*value))
+                cand_texts.append(candidate_text(*value))
             offsets.append(len(cand_ids))
         if not cand_ids:
             raise ValueError("benchmark has no candidates")
