@@ -16,7 +16,7 @@ ext_modules = [
 ]
 
 setup(
-    packages=["hybridfast", "hybridfast.integrations", "hybridfast.kernels"],
+    packages=["hybridfast", "hybridfast.cli", "hybridfast.integrations", "hybridfast.kernels"],
     package_dir={"hybridfast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
