@@ -1,0 +1,209 @@
+"""Rules shared by every part of hybridfast, defined once (see docs/architecture.md).
+
+* the batch modes and the data splits;
+* what a language code is (ISO 639-1, optionally with a region such as ``pt-BR``);
+* atomic file writes (a reader sees the old file or the new one, never half of one);
+* argument checks with one answer on bools: ``True`` is not an int or a number here,
+  and only ``True``/``False`` (or numpy bools) are bools.
+
+Import-light on purpose (no torch, no transformers): any module may import it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Union
+
+# ----------------------------------------------------------------------------- modes and splits
+
+MODES = ("hybrid", "mono", "cross")
+"""Batch kinds of hybrid-batch training: a mix (the paper, alpha = mono_prob), all mono, all cross."""
+
+BENCHMARK_SPLITS = ("all", "train", "test")
+"""LAReQA's deterministic article split (evaluation benchmarks and LAReQA training data)."""
+
+TRAIN_SPLITS = BENCHMARK_SPLITS + ("dev",)
+"""Training data splits: LAReQA's, plus 'dev' for mMARCO-style folders (queries.dev.tsv)."""
+
+
+def check_choice(name: str, value, choices: Sequence[str]):
+    """Raise ValueError naming `name` unless `value` is one of `choices`."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- languages
+
+# ISO 639-1 (the two-letter codes), 183 languages.
+ISO_639_1 = frozenset("""
+aa ab ae af ak am an ar as av ay az ba be bg bi bm bn bo br bs ca ce ch co cr cs cu cv cy
+da de dv dz ee el en eo es et eu fa ff fi fj fo fr fy ga gd gl gn gu gv ha he hi ho hr ht
+hu hy hz ia id ie ig ii ik io is it iu ja jv ka kg ki kj kk kl km kn ko kr ks ku kv kw ky
+la lb lg li ln lo lt lu lv mg mh mi mk ml mn mr ms mt my na nb nd ne ng nl nn no nr nv ny
+oc oj om or os pa pi pl ps pt qu rm rn ro ru rw sa sc sd se sg si sk sl sm sn so sq sr ss
+st su sv sw ta te tg th ti tk tl tn to tr ts tt tw ty ug uk ur uz ve vi vo wa wo xh yi yo
+za zh zu
+""".split())
+
+_LANG_RE = re.compile(r"^([a-z]{2})(?:[-_]([A-Za-z0-9]{2,8}))?$")
+
+
+def is_language_code(code) -> bool:
+    """True for an ISO 639-1 code ('en', 'zh'), optionally with a region or script
+    subtag ('pt-BR', 'zh_Hans'); False for anything else ('english', 'xx', 'zzz')."""
+    if not isinstance(code, str):
+        return False
+    m = _LANG_RE.match(code)
+    return bool(m) and m.group(1) in ISO_639_1
+
+
+def check_language_code(code, arg: str = "languages"):
+    """Return `code` or raise ValueError naming `arg` unless it is a language code."""
+    if not is_language_code(code):
+        raise ValueError(f"{arg}: {code!r} is not a language code; use ISO 639-1 codes such as "
+                         "'en', 'de', 'zh' (a region may follow: 'pt-BR')")
+    return code
+
+
+def split_list(value) -> List[str]:
+    """'en, de' or ['en', 'de'] or ('en',) -> ['en', 'de'] (empty items dropped)."""
+    if isinstance(value, str):
+        return [s.strip() for s in value.split(",") if s.strip()]
+    return list(value)
+
+
+def check_languages(languages, arg: str = "languages") -> Optional[List[str]]:
+    """None (all) or a non-empty list of distinct language codes; a comma string is split."""
+    if languages is None:
+        return None
+    if not isinstance(languages, (str, list, tuple)):
+        raise TypeError(f"{arg} must be a list of language codes, a comma-separated string or None, "
+                        f"got {languages!r}")
+    langs = split_list(languages)
+    if not langs:
+        raise ValueError(f"{arg}: empty; give language codes or None for all")
+    for lang in langs:
+        check_language_code(lang, arg)
+    if len(set(langs)) != len(langs):
+        raise ValueError(f"{arg}: duplicates in {langs}")
+    return langs
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def is_bool(value) -> bool:
+    """Python or numpy bool (numpy is imported only if already loaded)."""
+    if isinstance(value, bool):
+        return True
+    np = _numpy()
+    return np is not None and isinstance(value, np.bool_)
+
+
+def is_int(value) -> bool:
+    """An integer that is not a bool (numpy integers count)."""
+    return isinstance(value, numbers.Integral) and not is_bool(value)
+
+
+def is_number(value) -> bool:
+    """A real number that is not a bool and not NaN."""
+    return isinstance(value, numbers.Real) and not is_bool(value) and not math.isnan(float(value))
+
+
+def check_bool(name: str, value):
+    if not is_bool(value):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_int(name: str, value, minimum: Optional[int] = None, optional: bool = False):
+    """An int >= minimum (bools refused); None passes when optional."""
+    if value is None and optional:
+        return None
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int{' or None' if optional else ''}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_number(name: str, value, low: float = -math.inf, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = False, optional: bool = False):
+    """A real number in [low, high] (open ends on request); bools and NaN refused."""
+    if value is None and optional:
+        return None
+    if not is_number(value):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    if v < low or v > high or (low_open and v == low) or (high_open and v == high):
+        rng = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {rng}, got {value}")
+    return value
+
+
+def check_optional_str(name: str, value):
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be a string or None, got {value!r}")
+    return value
+
+
+def _numpy():
+    import sys
+
+    return sys.modules.get("numpy")
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+def fsync_dir(folder: Union[str, Path]) -> None:
+    """Make a rename inside `folder` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(str(folder), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> Path:
+    """Write `data` to `path` atomically: a temporary file in the same folder, fsync, rename.
+    A kill or a full disk leaves the previous file (if any) untouched; the temporary is removed
+    on failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Union[str, Path], obj, indent: Optional[int] = 2) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def atomic_write_lines(path: Union[str, Path], lines: Iterable[str]) -> Path:
+    """Lines (without newlines) as a text file, atomically."""
+    return atomic_write_text(path, "".join(line + "\n" for line in lines))
