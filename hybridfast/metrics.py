@@ -8,8 +8,11 @@ its relevant candidates and this module turns those ranks into
 - ``map``        average precision over the FULL ranking (not cut at k):
                  AP = (1 / n_rel) * sum over relevant retrieved of (#relevant at or above it) / rank
 - ``mrr@10``     1 / rank of the first relevant candidate if it is in the top 10, else 0
-- ``ndcg@10``    binary gains, DCG = sum over relevant in the top 10 of 1 / log2(rank + 1),
-                 divided by the ideal DCG of min(n_rel, 10) relevant candidates
+- ``ndcg@10``    DCG = sum over relevant in the top 10 of gain / log2(rank + 1), divided by
+                 the ideal DCG (the query's gains sorted descending, top 10). Gains are the
+                 relevance grades (trec_eval's ``ndcg_cut`` uses the qrels value as gain);
+                 binary relevance is grade 1 everywhere. map, mrr and recall count every
+                 candidate with grade >= 1 as relevant (trec_eval's relevance_level 1).
 - ``recall@k``   (#relevant in the top k) / n_rel, for k = 1, 10, 100
 - ``rank_distance`` (max rank distance, Huang et al. 2023): worst rank minus best
                  rank of the relevant candidates (0 with a single relevant one).
@@ -31,6 +34,11 @@ i's relevant candidates in any order, padded with 0. ``n_relevant[i]`` is the
 number of relevant candidates of query i in the candidate set; it may exceed the
 number of ranks given when a ranking was truncated (top-k search), in which case
 the missing ones count as not retrieved, as trec_eval does for a truncated run.
+Graded relevance: ``gains`` [queries, R] holds the grade of the candidate at each
+rank slot, ``ideal_gains`` [queries, R'] the grades of ALL the query's relevant
+candidates in the candidate set (0-padded; for the ideal DCG).
+
+The test oracles (a sorting reference and pytrec_eval wrappers) live in tests/oracles.py.
 """
 import math
 from typing import Dict, Iterable, Mapping, Sequence
@@ -81,15 +89,36 @@ def _check_ranks(ranks, n_relevant):
     return ranks, n_relevant
 
 
-def per_query_metrics(ranks, n_relevant=None, with_rank_distance=False) -> Dict[str, np.ndarray]:
+def _check_gains(gains, shape, name):
+    g = np.asarray(gains, dtype=np.float64)
+    if g.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {g.shape}")
+    if not np.isfinite(g).all() or (g < 0).any():
+        raise ValueError(f"{name} must be finite and >= 0")
+    return g
+
+
+def per_query_metrics(ranks, n_relevant=None, with_rank_distance=False, gains=None,
+                      ideal_gains=None) -> Dict[str, np.ndarray]:
     """Per-query metric values (float64 [queries]) from the ranks of relevant candidates.
 
     ranks: int [queries, R], 0-padded (see the module docstring); n_relevant: int
-    [queries] or None (= number of non-zero ranks per row).
+    [queries] or None (= number of non-zero ranks per row). gains: float [queries, R],
+    the grade of the candidate in each slot of `ranks` (None: 1 for every relevant);
+    ideal_gains: float [queries, R'] the grades of all of a query's relevant candidates
+    (None: the given gains, plus gain 1 for relevant ones missing from a truncated run).
     """
-    ranks, n_rel = _check_ranks(ranks, n_relevant)
+    raw = np.asarray(ranks)
+    if gains is not None:
+        gains = _check_gains(gains, raw.shape, "gains")
+    ranks, n_rel = _check_ranks(raw, n_relevant)
     big = np.iinfo(np.int64).max
     valid = ranks != big
+    if gains is None:
+        g = valid.astype(np.float64)
+    else:  # the same sort as _check_ranks (padding last), applied to the gains
+        order = np.argsort(np.where(raw > 0, raw, big).astype(np.int64), axis=1, kind="stable")
+        g = np.where(valid, np.take_along_axis(gains, order, 1), 0.0)
     r = np.where(valid, ranks, 1).astype(np.float64)
     # k-th relevant (sorted by rank) has k relevant at or above it.
     above = np.arange(1, ranks.shape[1] + 1, dtype=np.float64)[None, :]
@@ -97,10 +126,24 @@ def per_query_metrics(ranks, n_relevant=None, with_rank_distance=False) -> Dict[
     first = np.where(valid[:, 0], r[:, 0], np.inf)
     out["mrr@10"] = np.where(first <= 10, 1.0 / first, 0.0)
     in10 = valid & (ranks <= 10)
-    dcg = np.where(in10, 1.0 / np.log2(r + 1.0), 0.0).sum(1)
-    ideal_gains = 1.0 / np.log2(np.arange(2, 12, dtype=np.float64))
-    idcg = np.cumsum(ideal_gains)[np.minimum(n_rel, 10) - 1]
-    out["ndcg@10"] = dcg / idcg
+    dcg = np.where(in10, g / np.log2(r + 1.0), 0.0).sum(1)
+    discount = 1.0 / np.log2(np.arange(2, 12, dtype=np.float64))
+    if ideal_gains is None and gains is None:
+        idcg = np.cumsum(discount)[np.minimum(n_rel, 10) - 1]
+    else:
+        if ideal_gains is None:  # the given gains, + 1 for each relevant beyond the run
+            missing = (n_rel - valid.sum(1))[:, None] > np.arange(10)[None, :]
+            ideal = np.concatenate([g, missing.astype(np.float64)], axis=1)
+        else:
+            ideal = np.asarray(ideal_gains, dtype=np.float64)
+            if ideal.ndim != 2 or ideal.shape[0] != ranks.shape[0]:
+                raise ValueError(f"ideal_gains must be 2-D [{ranks.shape[0]}, R'], got shape {ideal.shape}")
+            ideal = _check_gains(ideal, ideal.shape, "ideal_gains")
+        top = -np.sort(-ideal, axis=1)[:, :10]
+        top = np.pad(top, ((0, 0), (0, 10 - top.shape[1])))
+        idcg = (top * discount[None, :]).sum(1)
+    # a query whose relevant grades are all 0 has no ideal gain: ndcg 0, as trec_eval
+    out["ndcg@10"] = np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), 0.0)
     for k in (1, 10, 100):
         out[f"recall@{k}"] = (valid & (ranks <= k)).sum(1) / n_rel
     if with_rank_distance:
@@ -124,61 +167,4 @@ def macro_average(groups: Iterable[Mapping[str, float]]) -> Dict[str, float]:
     for m in names:
         vals = [g[m] for g in groups if m in g and not math.isnan(g[m])]
         out[m] = float(np.mean(vals)) if vals else float("nan")
-    return out
-
-
-# ---------------------------------------------------------------------------
-# Plain reference: sort a whole run the way trec_eval does. Slow, obviously
-# right; tests compare the rank-counting fast path against it and pytrec_eval.
-
-def trec_order(run: Mapping[str, float]):
-    """Candidate ids of one query's run in trec_eval's order (score desc, id desc)."""
-    return [d for _, d in sorted(((s, str(d)) for d, s in run.items()), reverse=True)]
-
-
-def reference_ranks(run: Mapping[str, float], relevant: Iterable[str]) -> Dict[str, int]:
-    """{relevant id: 1-based rank} for the relevant ids present in `run`."""
-    relevant = set(relevant)
-    return {d: i + 1 for i, d in enumerate(trec_order(run)) if d in relevant}
-
-
-def reference_metrics(run: Mapping[str, float], relevant: Iterable[str],
-                      with_rank_distance=False) -> Dict[str, float]:
-    """Metrics of one query by sorting its run: the slow reference."""
-    relevant = set(relevant)
-    if not relevant:
-        raise ValueError("relevant must hold at least one candidate id")
-    ranks = sorted(reference_ranks(run, relevant).values())
-    n = len(relevant)
-    ap = sum((k + 1) / r for k, r in enumerate(ranks)) / n
-    rr = 1.0 / ranks[0] if ranks and ranks[0] <= 10 else 0.0
-    dcg = sum(1.0 / math.log2(r + 1) for r in ranks if r <= 10)
-    idcg = sum(1.0 / math.log2(i + 1) for i in range(1, min(n, 10) + 1))
-    out = {"map": ap, "mrr@10": rr, "ndcg@10": dcg / idcg}
-    for k in (1, 10, 100):
-        out[f"recall@{k}"] = sum(r <= k for r in ranks) / n
-    if with_rank_distance:
-        out["rank_distance"] = float(ranks[-1] - ranks[0]) if len(ranks) == n else float("nan")
-    return out
-
-
-def pytrec_eval_metrics(run: Mapping[str, Mapping[str, float]],
-                        qrels: Mapping[str, Iterable[str]]) -> Dict[str, Dict[str, float]]:
-    """The same metrics through pytrec_eval (trec_eval), per query: the external check.
-
-    run: {query_id: {candidate_id: score}}; qrels: {query_id: relevant ids}.
-    mrr@10 is trec_eval's recip_rank with ranks beyond 10 set to 0.
-    """
-    import pytrec_eval
-
-    judged = {q: {d: 1 for d in rel} for q, rel in qrels.items() if rel}
-    ev = pytrec_eval.RelevanceEvaluator(judged, {"map", "recip_rank", "ndcg_cut.10", "recall.1,10,100"})
-    raw = ev.evaluate({q: {d: float(s) for d, s in r.items()} for q, r in run.items() if q in judged})
-    out = {}
-    for q, m in raw.items():
-        rr = m["recip_rank"]
-        # recip_rank = 1/rank of the first relevant; cut at 10 (1/rank >= 0.1, with slack for rounding)
-        out[q] = {"map": m["map"], "mrr@10": rr if rr > 1 / 10.5 else 0.0,
-                  "ndcg@10": m["ndcg_cut_10"], "recall@1": m["recall_1"],
-                  "recall@10": m["recall_10"], "recall@100": m["recall_100"]}
     return out

@@ -4,9 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from hybridfast.metrics import (METRICS, macro_average, mean_metrics, per_query_metrics,
-                                pytrec_eval_metrics, reference_metrics, reference_ranks,
-                                tie_priority)
+from hybridfast.metrics import METRICS, macro_average, mean_metrics, per_query_metrics, tie_priority
+from oracles import pytrec_eval_metrics, reference_metrics, reference_ranks
 
 
 def counted_ranks(scores, ids, relevant_idx):
@@ -95,3 +94,56 @@ def test_bad_ranks():
         per_query_metrics(np.array([[1, 2]]), n_relevant=np.array([1]))
     with pytest.raises(ValueError, match="full ranking"):
         per_query_metrics(np.array([[1, 0]]), n_relevant=np.array([2]), with_rank_distance=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_graded_ndcg_equals_pytrec_eval_ndcg_cut(seed):
+    """Grades are nDCG gains (trec_eval ndcg_cut); map/mrr/recall count grade >= 1 as relevant;
+    grade-0 judgments change nothing; truncated runs (relevant ones missing) too."""
+    rng = np.random.default_rng(seed)
+    n_docs, n_queries = 60, 30
+    ids = [f"d{i:03d}" for i in range(n_docs)]
+    run, qrels, rank_rows, gain_rows, ideal_rows, nrel = {}, {}, [], [], [], []
+    for q in range(n_queries):
+        scores = rng.integers(0, 8, size=n_docs).astype(np.float32)
+        judged = rng.choice(n_docs, size=rng.integers(1, 14), replace=False)
+        grades = {ids[i]: int(rng.integers(0, 4)) for i in judged}
+        grades[ids[judged[0]]] = int(rng.integers(1, 4))  # at least one relevant
+        qid = f"q{q}"
+        depth = int(rng.integers(5, n_docs + 1))  # a truncated run
+        order = sorted(range(n_docs), key=lambda i: (-scores[i], -i))[:depth]
+        run[qid] = {ids[i]: float(scores[i]) for i in order}
+        qrels[qid] = grades
+        rel = [d for d, g in grades.items() if g > 0]
+        got = reference_ranks(run[qid], rel)
+        rank_rows.append([got[d] for d in got] + [0] * (14 - len(got)))
+        gain_rows.append([grades[d] for d in got] + [0] * (14 - len(got)))
+        ideal_rows.append([grades[d] for d in rel] + [0] * (14 - len(rel)))
+        nrel.append(len(rel))
+    fast = per_query_metrics(np.array(rank_rows), np.array(nrel), gains=np.array(gain_rows),
+                             ideal_gains=np.array(ideal_rows))
+    trec = pytrec_eval_metrics(run, qrels)
+    for q in range(n_queries):
+        ref = reference_metrics(run[f"q{q}"], qrels[f"q{q}"])
+        for m in METRICS:
+            assert fast[m][q] == pytest.approx(trec[f"q{q}"][m], abs=1e-12), (m, q)
+            assert ref[m] == pytest.approx(trec[f"q{q}"][m], abs=1e-12), (m, q)
+
+
+def test_unit_gains_equal_binary_and_bad_gains():
+    ranks = np.array([[5, 2, 0], [1, 0, 0]])
+    a = per_query_metrics(ranks, np.array([3, 2]))
+    b = per_query_metrics(ranks, np.array([3, 2]), gains=(ranks > 0).astype(float))
+    for m in METRICS:
+        np.testing.assert_allclose(a[m], b[m], rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="gains must have shape"):
+        per_query_metrics(ranks, gains=np.ones((2, 2)))
+    with pytest.raises(ValueError, match="gains must be finite"):
+        per_query_metrics(ranks, gains=-np.ones((2, 3)))
+
+
+def test_library_carries_no_test_oracles():
+    import hybridfast.metrics as metrics
+
+    for name in ("pytrec_eval_metrics", "reference_metrics", "reference_ranks", "trec_order"):
+        assert not hasattr(metrics, name), name
