@@ -239,7 +239,7 @@ class RetrievalEvaluator:
             raise ValueError(f"k must be a positive int, got {k!r}")
         if search not in BACKENDS:
             raise ValueError(f"search must be one of {BACKENDS}, got {search!r}")
-        resolve_backend(search, device, ivf_lists)  # checks the combination early
+        resolve_backend(search, ivf_lists)  # checks the combination early
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
         if languages is not None:
@@ -306,10 +306,6 @@ class RetrievalEvaluator:
     def query_rows(self):
         """(language, query id) of each row of the query embeddings, in order."""
         return [(self.query_languages[l], q) for l, q in zip(self._q_lang, self._q_ids)]
-
-    @property
-    def query_texts(self):
-        return list(self._q_texts)
 
     @property
     def candidate_ids(self):
@@ -430,7 +426,7 @@ class RetrievalEvaluator:
             summary["cross"] = macro_average(m for (x, y), m in per_pair.items() if x != y)
         if "multi" in self.settings:
             summary["multi"] = macro_average(per_language.values())
-        config = {"search": resolve_backend(self.search, self.device, self.ivf_lists),
+        config = {"search": resolve_backend(self.search, self.ivf_lists),
                   "device": str(resolve_device(self.device)),
                   "k": self.k, "ivf_lists": self.ivf_lists, "nprobe": self.nprobe if self.ivf_lists else None,
                   "settings": list(self.settings), "queries": len(self._q_ids), "candidates": len(self._cand_ids)}

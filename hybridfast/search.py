@@ -249,7 +249,7 @@ def _trec_sort(scores, idx, prio):
 # backends
 
 
-def _exact_torch(q, c, rel, offsets, prio, k, device, chunk, show, topk_fn=None, counter=None):
+def _exact_torch(q, c, rel, offsets, prio, k, device, chunk, show, topk_fn=None):
     Q, C = q.shape[0], c.shape[0]
     block_of = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     ranks = np.zeros(rel.shape, dtype=np.int64)
@@ -257,7 +257,7 @@ def _exact_torch(q, c, rel, offsets, prio, k, device, chunk, show, topk_fn=None,
     topk_ids = np.zeros((Q, k), dtype=np.int64) if k else None
     topk_scores = np.zeros((Q, k), dtype=np.float32) if k else None
     on_gpu = device.type == "cuda"
-    counter = counter or ("torch" if on_gpu else "numpy")
+    counter = "torch" if on_gpu else "numpy"  # _count_torch == _count_numpy is tested on CPU directly
     ct = torch.from_numpy(c).to(device)
     if counter == "torch":
         offsets_t = torch.from_numpy(offsets).to(device)
@@ -393,7 +393,7 @@ def _faiss(q, c, rel, offsets, prio, k, device, chunk, show, ivf_lists, nprobe):
     return SearchResult(ranks, block_ranks, pool_ids if k else None, pool_vals if k else None, exact=False)
 
 
-def resolve_backend(search="auto", device=None, ivf_lists=None):
+def resolve_backend(search="auto", ivf_lists=None):
     """The backend `search` will use: 'torch' or 'faiss' (see the module docstring)."""
     if search not in BACKENDS:
         raise ValueError(f"search must be one of {BACKENDS}, got {search!r}")
@@ -405,8 +405,7 @@ def resolve_backend(search="auto", device=None, ivf_lists=None):
 
 
 def search(queries, candidates, relevant, *, offsets=None, tie_priority=None, k=0, backend="auto",
-           device="auto", chunk_size=None, ivf_lists=None, nprobe=16, show_progress=False,
-           counter=None) -> SearchResult:
+           device="auto", chunk_size=None, ivf_lists=None, nprobe=16, show_progress=False) -> SearchResult:
     """Rank the relevant candidates of every query (and optionally return top-k lists).
 
     queries [Q, D], candidates [C, D]: float arrays or tensors (scores = dot products).
@@ -416,10 +415,9 @@ def search(queries, candidates, relevant, *, offsets=None, tie_priority=None, k=
     tie_priority: int [C], distinct, larger = ranked first among equal scores
       (metrics.tie_priority(ids)); default: later column first.
     k: length of the top-k lists over the pool (0: none). ivf_lists / nprobe: approximate faiss IVF.
-    counter: 'numpy' | 'torch' forces the rank-counting path (tests); default by device.
     """
     q, c, rel, offsets, prio, k = _check_inputs(queries, candidates, relevant, offsets, tie_priority, k)
-    backend = resolve_backend(backend, device, ivf_lists)
+    backend = resolve_backend(backend, ivf_lists)
     dev = resolve_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}: CUDA is not available (use device='auto' or 'cpu')")
@@ -436,7 +434,7 @@ def search(queries, candidates, relevant, *, offsets=None, tie_priority=None, k=
     if backend == "faiss":
         res = _faiss(q, c, rel_sorted, offsets, prio, k, dev, chunk, show_progress, ivf_lists, nprobe)
     else:
-        res = _exact_torch(q, c, rel_sorted, offsets, prio, k, dev, chunk, show_progress, counter=counter)
+        res = _exact_torch(q, c, rel_sorted, offsets, prio, k, dev, chunk, show_progress)
     for name in ("ranks", "block_ranks"):  # back to the caller's slot order
         out = np.empty_like(getattr(res, name))
         np.put_along_axis(out, order, getattr(res, name), 1)
