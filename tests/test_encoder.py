@@ -255,3 +255,68 @@ def test_default_prefixes_follow_the_model(tmp_path):
         json.dumps({"prompts": {"query": "q: ", "document": "d: "}}))
     assert _default_prefixes(st, {}) == ("q: ", "d: ")
     assert _default_prefixes(st, {"query_prefix": "x ", "passage_prefix": "y "}) == ("x ", "y ")
+
+
+# ----------------------------------------------------------------------------- saved settings, tokenizer checks
+
+def test_saved_normalize_and_max_length_are_read_back(tiny_dir, tmp_path):
+    texts = _sentences(5, seed=7)
+    raw = Encoder(tiny_dir, normalize=False, max_length=12, device="cpu", show_progress=False)
+    out = raw.save_pretrained(tmp_path / "raw")
+    back = Encoder(out, device="cpu", show_progress=False)
+    assert back.normalize is False and back.max_length == 12
+    got = back.encode_queries(texts)
+    assert not torch.allclose(got.norm(dim=-1), torch.ones(len(texts)))  # not normalised on reload
+    torch.testing.assert_close(got, raw.encode_queries(texts))
+    # explicit arguments still win over the folder
+    forced = Encoder(out, normalize=True, max_length=20, device="cpu", show_progress=False)
+    assert forced.normalize is True and forced.max_length == 20
+    torch.testing.assert_close(forced.encode_queries(texts).norm(dim=-1), torch.ones(len(texts)))
+    # a folder without hybridfast's config: the defaults
+    plain = Encoder(tiny_dir, device="cpu")
+    assert plain.normalize is True and plain.max_length == min(256, 64)
+    with pytest.raises(TypeError, match="normalize"):
+        Encoder(tiny_dir, normalize="no")
+
+
+def _copy_model(src, dest, tokenizer=True):
+    import shutil
+
+    dest.mkdir()
+    for f in src.iterdir():
+        if tokenizer or f.name in ("config.json", "model.safetensors"):
+            shutil.copy(f, dest / f.name)
+    return dest
+
+
+def test_missing_tokenizer_is_refused_naming_the_folder(tiny_dir, tmp_path):
+    bare = _copy_model(tiny_dir, tmp_path / "no-tokenizer", tokenizer=False)
+    with pytest.raises(ValueError, match=r"no-tokenizer.*no tokenizer files"):
+        Encoder(bare, device="cpu")
+
+
+def test_foreign_tokenizer_is_refused(tiny_dir, tmp_path):
+    # a vocabulary larger than the embedding table: ids would run past it
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    big = _copy_model(tiny_dir, tmp_path / "big-vocab")
+    vocab = specials + [":"] + WORDS + [f"extra{i}" for i in range(5)]
+    BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(big)
+    with pytest.raises(ValueError, match=r"big-vocab.*embedding table only 20 rows"):
+        Encoder(big, device="cpu")
+    # a vocabulary covering a small part of the table (an almost empty tokenizer)
+    small = _copy_model(tiny_dir, tmp_path / "small-vocab")
+    BertTokenizer(vocab={t: i for i, t in enumerate(specials)}).save_pretrained(small)
+    with pytest.raises(ValueError, match=r"small-vocab.*not this model's tokenizer"):
+        Encoder(small, device="cpu")
+
+
+def test_loading_is_quiet(tiny_dir, capsys):
+    Encoder(tiny_dir, device="cpu", show_progress=False)
+    captured = capsys.readouterr()
+    assert "Loading weights" not in captured.err + captured.out
+
+
+def test_encoder_dead_default_model_constant_is_gone():
+    import hybridfast.encoder as enc
+
+    assert not hasattr(enc, "DEFAULT_MODEL")
