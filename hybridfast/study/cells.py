@@ -1,0 +1,235 @@
+"""Running the grid: one cell = (model, mode, seed), or (model, base) for the untouched model.
+
+    cells/<label>-<model id>/base-<eval settings hash>/result.json
+    cells/<label>-<model id>/<mode>-s<seed>-<settings hash>/train/        trainer output
+    cells/<label>-<model id>/<mode>-s<seed>-<settings hash>/trained.json  written when training returned
+    cells/<...>/per_query.npz   per-query values of every eval (for the intervals)
+    cells/<...>/result.json     written last: a cell with it is finished
+
+Resuming: run the same command again. Finished cells are skipped; a cell whose
+training was interrupted restarts from its last checkpoint. The settings hash
+covers everything that changes a cell's numbers, so a changed budget never reuses
+stale cells; adding a model, a mode or a seed runs only the new cells. After a
+cell is evaluated its fine-tuned weights and checkpoints are removed (its log and
+config stay) unless keep_models is set.
+"""
+import json
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from hybridfast.rules import atomic_write_bytes, atomic_write_json
+from hybridfast.study.config import BASE, StudyConfig, eval_split_for, prefix_kwargs, train_split_for
+from hybridfast.study.identity import ResolvedModel, parameter_counts, resolve_models
+from hybridfast.study.stats import load_per_query, per_query_values, save_per_query
+
+
+def jsonable(obj):
+    """A copy of obj with numpy scalars, tuples, sets and paths made JSON types."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [jsonable(v) for v in (sorted(obj) if isinstance(obj, set) else obj)]
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path, obj) -> Path:
+    """Atomic JSON write (hybridfast.rules.atomic_write_json) of any study or demo record."""
+    return atomic_write_json(path, jsonable(obj))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._@-]+", "_", text)[:60]
+
+
+def model_dir(config: StudyConfig, model: ResolvedModel) -> Path:
+    return Path(config.out) / "cells" / f"{_slug(model.label)}-{model.model_id}"
+
+
+def cell_dir(config: StudyConfig, model: ResolvedModel, mode: str, seed: Optional[int] = None) -> Path:
+    if mode == BASE:
+        return model_dir(config, model) / f"base-{config.settings_hash(base=True)}"
+    return model_dir(config, model) / f"{mode}-s{seed}-{config.settings_hash()}"
+
+
+def train_config(config: StudyConfig, model_path: str, mode: str, seed: int, output: Path, resume: bool):
+    from hybridfast.trainer import TrainConfig
+
+    if config.save_steps is None:
+        save_steps = max(1, math.ceil(config.steps / 4))
+    else:
+        save_steps = config.save_steps or None  # 0: no checkpoints
+    kwargs = dict(model=model_path, train=config.train, data_dir=config.data_dir, split=train_split_for(config),
+                  languages=config.languages, mode=mode, mono_prob=config.mono_prob,
+                  batch_size=config.batch_size, max_steps=config.steps, lr=config.lr,
+                  max_length=config.max_length, seed=seed, device=config.device,
+                  save_steps=save_steps, output=str(output), resume=resume,
+                  show_progress=config.show_progress, **prefix_kwargs(config.prefixes))
+    kwargs.update(config.extra_train)
+    return TrainConfig(**kwargs)
+
+
+def _load_result(cdir: Path) -> dict:
+    result = json.loads((cdir / "result.json").read_text())
+    per_query = load_per_query(cdir / "per_query.npz")
+    for name, ev in result["evals"].items():
+        ev["per_query"] = {k[len(name) + 2:]: v for k, v in per_query.items() if k.startswith(name + "::")}
+        ev["multi_ap"] = ev["per_query"]["multi_map"]
+    return result
+
+
+def _train(config, model, mode, seed, cdir, train_fn, log):
+    trained_file = cdir / "trained.json"
+    if trained_file.exists():
+        info = json.loads(trained_file.read_text())
+        final = cdir / "train" / "final"  # (the --out folder may have moved since)
+        if (final / "config.json").exists():
+            log(f"[study] {model.label} / {mode} / seed {seed}: trained earlier, evaluating {final}")
+            return str(final), info["train_seconds"]
+    train_out = cdir / "train"
+    # an interrupted run restarts from its last checkpoint
+    resume = train_out.exists() and any(train_out.glob("checkpoint-*"))
+    if train_out.exists() and not resume:
+        # a run killed before its first checkpoint: only the study wrote here, start the cell over
+        shutil.rmtree(train_out)
+    log(f"[study] {model.label} / {mode} / seed {seed}: training {config.steps} steps (batch {config.batch_size}, "
+        f"max_length {config.max_length})" + (", resuming from its last checkpoint" if resume else ""))
+    t0 = time.perf_counter()
+    final = str(train_fn(train_config(config, model.path, mode, seed, train_out, resume)))
+    seconds = time.perf_counter() - t0
+    write_json(trained_file, {"final": final, "train_seconds": seconds})
+    return final, seconds
+
+
+def run_cell(config: StudyConfig, model: ResolvedModel, mode: str, seed: Optional[int], evaluators: Dict,
+             train_fn: Callable, log=print) -> dict:
+    """Train (unless mode is base) and evaluate one cell; load it when finished earlier."""
+    cdir = cell_dir(config, model, mode, seed)
+    if (cdir / "result.json").exists():
+        log(f"[study] {model.label} / {mode}" + (f" / seed {seed}" if mode != BASE else "")
+            + ": finished earlier, skipped")
+        return _load_result(cdir)
+    cdir.mkdir(parents=True, exist_ok=True)
+    train_seconds = None
+    if mode == BASE:
+        eval_path = model.path
+        log(f"[study] {model.label} / base: evaluating the untouched model")
+    else:
+        eval_path, train_seconds = _train(config, model, mode, seed, cdir, train_fn, log)
+
+    from hybridfast.encoder import Encoder
+
+    # a fine-tuned folder records its prefixes; the base model gets the training choice
+    kw = prefix_kwargs(config.prefixes) if mode == BASE else {}
+    encoder = Encoder(eval_path, max_length=config.max_length, device=config.device,
+                      show_progress=config.show_progress, **kw)
+    result = {"model": str(model.spec), "model_name": model.name, "model_id": model.model_id,
+              "model_content": model.content, "model_path": model.path, "label": model.label,
+              "family": model.family, **parameter_counts(encoder.model), "mode": mode,
+              "seed": None if mode == BASE else seed, "query_prefix": encoder.query_prefix,
+              "passage_prefix": encoder.passage_prefix, "train_seconds": train_seconds,
+              "settings": config.eval_settings() if mode == BASE else config.cell_settings(), "evals": {}}
+    result["params"] = result["params_total"]
+    per_query = {}
+    for name, (benchmark, evaluator) in evaluators.items():
+        t0 = time.perf_counter()
+        res = evaluator.evaluate(encoder)
+        values = per_query_values(res)
+        per_query.update({f"{name}::{k}": v for k, v in values.items()})
+        result["evals"][name] = {"summary": res.summary, "per_language": res.per_language,
+                                 "n_queries": getattr(res, "n_queries", {}), "split": eval_split_for(config, name),
+                                 "unk_rates": getattr(res, "unk_rates", {}),
+                                 "eval_seconds": time.perf_counter() - t0}
+    del encoder
+    atomic_write_bytes(cdir / "per_query.npz", save_per_query(per_query))
+    write_json(cdir / "result.json", result)
+    if mode != BASE and not config.keep_models:
+        for d in [cdir / "train" / "final", *(cdir / "train").glob("checkpoint-*")]:
+            if d.is_dir():
+                shutil.rmtree(d)
+    return _load_result(cdir)
+
+
+def subset_articles(benchmark, n_articles: int):
+    """The benchmark restricted to its first `n_articles` articles.
+
+    Relies on the LAReQA loader's candidate ids "<lang>:<article>:<paragraph>:<sentence>"
+    (the article index is shared by the translations of an article in XQuAD-R);
+    a query is kept only if a relevant candidate survives.
+    TODO(issue 14): the id format belongs to hybridfast.data; use its parser once it offers one.
+    """
+    from hybridfast.data import RetrievalBenchmark
+
+    if not isinstance(n_articles, int) or isinstance(n_articles, bool) or n_articles < 1:
+        raise ValueError(f"n_articles must be a positive int, got {n_articles!r}")
+
+    def article(cid):
+        parts = cid.split(":")
+        if len(parts) != 4:
+            raise ValueError(f"benchmark: candidate id {cid!r} is not <lang>:<article>:<paragraph>:<sentence>")
+        return int(parts[1])
+
+    articles = sorted({article(c) for cands in benchmark.candidates.values() for c in cands})
+    keep = set(articles[:n_articles])
+    candidates = {l: {c: v for c, v in cands.items() if article(c) in keep}
+                  for l, cands in benchmark.candidates.items()}
+    kept = {c for cands in candidates.values() for c in cands}
+    qrels = {q: rel & kept for q, rel in benchmark.qrels.items() if rel & kept}
+    queries = {l: {q: t for q, t in qs.items() if q in qrels} for l, qs in benchmark.queries.items()}
+    return RetrievalBenchmark(queries, candidates, qrels, name=f"{benchmark.name}[{len(keep)} articles]")
+
+
+def build_evaluators(config: StudyConfig, benchmarks: Optional[Dict] = None) -> Dict:
+    """{eval name: (benchmark, RetrievalEvaluator(keep_per_query=True))}; benchmarks from config.evals unless given."""
+    from hybridfast.data import load_benchmark
+    from hybridfast.evaluator import RetrievalEvaluator
+
+    if benchmarks is None:
+        benchmarks = {name: load_benchmark(name, data_dir=config.data_dir, languages=config.languages,
+                                           split=eval_split_for(config, name)) for name in config.evals}
+        if config.eval_articles is not None:
+            benchmarks = {n: subset_articles(b, config.eval_articles) for n, b in benchmarks.items()}
+    return {name: (bench, RetrievalEvaluator(bench, device=config.device, show_progress=config.show_progress,
+                                             keep_per_query=True))
+            for name, bench in benchmarks.items()}
+
+
+def plan(config: StudyConfig, models: List[ResolvedModel]) -> List[tuple]:
+    """(model, mode, seed) of every cell, in run order: the untouched models, then seed by seed the
+    whole models x modes grid (an interrupted study holds complete seeds)."""
+    cells = [(m, BASE, None) for m in models] if config.include_base else []
+    return cells + [(m, mode, s) for s in config.seeds for m in models for mode in config.modes]
+
+
+def run_cells(config: StudyConfig, train_fn: Optional[Callable] = None, evaluators: Optional[Dict] = None,
+              log=print) -> List[dict]:
+    """Run (or resume) every cell of the grid; returns the cell results (no tables).
+
+    train_fn: defaults to hybridfast.trainer.train. evaluators: {eval name:
+    (benchmark, RetrievalEvaluator(keep_per_query=True))} instead of building them from config.evals.
+    """
+    if train_fn is None:
+        from hybridfast import trainer
+
+        train_fn = trainer.train
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    models = resolve_models(config.models)
+    if evaluators is None:
+        evaluators = build_evaluators(config)
+    todo = plan(config, models)
+    results, t0 = [], time.perf_counter()
+    for i, (model, mode, seed) in enumerate(todo):
+        log(f"[study] cell {i + 1}/{len(todo)} ({(time.perf_counter() - t0) / 60:.1f} min so far)")
+        results.append(run_cell(config, model, mode, seed, evaluators, train_fn, log=log))
+    return results

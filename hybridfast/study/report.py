@@ -1,0 +1,288 @@
+"""Study outputs: results.csv (one row per cell and eval), results.json, results.md
+(mean and 95% interval per (model, mode), hybrid's gain over the better of mono and
+cross), and two plots per benchmark."""
+import csv
+import math
+import re
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from hybridfast.study.cells import write_json
+from hybridfast.study.config import (BASE, LOWER_IS_BETTER, METRIC_KEYS, MODES, SETTINGS, TABLE_COLUMNS,
+                                     StudyConfig, eval_split_for, train_split_for)
+from hybridfast.study.stats import METHOD_TEXT, better_of, contrast_interval, macro_replicates, question_weights
+
+CSV_COLUMNS = ("model", "family", "layers", "params_total", "params_non_embedding", "mode", "seed", "train",
+               "eval", "steps", "batch_size", "max_length") + METRIC_KEYS
+HEADERS = dict(zip(METRIC_KEYS, (h for _, _, h in TABLE_COLUMNS)))
+GAIN_KEYS = ("mono_map", "cross_map", "multi_map")  # plotted gains (same scale); the table has all five
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:60]
+
+
+def result_rows(results: List[dict], config: StudyConfig) -> List[dict]:
+    """One flat row per (cell, eval): identity, budget, the study's metrics, then every other metric."""
+    rows = []
+    for r in results:
+        base = r["mode"] == BASE
+        for name, ev in r["evals"].items():
+            row = {"model": r["label"], "family": r["family"], "layers": r["layers"],
+                   "params_total": r["params_total"], "params_non_embedding": r["params_non_embedding"],
+                   "mode": r["mode"], "seed": "" if base else r["seed"],
+                   "train": "" if base else f"{config.train}[{train_split_for(config)}]",
+                   "eval": name, "steps": 0 if base else config.steps,
+                   "batch_size": "" if base else config.batch_size, "max_length": config.max_length}
+            for setting, metric, _ in TABLE_COLUMNS:
+                row[f"{setting}_{metric}" if metric != "rank_distance" else "rank_distance"] = \
+                    ev["summary"][setting][metric]
+            for setting in SETTINGS:
+                for metric, value in ev["summary"].get(setting, {}).items():
+                    if not (setting == "multi" and metric == "rank_distance"):
+                        row.setdefault(f"{setting}_{metric}", value)
+            row.update({"eval_split": ev.get("split", ""), "model_id": r["model_id"], "model_path": r["model_path"],
+                        "train_seconds": r["train_seconds"], "eval_seconds": round(ev["eval_seconds"], 2)})
+            rows.append(row)
+    return rows
+
+
+def _replicates(results: List[dict], name: str, n: int, seed: int) -> Dict[tuple, tuple]:
+    """{(result index, metric key): (observed, [n] question-bootstrap replicates)} for eval `name`,
+    all under one shared question resample."""
+    qids = sorted({k.split("|", 1)[1] for r in results if name in r["evals"]
+                   for d in r["evals"][name]["per_query"].values() for k in d})
+    qindex = {q: i for i, q in enumerate(qids)}
+    w = question_weights(qids, n, seed)
+    return {(i, key): macro_replicates(r["evals"][name]["per_query"][key], qindex, w)
+            for i, r in enumerate(results) if name in r["evals"] for key in METRIC_KEYS}
+
+
+def summarize(results: List[dict], config: StudyConfig) -> tuple:
+    """(cell summaries, hybrid gains), each a list of dicts with estimate and 95% interval per metric."""
+    summaries, gains = [], []
+    evals = list(dict.fromkeys(n for r in results for n in r["evals"]))
+    for name in evals:
+        reps = _replicates(results, name, config.bootstrap, config.seed)
+        groups: Dict[tuple, List[int]] = {}
+        for i, r in enumerate(results):
+            if name in r["evals"]:
+                groups.setdefault((r["model_id"], r["mode"]), []).append(i)
+
+        def arrays(idx, key):
+            return (np.array([reps[(i, key)][0] for i in idx]), np.stack([reps[(i, key)][1] for i in idx]))
+
+        by_model: Dict[str, Dict[str, List[int]]] = {}
+        for (mid, mode), idx in groups.items():
+            r = results[idx[0]]
+            s = {k: r[k] for k in ("label", "family", "layers", "params_total", "params_non_embedding")}
+            s.update(model=r["label"], model_id=mid, mode=mode, eval=name,
+                     seeds=sorted(results[i]["seed"] for i in idx) if mode != BASE else [])
+            for key in METRIC_KEYS:
+                ci = contrast_interval(*arrays(idx, key), method=config.interval, seed=config.seed)
+                if mode == BASE:
+                    ci["seed_variance"] = "none (untouched model)"
+                s[key] = ci
+            summaries.append(s)
+            by_model.setdefault(mid, {})[mode] = idx
+        for mid, modes in by_model.items():
+            if not all(m in modes for m in MODES):
+                continue
+            r = results[modes["hybrid"][0]]
+            g = {k: r[k] for k in ("label", "family", "layers", "params_total", "params_non_embedding")}
+            g.update(model=r["label"], model_id=mid, eval=name)
+            for key in METRIC_KEYS:
+                means = {m: float(arrays(modes[m], key)[0].mean()) for m in ("mono", "cross")}
+                other = better_of(means, key)
+                a, b = ("hybrid", other) if key not in LOWER_IS_BETTER else (other, "hybrid")
+                g[key] = {"vs": other, **contrast_interval(*arrays(modes[a], key), *arrays(modes[b], key),
+                                                           method=config.interval, seed=config.seed)}
+            gains.append(g)
+    order = lambda s: (s["eval"], s["family"], s["params_non_embedding"], s["model"])
+    summaries.sort(key=lambda s: (*order(s), ([BASE] + list(MODES)).index(s["mode"])))
+    gains.sort(key=order)
+    return summaries, gains
+
+
+# ---------------------------------------------------------------------------
+# text
+
+def _fmt(v, key=None, sign=False):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    digits = 2 if key in LOWER_IS_BETTER else 4
+    return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
+
+
+def _millions(n):
+    return f"{n / 1e6:.1f}M" if n >= 100_000 else str(n)
+
+
+def _ci(c, key, sign=False):
+    return f"{_fmt(c['estimate'], key, sign)} [{_fmt(c['ci_low'], key, sign)}, {_fmt(c['ci_high'], key, sign)}]"
+
+
+def best_marks(values: Sequence[float], metric: str) -> List[bool]:
+    """True where the value is the best of the column (ties all marked)."""
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    if not finite:
+        return [False] * len(values)
+    best = min(finite) if metric in LOWER_IS_BETTER else max(finite)
+    return [v is not None and not math.isnan(v) and abs(v - best) <= 1e-12 for v in values]
+
+
+def summary_table(summaries: List[dict]) -> str:
+    heads = ["model", "family", "layers", "non-emb. params", "params", "mode", "seeds"] + [HEADERS[k] for k in METRIC_KEYS]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    marks = {}
+    for mid in {s["model_id"] for s in summaries}:
+        idx = [i for i, s in enumerate(summaries) if s["model_id"] == mid]
+        for key in METRIC_KEYS:
+            for i, m in zip(idx, best_marks([summaries[i][key]["estimate"] for i in idx], key)):
+                marks[(i, key)] = m
+    for i, s in enumerate(summaries):
+        cells = [s["model"], s["family"], str(s["layers"]), _millions(s["params_non_embedding"]),
+                 _millions(s["params_total"]), s["mode"], ",".join(map(str, s["seeds"])) or "-"]
+        for key in METRIC_KEYS:
+            text = _ci(s[key], key)
+            cells.append(f"**{text}**" if marks[(i, key)] else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def gains_table(gains: List[dict]) -> str:
+    heads = ["model", "layers", "non-emb. params"] + [HEADERS[k] for k in METRIC_KEYS]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for g in gains:
+        cells = [g["model"], str(g["layers"]), _millions(g["params_non_embedding"])]
+        for key in METRIC_KEYS:
+            c = g[key]
+            cells.append(f"{_ci(c, key, sign=True)} vs {c['vs']}" + (" *" if c["excludes_zero"] else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def budget_text(config: StudyConfig) -> str:
+    langs = ", ".join(config.languages) if config.languages else "all"
+    evals = "; ".join(f"{e} ({eval_split_for(config, e)} split"
+                      + (f", first {config.eval_articles} articles" if config.eval_articles else "")
+                      + (f", {config.eval_subset}" if config.eval_subset else "") + ")" for e in config.evals)
+    return (f"Train: {config.train} ({train_split_for(config)} split), {config.steps} steps x batch "
+            f"{config.batch_size}, max_length {config.max_length}, lr {config.lr}, alpha {config.mono_prob}, "
+            f"seeds {', '.join(map(str, config.seeds))}, languages {langs}, prefixes {config.prefixes}. "
+            f"Evaluation: {evals}.")
+
+
+def study_markdown(config: StudyConfig, summaries: List[dict], gains: List[dict]) -> str:
+    parts = ["# hybridfast study", "", budget_text(config), "",
+             METHOD_TEXT[config.interval] + f" ({config.bootstrap} question resamples). Untouched models "
+             "(`base`) have no training noise: their interval is the question bootstrap alone. A cell with "
+             "one seed cannot measure seed variance: its interval covers test questions only.", "",
+             "Mean over seeds [95% interval]; best mean per model in bold; rank distance: lower is better. "
+             "Parameters: `non-emb.` excludes the embedding tables.", ""]
+    for name in dict.fromkeys(s["eval"] for s in summaries):
+        parts += [f"## {name}", "", summary_table([s for s in summaries if s["eval"] == name]), ""]
+        g = [x for x in gains if x["eval"] == name]
+        if g:
+            parts += ["Hybrid minus the better (by mean) of mono and cross, `vs` naming it; for rank distance "
+                      "the better minus hybrid, so positive always means hybrid is better. `*`: the interval "
+                      "excludes 0. Choosing the better mode by its mean biases these gains slightly downward.",
+                      "", gains_table(g), ""]
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------
+# plots
+
+def plot_study(summaries: List[dict], gains: List[dict], folder: Path) -> Dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    styles = ("-", ":", "-.", (0, (5, 1)))
+    for name in dict.fromkeys(s["eval"] for s in summaries):
+        sub = [s for s in summaries if s["eval"] == name]
+        families = list(dict.fromkeys(s["family"] for s in sub))
+        fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+        axes = axes.ravel()
+        axes[-1].axis("off")
+        for ax, key in zip(axes, METRIC_KEYS):
+            for mi, mode in enumerate([BASE] + list(MODES)):
+                for fi, fam in enumerate(families):
+                    pts = sorted((s["params_non_embedding"], s[key]) for s in sub
+                                 if s["mode"] == mode and s["family"] == fam)
+                    if not pts:
+                        continue
+                    x = [p * (1 + 0.03 * (mi - 1.5)) for p, _ in pts]  # side by side, not on top
+                    y = [c["estimate"] for _, c in pts]
+                    err = [[c["estimate"] - c["ci_low"] for _, c in pts], [c["ci_high"] - c["estimate"] for _, c in pts]]
+                    ax.errorbar(x, y, yerr=err, marker="o", markersize=4, capsize=3, color=f"C{mi}",
+                                linestyle="--" if mode == BASE else styles[fi % len(styles)],
+                                label=mode + (f" ({fam})" if len(families) > 1 else ""))
+            ax.set_xscale("log")
+            ax.set_xlabel("non-embedding parameters")
+            ax.set_title(HEADERS[key] + (" (lower better)" if key in LOWER_IS_BETTER else ""))
+            ax.grid(alpha=0.3)
+        axes[-1].legend(*axes[0].get_legend_handles_labels(), loc="center", title="batch mode", fontsize=8)
+        fig.suptitle(f"{name}: metrics vs non-embedding parameters per batch mode (mean over seeds, 95% interval)")
+        fig.tight_layout()
+        paths[f"metrics_{name}"] = folder / f"metrics_vs_params-{_slug(name)}.png"
+        fig.savefig(paths[f"metrics_{name}"], dpi=110)
+        plt.close(fig)
+
+        g = [x for x in gains if x["eval"] == name]
+        if not g:
+            continue
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+        for fi, fam in enumerate(families):
+            gf = sorted((x for x in g if x["family"] == fam), key=lambda x: x["params_non_embedding"])
+            if not gf:
+                continue
+            for ki, key in enumerate(GAIN_KEYS + ("rank_distance",)):
+                target = ax2 if key == "rank_distance" else ax
+                x = [v["params_non_embedding"] * (1 + 0.03 * (ki - 1)) for v in gf]
+                c = [v[key] for v in gf]
+                target.errorbar(x, [v["estimate"] for v in c],
+                                yerr=[[v["estimate"] - v["ci_low"] for v in c], [v["ci_high"] - v["estimate"] for v in c]],
+                                marker="o", capsize=4, color=f"C{ki}", linestyle=styles[fi % len(styles)],
+                                label=HEADERS[key] + (f" ({fam})" if len(families) > 1 else ""))
+        for a, title in ((ax, "hybrid - max(mono, cross), mAP"), (ax2, "min(mono, cross) - hybrid, rank distance")):
+            a.axhline(0.0, color="grey", linewidth=1)
+            a.set_xscale("log")
+            a.set_xlabel("non-embedding parameters")
+            a.set_title(title + "\n(positive: hybrid better)", fontsize=9)
+            a.legend(fontsize=7)
+            a.grid(alpha=0.3)
+        fig.suptitle(f"{name}: benefit of hybrid batches vs model size (mean over seeds, 95% interval)", fontsize=10)
+        fig.tight_layout()
+        paths[f"gain_{name}"] = folder / f"hybrid_gain-{_slug(name)}.png"
+        fig.savefig(paths[f"gain_{name}"], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def write_outputs(config: StudyConfig, results: List[dict]) -> Dict[str, Path]:
+    """results.csv / .json / .md and the plots under config.out."""
+    out = Path(config.out)
+    rows = result_rows(results, config)
+    summaries, gains = summarize(results, config)
+    paths = {"csv": out / "results.csv", "json": out / "results.json", "md": out / "results.md"}
+    columns = list(CSV_COLUMNS) + [k for k in dict.fromkeys(k for r in rows for k in r) if k not in CSV_COLUMNS]
+    tmp = paths["csv"].with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(paths["csv"])
+    write_json(paths["json"], {"settings": config.cell_settings(), "seeds": config.seeds,
+                               "models": [str(m) for m in config.models], "modes": list(config.modes),
+                               "interval_method": METHOD_TEXT[config.interval], "rows": rows,
+                               "cells": summaries, "hybrid_gain": gains})
+    paths["md"].write_text(study_markdown(config, summaries, gains))
+    paths.update(plot_study(summaries, gains, out / "plots"))
+    return paths
