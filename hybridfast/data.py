@@ -627,3 +627,11 @@ def run(args) -> int:
     print(f"{'all':<6}{sum(map(len, bench.queries.values())):>10}{sum(map(len, bench.candidates.values())):>12}"
           f"   ({len(rel)} question ids, {min(rel)}-{max(rel)} relevant each)")
     return 0
+
+
+def load_beir(path, languages=None, split="test", shared_query_ids=None):
+    """BEIR folders and MIRACL's native layout -> a graded RetrievalBenchmark: see hybridfast.beir
+    (imported here lazily because hybridfast.beir builds on this module)."""
+    from hybridfast.beir import load_beir as _load_beir
+
+    return _load_beir(path, languages=languages, split=split, shared_query_ids=shared_query_ids)

@@ -154,6 +154,8 @@ class EvaluationResult:
                     pl = self.per_language.get(q, {})
                     cells += [fmt(pl.get("map")), fmt(pl.get("rank_distance"), 1)]
                 lines.append(f"| {q} | " + " | ".join(cells) + " |")
+        for note in self.config.get("notes", []):
+            lines += ["", f"Note: {note}."]
         if self.unk_rates:
             langs = sorted(self.unk_rates)
             lines += ["", "[UNK] token rate per language", "", "| " + " | ".join(langs) + " |",
@@ -251,6 +253,15 @@ class RetrievalEvaluator:
                 raise ValueError(f"languages: {unknown} not in the benchmark (it has {have})")
             benchmark = benchmark.subset(list(languages))
         self.benchmark = benchmark
+        # A benchmark whose query ids are per language (BEIR / MIRACL folders read without
+        # shared ids, hybridfast.beir) has no cross-lingual qrels: mono only, and say so.
+        self.notes = list(getattr(benchmark, "notes", []) or [])
+        if getattr(benchmark, "shared_query_ids", True) is False:
+            dropped = [s for s in settings if s != "mono"]
+            settings = tuple(s for s in settings if s == "mono")
+            if not settings:
+                raise ValueError(f"settings {dropped} need query ids shared across languages, which "
+                                 f"{getattr(benchmark, 'name', 'this benchmark')!r} does not have; use 'mono'")
         self.settings = settings
         self.k = int(k)
         self.search = search
@@ -294,6 +305,14 @@ class RetrievalEvaluator:
         relevant = np.full((len(rel_rows), width), -1, dtype=np.int64)
         for i, cols in enumerate(rel_rows):
             relevant[i, :len(cols)] = cols
+        self._gains = None
+        grades = getattr(b, "grades", None) or {}
+        if any(g != 1 for rel in grades.values() for g in rel.values()):
+            # graded relevance: the gain of each relevant slot (nDCG uses grades as gains)
+            self._gains = np.zeros(relevant.shape, dtype=np.float64)
+            for i, (qid, cols) in enumerate(zip(q_ids, rel_rows)):
+                g = grades.get(qid, {})
+                self._gains[i, :len(cols)] = [float(g.get(cand_ids[c], 1)) for c in cols]
         self.query_languages = sorted(set(q_lang))
         self._q_lang = np.array([self.query_languages.index(l) for l in q_lang], dtype=np.int64)
         self._q_texts, self._q_ids = q_texts, q_ids
@@ -396,8 +415,12 @@ class RetrievalEvaluator:
             keep = mask.any(1)  # queries with a relevant candidate in y
             groups = self._q_lang[keep]
             count = np.bincount(groups, minlength=n_lang)
-            values = per_query_metrics(np.where(mask, found.block_ranks, 0)[keep], mask[keep].sum(1)) \
-                if keep.any() else {m: np.zeros(0) for m in METRICS}
+            if keep.any():
+                gains = None if self._gains is None else np.where(mask, self._gains, 0.0)[keep]
+                values = per_query_metrics(np.where(mask, found.block_ranks, 0)[keep], mask[keep].sum(1),
+                                           gains=gains, ideal_gains=gains)
+            else:
+                values = {m: np.zeros(0) for m in METRICS}
             sums = {m: np.bincount(groups, v, minlength=n_lang) for m, v in values.items()}
             for xi, x in enumerate(self.query_languages):
                 if (x == y and "mono" not in self.settings) or (x != y and "cross" not in self.settings):
@@ -414,11 +437,18 @@ class RetrievalEvaluator:
                 ranks = np.where(valid[rows], found.ranks[rows], 0)
                 n_rel = valid[rows].sum(1)
                 n_queries[f"{x}->multi"] = int(rows.sum())
-                values = per_query_metrics(ranks, n_rel, with_rank_distance=found.exact)
+                gains = None if self._gains is None else np.where(valid[rows], self._gains[rows], 0.0)
+                values = per_query_metrics(ranks, n_rel, with_rank_distance=found.exact, gains=gains,
+                                           ideal_gains=gains)
                 if not found.exact:  # needs every relevant candidate's rank
                     values["rank_distance"] = np.full(len(ranks), np.nan)
                 per_language[x] = mean_metrics(values)
                 keep_values(f"{x}->multi", q_ids[rows], values)
+        notes = list(self.notes)
+        if "cross" in self.settings and per_pair and not any(
+                n_queries.get(f"{x}->{y}") for (x, y) in per_pair if x != y):
+            notes.append("cross: no query has a relevant candidate in another language (no query id is "
+                         "shared across languages), so every cross-lingual pair is empty")
         summary = {}
         if "mono" in self.settings:
             summary["mono"] = macro_average(m for (x, y), m in per_pair.items() if x == y)
@@ -429,7 +459,8 @@ class RetrievalEvaluator:
         config = {"search": resolve_backend(self.search, self.ivf_lists),
                   "device": str(resolve_device(self.device)),
                   "k": self.k, "ivf_lists": self.ivf_lists, "nprobe": self.nprobe if self.ivf_lists else None,
-                  "settings": list(self.settings), "queries": len(self._q_ids), "candidates": len(self._cand_ids)}
+                  "settings": list(self.settings), "queries": len(self._q_ids), "candidates": len(self._cand_ids),
+                  "graded": self._gains is not None, "notes": notes}
         return EvaluationResult(summary=summary, per_pair=per_pair, per_language=per_language,
                                 query_languages=list(self.query_languages),
                                 candidate_languages=list(self.candidate_languages), n_queries=n_queries,

@@ -1,0 +1,251 @@
+"""BEIR / MIRACL readers (hybridfast.beir) and graded evaluation against pytrec_eval."""
+import gzip
+import hashlib
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from hybridfast.beir import BEIRFormatError, BEIRWarning, GradedRetrievalBenchmark, detect_layout, load_beir
+from hybridfast.data import candidate_text
+from hybridfast.evaluator import RetrievalEvaluator
+from hybridfast.metrics import METRICS
+from oracles import pytrec_eval_metrics
+
+VOCAB = [f"w{i}" for i in range(7)]
+
+
+class HashEncoder:
+    """Bag of hashed words: integer embeddings, many tied scores."""
+
+    def _enc(self, texts):
+        out = np.zeros((len(texts), 5), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for w in t.split():
+                out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % 5] += 1
+        return out
+
+    encode_queries = encode_passages = _enc
+
+
+def _write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def synthetic(seed=0, langs=("de", "en"), n_docs=25, n_queries=12, shared=True):
+    """Per language: docs, queries, graded qrels (0-3). Shared ids: query q<i> exists in every
+    language and is judged against its own language's docs (plus, for 'en', a German doc)."""
+    rng = np.random.default_rng(seed)
+    data = {}
+    for lang in langs:
+        docs = [{"_id": f"d{i}", "title": " ".join(rng.choice(VOCAB, 1)) if i % 3 else "",
+                 "text": " ".join(rng.choice(VOCAB, 3))} for i in range(n_docs)]
+        queries = [{"_id": f"q{i}", "text": " ".join(rng.choice(VOCAB, 2))} for i in range(n_queries)]
+        qrels = []
+        for i in range(n_queries - 1):  # the last query has no qrels: not evaluated
+            for d in rng.choice(n_docs, rng.integers(1, 5), replace=False):
+                qrels.append((f"q{i}", f"d{d}", int(rng.integers(0, 4))))
+            qrels.append((f"q{i}", f"d{(i * 7) % n_docs}", int(rng.integers(1, 4))))
+        # dedupe (keep the first grade)
+        seen, clean = set(), []
+        for q, d, g in qrels:
+            if (q, d) not in seen:
+                seen.add((q, d))
+                clean.append((q, d, g))
+        data[lang] = (docs, queries, clean)
+    return data
+
+
+def write_per_language(root, data):
+    for lang, (docs, queries, qrels) in data.items():
+        _write_jsonl(root / lang / "corpus.jsonl", docs)
+        _write_jsonl(root / lang / "queries.jsonl", queries)
+        (root / lang / "qrels").mkdir(parents=True, exist_ok=True)
+        (root / lang / "qrels" / "test.tsv").write_text(
+            "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n" for q, d, g in qrels))
+    return root
+
+
+def write_single(root, data):
+    """One folder, a lang field; ids made global: docs <lang>-d<i>; queries keep their ids."""
+    docs, queries, qrels = [], [], []
+    for lang, (ds, qs, rs) in data.items():
+        docs += [dict(d, _id=f"{lang}-{d['_id']}", lang=lang) for d in ds]
+        queries += [dict(q, lang=lang) for q in qs]
+        qrels += [(q, f"{lang}-{d}", g) for q, d, g in rs]
+    grades = {}
+    for q, d, g in qrels:
+        grades.setdefault((q, d), g)
+    _write_jsonl(root / "corpus.jsonl", docs)
+    _write_jsonl(root / "queries.jsonl", queries)
+    (root / "qrels").mkdir(parents=True, exist_ok=True)
+    (root / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n" for (q, d), g in grades.items()))
+    return root
+
+
+def trec_reference(bench, encoder, pairs=True, multi=True):
+    """Per pair / per language metrics through pytrec_eval with the graded qrels."""
+    cids = {l: list(bench.candidates[l]) for l in sorted(bench.candidates)}
+    cemb = {l: encoder.encode_passages([candidate_text(*bench.candidates[l][c]) for c in cids[l]]) for l in cids}
+    per_pair, per_lang = {}, {}
+    for x in sorted(bench.queries):
+        qids = [q for q in bench.queries[x] if bench.qrels.get(q)]
+        qemb = encoder.encode_queries([bench.queries[x][q] for q in qids])
+        scores = {y: (qemb @ cemb[y].T).astype(np.float32) for y in cids}
+        for y in cids if pairs else []:
+            rel = {q: {c: g for c, g in bench.grades[q].items() if c in bench.candidates[y]} for q in qids}
+            run = {q: dict(zip(cids[y], scores[y][i].tolist())) for i, q in enumerate(qids) if rel[q]}
+            if run:
+                m = pytrec_eval_metrics(run, {q: rel[q] for q in run})
+                per_pair[(x, y)] = {k: np.mean([m[q][k] for q in run]) for k in METRICS}
+        if multi:
+            run = {q: {c: float(scores[y][i, j]) for y in cids for j, c in enumerate(cids[y])}
+                   for i, q in enumerate(qids)}
+            m = pytrec_eval_metrics(run, {q: bench.grades[q] for q in qids})
+            per_lang[x] = {k: np.mean([m[q][k] for q in qids]) for k in METRICS}
+    return per_pair, per_lang
+
+
+def _assert_equal(res, per_pair, per_lang):
+    for pair, ref in per_pair.items():
+        for m in METRICS:
+            assert res.per_pair[pair][m] == pytest.approx(ref[m], abs=1e-12), (pair, m)
+    for x, ref in per_lang.items():
+        for m in METRICS:
+            assert res.per_language[x][m] == pytest.approx(ref[m], abs=1e-12), (x, m)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_per_language_folders_graded_equal_pytrec_eval(tmp_path, seed):
+    root = write_per_language(tmp_path / "bench", synthetic(seed))
+    assert detect_layout(root) == "beir"
+    bench = load_beir(root)
+    assert isinstance(bench, GradedRetrievalBenchmark) and bench.shared_query_ids is False
+    assert set(bench.queries) == {"de", "en"} and "de:q0" in bench.queries["de"]
+    assert all(cid.startswith("en:") for cid in bench.candidates["en"])
+    assert max(g for r in bench.grades.values() for g in r.values()) > 1  # graded kept
+    assert not any("q11" in q for qs in bench.queries.values() for q in qs)  # no qrels: dropped
+    res = RetrievalEvaluator(bench, show_progress=False).evaluate(HashEncoder())
+    # per-language ids: mono only, and the output says why
+    assert set(res.summary) == {"mono"} and set(res.per_pair) == {("de", "de"), ("en", "en")}
+    assert any("not shared" in n for n in res.config["notes"]) and "not shared" in res.to_markdown()
+    assert res.config["graded"]
+    per_pair, _ = trec_reference(bench, HashEncoder(), multi=False)
+    _assert_equal(res, {p: v for p, v in per_pair.items() if p[0] == p[1]}, {})
+    assert res.summary["mono"]["ndcg@10"] == pytest.approx(
+        np.mean([per_pair[(l, l)]["ndcg@10"] for l in ("de", "en")]), abs=1e-12)
+
+
+def test_shared_query_ids_give_cross_and_multi(tmp_path):
+    root = write_per_language(tmp_path / "bench", synthetic(2))
+    bench = load_beir(root, shared_query_ids=True)
+    assert bench.shared_query_ids and "q0" in bench.queries["de"] and "q0" in bench.queries["en"]
+    # q0's qrels merge over languages
+    assert {c.split(":")[0] for c in bench.qrels["q0"]} == {"de", "en"}
+    res = RetrievalEvaluator(bench, show_progress=False).evaluate(HashEncoder())
+    assert set(res.summary) == {"mono", "cross", "multi"}
+    per_pair, per_lang = trec_reference(bench, HashEncoder())
+    assert ("de", "en") in per_pair
+    _assert_equal(res, per_pair, per_lang)
+
+
+def test_single_folder_with_lang_field(tmp_path):
+    data = synthetic(3)
+    root = write_single(tmp_path / "one", data)
+    assert detect_layout(root) == "beir-single"
+    bench = load_beir(root)
+    assert bench.shared_query_ids and set(bench.queries) == {"de", "en"}
+    res = RetrievalEvaluator(bench, show_progress=False).evaluate(HashEncoder())
+    per_pair, per_lang = trec_reference(bench, HashEncoder())
+    _assert_equal(res, per_pair, per_lang)
+    assert set(res.summary) == {"mono", "cross", "multi"}
+    # one language: the other's qrels lines are dropped without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        only = load_beir(root, languages=["de"])
+    assert set(only.candidates) == {"de"}
+
+
+def test_miracl_native_layout(tmp_path):
+    data = synthetic(4, n_docs=10, n_queries=6)
+    root = tmp_path / "miracl"
+    for lang, (docs, queries, qrels) in data.items():
+        base = root / f"miracl-v1.0-{lang}"
+        (base / "topics").mkdir(parents=True)
+        (base / "qrels").mkdir()
+        (base / "topics" / f"topics.miracl-v1.0-{lang}-dev.tsv").write_text(
+            "".join(f"{q['_id']}\t{q['text']}\n" for q in queries))
+        (base / "topics" / f"topics.miracl-v1.0-{lang}-train.tsv").write_text("x\tnot this split\n")
+        (base / "qrels" / f"qrels.miracl-v1.0-{lang}-dev.tsv").write_text(
+            "".join(f"{q} Q0 {d} {g}\n" for q, d, g in qrels))
+        (base / "corpus").mkdir()
+        half = len(docs) // 2
+        _write_jsonl(base / "corpus" / "docs-0.jsonl", [{"docid": d["_id"], "title": d["title"],
+                                                         "text": d["text"]} for d in docs[:half]])
+        with gzip.open(base / "corpus" / "docs-1.jsonl.gz", "wt", encoding="utf-8") as f:
+            for d in docs[half:]:
+                f.write(json.dumps({"docid": d["_id"], "title": d["title"], "text": d["text"]}) + "\n")
+    assert detect_layout(root) == "miracl"
+    bench = load_beir(root, split="dev")
+    assert set(bench.candidates) == {"de", "en"} and len(bench.candidates["de"]) == 10
+    per_lang_folder = load_beir(write_per_language(tmp_path / "same", data))
+    # the same data through both layouts: the same benchmark
+    assert bench.grades == per_lang_folder.grades and bench.queries == {
+        l: {q: t for q, t in qs.items()} for l, qs in per_lang_folder.queries.items()}
+    res = RetrievalEvaluator(bench, show_progress=False).evaluate(HashEncoder())
+    per_pair, _ = trec_reference(bench, HashEncoder(), multi=False)
+    _assert_equal(res, {p: v for p, v in per_pair.items() if p[0] == p[1]}, {})
+
+
+def test_errors_name_file_and_line(tmp_path):
+    root = write_per_language(tmp_path / "b", synthetic(0))
+    corpus = root / "de" / "corpus.jsonl"
+    lines = corpus.read_text().splitlines()
+    corpus.write_text("\n".join(lines[:3] + ['{"_id": "x", "text": 5}'] + lines[3:]) + "\n")
+    with pytest.raises(BEIRFormatError, match=r"de/corpus.jsonl:4: field 'text' must be a string"):
+        load_beir(root)
+    corpus.write_text("\n".join(lines[:2] + ["{broken"] + lines[2:]) + "\n")
+    with pytest.raises(BEIRFormatError, match=r"corpus.jsonl:3: not valid JSON"):
+        load_beir(root)
+    corpus.write_text("\n".join(lines + [lines[0]]) + "\n")
+    with pytest.raises(BEIRFormatError, match=rf"corpus.jsonl:{len(lines) + 1}: document id 'd0' already defined at .*:1"):
+        load_beir(root)
+    corpus.write_bytes("\n".join(lines).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(BEIRFormatError, match=rf"corpus.jsonl:{len(lines) + 1}: not UTF-8"):
+        load_beir(root)
+    corpus.write_text("\n".join(lines) + "\n")
+    qrels = root / "en" / "qrels" / "test.tsv"
+    q_lines = qrels.read_text().splitlines()
+    qrels.write_text("\n".join(q_lines[:2] + ["q0\td1\thigh"] + q_lines[2:]) + "\n")
+    with pytest.raises(BEIRFormatError, match=r"en/qrels/test.tsv:3: relevance 'high' is not a number"):
+        load_beir(root)
+    qrels.write_text("\n".join(q_lines[:2] + ["q0 d1"] + q_lines[2:]) + "\n")
+    with pytest.raises(BEIRFormatError, match=r"test.tsv:3: expected 'query-id<TAB>corpus-id<TAB>score'"):
+        load_beir(root)
+    qrels.write_text("\n".join(q_lines + ["q0\tnope\t1", "zz\td1\t1"]) + "\n")
+    with pytest.warns(BEIRWarning, match="document ids not in the loaded corpus"):
+        load_beir(root)
+    qrels.write_text("\n".join(q_lines) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"split: .*dev.tsv not found \(splits here: \['test'\]\)"):
+        load_beir(root, split="dev")
+    with pytest.raises(ValueError, match=r"languages: \['fr'\] not in"):
+        load_beir(root, languages=["fr"])
+    with pytest.raises(FileNotFoundError, match="is not a BEIR folder"):
+        load_beir(tmp_path)
+    single = write_single(tmp_path / "one", synthetic(0))
+    rows = (single / "corpus.jsonl").read_text().splitlines()
+    (single / "corpus.jsonl").write_text("\n".join(rows[:1] + ['{"_id": "n", "text": "t"}'] + rows[1:]) + "\n")
+    with pytest.raises(BEIRFormatError, match=r"corpus.jsonl:2: missing field 'lang'"):
+        load_beir(single)
+
+
+def test_subset_keeps_grades(tmp_path):
+    bench = load_beir(write_per_language(tmp_path / "b", synthetic(5)), shared_query_ids=True)
+    sub = bench.subset(["en"])
+    assert isinstance(sub, GradedRetrievalBenchmark) and set(sub.candidates) == {"en"}
+    assert all(c.startswith("en:") for r in sub.grades.values() for c in r)
+    res = RetrievalEvaluator(bench, languages=["en"], show_progress=False).evaluate(HashEncoder())
+    assert res.config["graded"] and set(res.per_pair) == {("en", "en")}
