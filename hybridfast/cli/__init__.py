@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "train": "fine-tune an encoder with mono / cross / hybrid batches",
     "evaluate": "evaluate an encoder on XQuAD-R / MLQA-R (mono, cross, multi)",
     "study": "grid of models x batch modes: how does model size change the benefit?",
+    "models": "list the named encoders; get one as a local folder (multilingual-e5-small offline)",
     "demo": "small-scale reproduction of the paper's comparison on the bundled model",
     "info": "versions and which optional parts are active",
 }
