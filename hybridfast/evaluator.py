@@ -367,20 +367,30 @@ class RetrievalEvaluator:
             out[lang] = float(fn(texts))
         return out
 
-    def evaluate(self, encoder) -> EvaluationResult:
+    def evaluate(self, encoder, save_run=None, run_depth="full") -> EvaluationResult:
+        """Encode, search, score. save_run: a folder for TREC run and qrels files of this
+        evaluation (hybridfast.trec; run_depth "full" or "k")."""
         t0 = time.perf_counter()
         q, c = self.encode(encoder)
         t1 = time.perf_counter()
-        result = self.evaluate_embeddings(q, c)
+        result = self.evaluate_embeddings(q, c, save_run=save_run, run_depth=run_depth)
         result.unk_rates = self.unk_rates(encoder)
         result.timings["encode_s"] = t1 - t0
         result.timings["encode_texts_per_s"] = (len(self._q_texts) + len(self._cand_texts)) / max(t1 - t0, 1e-9)
         return result
 
-    def evaluate_embeddings(self, query_embeddings, candidate_embeddings) -> EvaluationResult:
+    def evaluate_embeddings(self, query_embeddings, candidate_embeddings, save_run=None,
+                            run_depth="full") -> EvaluationResult:
         """Metrics from precomputed embeddings, rows in the evaluator's order: `query_rows`
         (languages sorted, then benchmark order, only queries with qrels) and
-        `candidate_ids` (languages sorted, then benchmark order)."""
+        `candidate_ids` (languages sorted, then benchmark order). save_run / run_depth: see evaluate."""
+        if save_run is not None:
+            from hybridfast.trec import DEPTHS
+
+            if run_depth not in DEPTHS:
+                raise ValueError(f"run_depth must be one of {DEPTHS}, got {run_depth!r}")
+            if self.ivf_lists is not None:
+                raise ValueError("save_run needs exact search: approximate IVF search (ivf_lists) has no full ranking")
         q = _embeddings(query_embeddings, len(self._q_texts), "encode_queries")
         c = _embeddings(candidate_embeddings, len(self._cand_texts), "encode_passages")
         if q.shape[1] != c.shape[1]:
@@ -393,6 +403,11 @@ class RetrievalEvaluator:
         t1 = time.perf_counter()
         result = self._metrics(found)
         result.timings.update(search_s=t1 - t0, metrics_s=time.perf_counter() - t1)
+        if save_run is not None:
+            from hybridfast.trec import write_runs
+
+            write_runs(self, q, c, found, save_run, depth=run_depth)
+            result.config.update(run_dir=str(save_run), run_depth=run_depth)
         return result
 
     def _metrics(self, found) -> EvaluationResult:

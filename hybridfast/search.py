@@ -249,6 +249,33 @@ def _trec_sort(scores, idx, prio):
 # backends
 
 
+def _score_chunk(q_chunk, c, ct, on_gpu, work):
+    """Scores of a query chunk: torch matmul on the GPU; on CPU numpy's BLAS sgemm into a
+    reused buffer (cheaper here than torch's). The one place scores are computed."""
+    if on_gpu:
+        return torch.from_numpy(q_chunk).to(ct.device) @ ct.T
+    buf = work.get("scores")
+    if buf is None or buf.shape != (q_chunk.shape[0], c.shape[0]):
+        buf = work["scores"] = np.empty((q_chunk.shape[0], c.shape[0]), np.float32)
+    return torch.from_numpy(np.matmul(q_chunk, c.T, out=buf))
+
+
+def chunk_scores(queries, candidates, device="auto", n_relevant=1, chunk_size=None):
+    """Yield (start, end, float32 numpy [end - start, C]) score chunks computed exactly as
+    search() computes them (same device, chunking and matmul, hence the same float32
+    values and ties); used to write TREC run files. The array may be reused by the next
+    chunk: consume it before advancing."""
+    q, c = _as_matrix(queries, "queries"), _as_matrix(candidates, "candidates")
+    dev = resolve_device(device)
+    chunk = _chunk_rows(c.shape[0], max(1, int(n_relevant)), dev, chunk_size)
+    ct = torch.from_numpy(c).to(dev)
+    work = {}
+    with torch.no_grad():
+        for s in range(0, q.shape[0], chunk):
+            e = min(q.shape[0], s + chunk)
+            yield s, e, _score_chunk(q[s:e], c, ct, dev.type == "cuda", work).cpu().numpy()
+
+
 def _exact_torch(q, c, rel, offsets, prio, k, device, chunk, show, topk_fn=None):
     Q, C = q.shape[0], c.shape[0]
     block_of = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
@@ -270,14 +297,7 @@ def _exact_torch(q, c, rel, offsets, prio, k, device, chunk, show, topk_fn=None)
     with torch.no_grad():
         for s in range(0, Q, chunk):
             e = min(Q, s + chunk)
-            if on_gpu or counter == "torch":
-                scores = torch.from_numpy(q[s:e]).to(device) @ ct.T  # float32 [b, C]
-            else:
-                # CPU: numpy's BLAS sgemm into a reused buffer (cheaper here than torch's)
-                buf = work.get("scores")
-                if buf is None or buf.shape != (e - s, C):
-                    buf = work["scores"] = np.empty((e - s, C), np.float32)
-                scores = torch.from_numpy(np.matmul(q[s:e], c.T, out=buf))
+            scores = _score_chunk(q[s:e], c, ct, on_gpu, work)  # float32 [b, C]
             cols = rel[s:e]
             if counter == "torch":
                 own, total = _count_torch(scores, torch.from_numpy(cols).to(device), offsets_t, block_of_t, prio_t)

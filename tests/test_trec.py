@@ -1,0 +1,109 @@
+"""TREC run and qrels files (hybridfast.trec): pytrec_eval on the written files equals the summary."""
+import json
+
+import numpy as np
+import pytest
+
+pytrec_eval = pytest.importorskip("pytrec_eval")
+
+from hybridfast.beir import load_beir  # noqa: E402
+from hybridfast.evaluator import RetrievalEvaluator  # noqa: E402
+from hybridfast.metrics import METRICS, macro_average  # noqa: E402
+from hybridfast.trec import read_qrels, read_run  # noqa: E402
+from oracles import TREC_MEASURES, trec_to_ours  # noqa: E402
+from test_beir import HashEncoder, synthetic, write_per_language  # noqa: E402
+from test_evaluator import partly_parallel_benchmark  # noqa: E402
+
+
+def trec_eval_files(folder):
+    """{run file name: {metric: mean over its queries}} by pytrec_eval on the files only."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    out = {}
+    for run_name, qrels_name in manifest["runs"].items():
+        with open(folder / qrels_name) as f:
+            qrels = pytrec_eval.parse_qrel(f)
+        with open(folder / run_name) as f:
+            run = pytrec_eval.parse_run(f)
+        per_q = pytrec_eval.RelevanceEvaluator(qrels, TREC_MEASURES).evaluate(run)
+        assert set(per_q) == set(run), run_name  # every query of the file is judged
+        values = [trec_to_ours(m) for m in per_q.values()]
+        out[run_name] = {m: float(np.mean([v[m] for v in values])) for m in METRICS}
+    return out
+
+
+def check_files_reproduce(res, folder, metrics=METRICS):
+    got = trec_eval_files(folder)
+    pairs = {}
+    for (x, y), ref in res.per_pair.items():
+        name = f"runs/{x}-{y}.run"
+        if res.n_queries[f"{x}->{y}"] == 0:
+            assert not (folder / name).read_text()
+            continue
+        pairs[(x, y)] = got[name]
+        for m in metrics:
+            assert got[name][m] == pytest.approx(ref[m], abs=1e-12), (name, m)
+    for x, ref in res.per_language.items():
+        for m in metrics:
+            assert got[f"runs/{x}-multi.run"][m] == pytest.approx(ref[m], abs=1e-12), (x, m)
+    # the summary is the macro average of the files' numbers
+    if "mono" in res.summary:
+        mono = macro_average(v for (x, y), v in pairs.items() if x == y)
+        for m in metrics:
+            assert res.summary["mono"][m] == pytest.approx(mono[m], abs=1e-12)
+    if "cross" in res.summary:
+        cross = macro_average(v for (x, y), v in pairs.items() if x != y)
+        for m in metrics:
+            assert res.summary["cross"][m] == pytest.approx(cross[m], abs=1e-12)
+    if "multi" in res.summary:
+        multi = macro_average(got[f"runs/{x}-multi.run"] for x in res.per_language)
+        for m in metrics:
+            assert res.summary["multi"][m] == pytest.approx(multi[m], abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_run_files_reproduce_the_summary_with_ties(tmp_path, seed):
+    bench = partly_parallel_benchmark(seed, n_questions=40)
+    ev = RetrievalEvaluator(bench, k=3, chunk_size=7, show_progress=False)  # k small: runs extended
+    res = ev.evaluate(HashEncoder(), save_run=tmp_path / "runs")
+    check_files_reproduce(res, tmp_path / "runs")
+    # trec_eval order inside the files: score descending, then docid descending; ranks 1..n
+    for path in (tmp_path / "runs" / "runs").glob("*.run"):
+        rows = [line.split() for line in path.read_text().splitlines()]
+        by_q = {}
+        for qid, q0, doc, rank, score, tag in rows:
+            assert q0 == "Q0" and tag == "hybridfast"
+            by_q.setdefault(qid, []).append((int(rank), float(score), doc))
+        for items in by_q.values():
+            assert [r for r, _, _ in items] == list(range(1, len(items) + 1))
+            keys = [(s, d) for _, s, d in items]
+            assert keys == sorted(keys, reverse=True)
+            assert len(items) >= min(3, len(items))
+    assert res.config["run_depth"] == "full"
+
+
+def test_graded_beir_run_files_reproduce_the_summary(tmp_path):
+    bench = load_beir(write_per_language(tmp_path / "b", synthetic(1)), shared_query_ids=True)
+    res = RetrievalEvaluator(bench, k=5, show_progress=False).evaluate(HashEncoder(), save_run=tmp_path / "out")
+    check_files_reproduce(res, tmp_path / "out")
+    qrels = read_qrels(tmp_path / "out" / "qrels" / "all.qrels")
+    assert qrels == {q: g for q, g in bench.grades.items() if any(q in qs for qs in bench.queries.values())}
+
+
+def test_top_k_depth_keeps_cut_metrics_exact(tmp_path):
+    bench = partly_parallel_benchmark(3, n_questions=40)
+    res = RetrievalEvaluator(bench, k=10, show_progress=False).evaluate(
+        HashEncoder(), save_run=tmp_path / "k", run_depth="k")
+    run = read_run(tmp_path / "k" / "runs" / "en-multi.run")
+    assert max(len(v) for v in run.values()) == 10 and min(len(v) for v in run.values()) == 10
+    check_files_reproduce(res, tmp_path / "k", metrics=("mrr@10", "ndcg@10", "recall@1", "recall@10"))
+
+
+def test_bad_save_run_arguments(tmp_path):
+    bench = partly_parallel_benchmark(0)
+    ev = RetrievalEvaluator(bench, show_progress=False)
+    with pytest.raises(ValueError, match="run_depth must be one of"):
+        ev.evaluate(HashEncoder(), save_run=tmp_path, run_depth="all")
+    pytest.importorskip("faiss")
+    ivf = RetrievalEvaluator(bench, ivf_lists=2, show_progress=False)
+    with pytest.raises(ValueError, match="needs exact search"):
+        ivf.evaluate(HashEncoder(), save_run=tmp_path)
