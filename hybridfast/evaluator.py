@@ -25,6 +25,7 @@ import inspect
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Tuple
@@ -301,6 +302,11 @@ class RetrievalEvaluator:
                     rel_rows.append(cols)
         if not q_ids:
             raise ValueError("benchmark has no query with a relevant candidate (check qrels and languages)")
+        # a language with neither candidates nor a scorable query (an empty file) vanishes: say so
+        empty = sorted(l for l in set(b.queries) | set(b.candidates)
+                       if not b.candidates.get(l) and l not in set(q_lang))
+        if empty:
+            self._warn_left_out(empty, "no candidates and no query with a relevant candidate")
         width = max(len(r) for r in rel_rows)
         relevant = np.full((len(rel_rows), width), -1, dtype=np.int64)
         for i, cols in enumerate(rel_rows):
@@ -320,6 +326,12 @@ class RetrievalEvaluator:
         self._offsets = np.array(offsets, dtype=np.int64)
         self._relevant = relevant
         self._prio = tie_priority(cand_ids)
+
+    def _warn_left_out(self, langs, why):
+        msg = (f"benchmark {getattr(self.benchmark, 'name', '')!r}: language(s) {langs} have {why} and are "
+               "left out of the evaluation (an empty or unmatched data file?)")
+        warnings.warn(msg, UserWarning, stacklevel=4)
+        self.notes.append(msg)
 
     @property
     def query_rows(self):
@@ -481,54 +493,3 @@ class RetrievalEvaluator:
                                 candidate_languages=list(self.candidate_languages), n_queries=n_queries,
                                 benchmark=getattr(self.benchmark, "name", "benchmark"), exact=found.exact,
                                 config=config, timings={}, per_query=per_query)
-
-
-# ---------------------------------------------------------------------------- CLI: hybridfast evaluate
-
-def add_arguments(parser):
-    parser.add_argument("--model", default=None,
-                        help="model folder or name (default: the bundled all-MiniLM-L6-v2)")
-    parser.add_argument("--dataset", required=True, help="xquad-r, mlqa-r, or a LAReQA folder")
-    parser.add_argument("--languages", nargs="+", default=None, help="ISO 639-1 codes (default: all)")
-    parser.add_argument("--split", default="all", choices=("all", "train", "test"),
-                        help="article split of the benchmark (default: all)")
-    parser.add_argument("--data-dir", default=None, help="folder holding the datasets (else HYBRIDFAST_DATA, cache)")
-    parser.add_argument("--search", default="auto", choices=BACKENDS, help="search backend (default: auto)")
-    parser.add_argument("--device", default="auto", help="device for encoding and search (default: auto)")
-    parser.add_argument("--batch-size", type=int, default=64, help="encoding batch size")
-    parser.add_argument("--max-length", type=int, default=256, help="max tokens per text")
-    parser.add_argument("--query-prefix", default=None, help="query prefix (default: the model's own; '' for none)")
-    parser.add_argument("--passage-prefix", default=None,
-                        help="passage prefix (default: the model's own; '' for none)")
-    parser.add_argument("--k", type=int, default=100, help="top-k depth for approximate (IVF) search")
-    parser.add_argument("--ivf-lists", type=int, default=None, help="approximate faiss IVF search with N lists")
-    parser.add_argument("--nprobe", type=int, default=16, help="IVF lists probed per query")
-    parser.add_argument("--out", required=True, help="output folder: results.json, results.md, map_heatmap.png")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def run(args) -> int:
-    from hybridfast.data import load_benchmark
-    from hybridfast.encoder import Encoder, default_model_path
-
-    benchmark = load_benchmark(args.dataset, data_dir=args.data_dir, languages=args.languages, split=args.split)
-    model = args.model or default_model_path()
-    encoder = Encoder(model, query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
-                      max_length=args.max_length, device=args.device, batch_size=args.batch_size,
-                      show_progress=not args.no_progress)
-    evaluator = RetrievalEvaluator(benchmark, k=args.k, search=args.search, device=args.device,
-                                   batch_size=args.batch_size, show_progress=not args.no_progress,
-                                   ivf_lists=args.ivf_lists, nprobe=args.nprobe)
-    result = evaluator.evaluate(encoder)
-    result.config.update(model=str(model), dataset=str(args.dataset), split=args.split,
-                         query_prefix=encoder.query_prefix, passage_prefix=encoder.passage_prefix,
-                         max_length=args.max_length)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    markdown = result.to_markdown()
-    print(markdown)
-    result.to_json(out / "results.json")
-    (out / "results.md").write_text(markdown)
-    result.plot(out / "map_heatmap.png")
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'map_heatmap.png'}")
-    return 0

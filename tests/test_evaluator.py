@@ -462,3 +462,60 @@ def test_cli_evaluate_on_a_tiny_lareqa_folder(tmp_path, xquad_dir, capsys):
     assert set(res.unk_rates) == {"en", "de"}
     assert (out / "results.md").read_text().startswith("### ")
     assert (out / "map_heatmap.png").stat().st_size > 5000
+
+
+# ---------------------------------------------------------------------------- issue 13 (14), 14
+
+def test_empty_language_file_is_not_silently_dropped(tmp_path, xquad_dir):
+    """A LAReQA language file with "data": [] used to vanish from the evaluation without a word."""
+    from hybridfast.data import load_lareqa
+
+    src = json.loads((xquad_dir / "de.json").read_text())
+    src["data"] = src["data"][:1]
+    (tmp_path / "de.json").write_text(json.dumps(src))
+    (tmp_path / "el.json").write_text(json.dumps({"data": []}))
+    bench = load_lareqa(tmp_path)
+    with pytest.warns(UserWarning, match=r"\['el'\] have no candidates and no query"):
+        ev = RetrievalEvaluator(bench, show_progress=False)
+    res = ev.evaluate(HashEncoder())
+    assert any("['el']" in n for n in res.config["notes"]) and "['el']" in res.to_markdown()
+
+
+def test_library_evaluator_has_no_argparse_and_no_dead_code():
+    import hybridfast.evaluator as evaluator
+    import hybridfast.search as search_mod
+    import inspect
+
+    assert not hasattr(evaluator, "add_arguments") and not hasattr(evaluator, "run")
+    assert "argparse" not in inspect.getsource(evaluator)
+    assert not hasattr(RetrievalEvaluator, "query_texts")
+    assert "counter" not in inspect.signature(search_mod.search).parameters
+    assert "device" not in inspect.signature(search_mod.resolve_backend).parameters
+    from hybridfast.cli import evaluate as cli_evaluate
+
+    assert callable(cli_evaluate.add_arguments) and callable(cli_evaluate.run)
+
+
+def test_cli_evaluate_user_mistakes_give_messages_not_tracebacks(tmp_path, capsys):
+    from hybridfast.cli import main
+
+    def err(argv):
+        code = main(argv)
+        return code, capsys.readouterr().err
+
+    code, msg = err(["evaluate", "--dataset", "no-such-set", "--out", str(tmp_path / "o1"), "--no-progress"])
+    assert code == 2 and "error: " in msg and "no-such-set" in msg and "Traceback" not in msg
+    assert not (tmp_path / "o1").exists()  # no empty folder left behind
+    # a BEIR folder with an unknown language
+    from test_beir import synthetic, write_per_language
+
+    root = write_per_language(tmp_path / "beir", synthetic(0))
+    code, msg = err(["evaluate", "--dataset", str(root), "--languages", "fr", "--out", str(tmp_path / "o2")])
+    assert code == 2 and "languages: ['fr'] not in" in msg
+    # an output folder that cannot be written (a file in the way)
+    (tmp_path / "blocker").write_text("mine")
+    code, msg = err(["evaluate", "--dataset", str(root), "--out", str(tmp_path / "blocker" / "out")])
+    assert code == 2 and "--out" in msg and "cannot be written" in msg
+    assert (tmp_path / "blocker").read_text() == "mine"
+    code, msg = err(["evaluate", "--dataset", str(root), "--split", "dev", "--out", str(tmp_path / "o3")])
+    assert code == 2 and "dev.tsv not found" in msg
