@@ -1,4 +1,6 @@
-"""Retrieval benchmarks: the in-memory form (RetrievalBenchmark), LAReQA readers, and the `data` command.
+"""Retrieval benchmarks: the in-memory form (RetrievalBenchmark), LAReQA readers, where data lives, downloads.
+
+The `hybridfast data` command line is hybridfast/cli/data.py.
 
 LAReQA (Roy et al. 2020) turns extractive QA sets into answer retrieval: a folder
 holds one SQuAD-format JSON per language (`<lang>.json`), every paragraph carries
@@ -22,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -430,14 +431,18 @@ DATASETS: Dict[str, _Source] = {
         "vi.json": "e35926bf5cc6fc6ecbdfca49467aabeb454f08d152d7818143a906bd31dde995",
         "zh.json": "80c2cde7b9c2fb134c303cbb52f2ba396ead9eb0014aec43993543d2ba9e93ed",
     }, "CC BY-SA 4.0"),
-    # MLQA-R lives only in the repository's history (later renamed mlqa-dev-r/). Its
-    # checksums could not be established when this was written (no network access to
-    # fetch the files), so none are pinned: the commit pins the content on GitHub's
-    # side, the download checks that every file parses as LAReQA, and it records the
-    # sha256 of what it fetched in SHA256SUMS next to the files.
+    # MLQA-R lives only in the repository's history (later renamed mlqa-dev-r/); checksums of
+    # the files at this commit, as in ../shared/data/mlqa-r/SHA256SUMS. License CC BY-NC 4.0:
+    # non-commercial use only.
     "mlqa-r": _Source("354d67d1cd066854cdfbf5ad0e6105528976141d", "mlqa-r", {
-        f"{lang}.json": None for lang in ("ar", "de", "en", "es", "hi", "vi", "zh")
-    }, "CC BY-NC 4.0"),
+        "ar.json": "2132fbc03208535c0fe01f2e2c5121d06f9c2aa799af93b0a719dbc105bdf137",
+        "de.json": "ce9454dc5aa6f2d85c23cd6e49cb367fbb7c4c6e62d7f71e355c6b5dae4d0886",
+        "en.json": "fedd9a5cc0848dda80caf84aa36f482adaae230526a3f6e9e86926a93ef3b1e4",
+        "es.json": "70ecba276b8c96a692b120693a595d076ce94ad21d4b28311538a9fcbfe0f9d7",
+        "hi.json": "4dd0fb3c06f737a5481d705bc1dcac7876712a5815c9265908fbb3a0696cb654",
+        "vi.json": "9d3baff6ba03e6793b25594217265ea59a136b9733833dca8a9582a84a78ff85",
+        "zh.json": "57f01d2fff50cf3392805635b01445339f225ad5bf28ba8443b12f8dbd1e69dc",
+    }, "CC BY-NC 4.0 (non-commercial use only)"),
 }
 
 
@@ -499,6 +504,28 @@ def load_benchmark(name_or_path, data_dir=None, languages=None, split="all") -> 
     return load_lareqa(resolve_dataset(name_or_path, data_dir), languages=languages, split=split)
 
 
+def ensure_dataset(name_or_path, data_dir=None, show_progress: bool = True, log=None) -> Path:
+    """resolve_dataset, downloading a known dataset that is not found yet (first use).
+
+    The download goes to data_dir when given, else $HYBRIDFAST_DATA, else the cache
+    folder. Offline (or on any download failure) it raises FileNotFoundError with
+    resolve_dataset's message (where it looked, how to provide the files) and the reason.
+    """
+    try:
+        return resolve_dataset(name_or_path, data_dir)
+    except FileNotFoundError as missing:
+        name = str(name_or_path)
+        if name not in DATASETS:
+            raise
+        if log is not None:
+            log(f"{name} not found locally: downloading it ({DATASETS[name].license}) from "
+                f"github.com/{_REPO} at commit {DATASETS[name].commit[:7]}")
+        try:
+            return download(name, to=data_dir, show_progress=show_progress)
+        except DownloadError as e:
+            raise FileNotFoundError(f"{missing}\n(download failed: {e})") from None
+
+
 # ----------------------------------------------------------------------------- download
 
 class DownloadError(RuntimeError):
@@ -518,11 +545,22 @@ def _sha256(data: bytes) -> str:
 
 
 def _read_sums(path: Path) -> Dict[str, str]:
-    """{file: sha256} from a `sha256sum` style file (missing file: {})."""
+    """{file: sha256} from a `sha256sum` style file (missing file: {}; malformed lines are ignored
+    with a warning: they only mean a present file is fetched again)."""
     if not path.is_file():
         return {}
-    pairs = (line.split(None, 1) for line in path.read_text().splitlines() if line.strip())
-    return {name.strip().lstrip("*"): sha for sha, name in pairs}
+    sums, bad = {}, []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        parts = line.split(None, 1)
+        if not line.strip():
+            continue
+        if len(parts) != 2 or not re.fullmatch(r"[0-9a-fA-F]{64}", parts[0]):
+            bad.append(n)
+            continue
+        sums[parts[1].strip().lstrip("*")] = parts[0].lower()
+    if bad:
+        warnings.warn(f"{path}: lines {bad[:5]} are not '<sha256>  <file>'; ignored", stacklevel=3)
+    return sums
 
 
 def download(name: str, to=None, show_progress: bool = True) -> Path:
@@ -588,45 +626,6 @@ def download(name: str, to=None, show_progress: bool = True) -> Path:
         if created and not any(root.iterdir()):  # a failed first download leaves no empty folder behind
             root.rmdir()
     return dest
-
-
-# ----------------------------------------------------------------------------- CLI: hybridfast data
-
-def add_arguments(parser):
-    sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
-    sub.required = True
-    d = sub.add_parser("download", help="fetch a benchmark from google-research-datasets/lareqa (pinned commit)")
-    d.add_argument("name", choices=sorted(DATASETS))
-    d.add_argument("--to", default=None, metavar="DIR",
-                   help="parent folder (default: $HYBRIDFAST_DATA, else ~/.cache/hybridfast)")
-    i = sub.add_parser("info", help="per-language question / candidate counts")
-    i.add_argument("name", help="xquad-r, mlqa-r or a LAReQA folder")
-    i.add_argument("--data-dir", default=None, metavar="DIR", help="folder holding <name>/ (searched first)")
-    i.add_argument("--split", default="all", choices=SPLITS)
-    i.add_argument("--languages", nargs="+", default=None)
-
-
-def run(args) -> int:
-    try:
-        if args.data_command == "download":
-            dest = download(args.name, args.to)
-            print(f"{args.name} ({DATASETS[args.name].license}) is in {dest}")
-            if all(v is None for v in DATASETS[args.name].files.values()):
-                print("note: no pinned checksums for this dataset; the fetched files' sha256 are in "
-                      f"{dest / 'SHA256SUMS'}")
-            return 0
-        bench = load_benchmark(args.name, data_dir=args.data_dir, languages=args.languages, split=args.split)
-    except (DownloadError, FileNotFoundError, ValueError) as e:
-        print(f"hybridfast data: error: {e}", file=sys.stderr)
-        return 1
-    print(f"{bench.name}  ({resolve_dataset(args.name, args.data_dir)})")
-    print(f"{'lang':<6}{'questions':>10}{'candidates':>12}")
-    for lang in bench.languages:
-        print(f"{lang:<6}{len(bench.queries.get(lang, {})):>10}{len(bench.candidates.get(lang, {})):>12}")
-    rel = [len(r) for r in bench.qrels.values()]
-    print(f"{'all':<6}{sum(map(len, bench.queries.values())):>10}{sum(map(len, bench.candidates.values())):>12}"
-          f"   ({len(rel)} question ids, {min(rel)}-{max(rel)} relevant each)")
-    return 0
 
 
 def load_beir(path, languages=None, split="test", shared_query_ids=None):

@@ -364,3 +364,64 @@ def test_cli_info(xquad_dir, capsys):
     assert cli_main(["data", "info", "xquad-r", "--data-dir", str(xquad_dir.parent)]) == 0
     out = capsys.readouterr().out
     assert " 852" in out and "13090" in out
+
+
+def test_download_real_mlqa_checksums_are_pinned(tmp_path, monkeypatch, xquad_dir):
+    """MLQA-R's checksums are pinned (not trusted on first use) and accept the real files."""
+    mlqa_dir = xquad_dir.parent / "mlqa-r"
+    if not (mlqa_dir / "en.json").exists():
+        pytest.skip(f"MLQA-R not found under {mlqa_dir}")
+    src = data.DATASETS["mlqa-r"]
+    assert all(src.files.values()) and "non-commercial" in src.license
+    assert data._read_sums(mlqa_dir / "SHA256SUMS") == src.files
+    served = tmp_path / "served" / src.commit
+    served.mkdir(parents=True)
+    os.symlink(mlqa_dir, served / "mlqa-r")
+    _serve_from(monkeypatch, tmp_path / "served")
+    dest = data.download("mlqa-r", to=tmp_path / "out", show_progress=False)
+    assert len(load_lareqa(dest).languages) == 7
+    # a tampered file is refused, nothing replaced
+    (tmp_path / "tampered" / src.commit / "mlqa-r").mkdir(parents=True)
+    for f in src.files:
+        (tmp_path / "tampered" / src.commit / "mlqa-r" / f).write_bytes((mlqa_dir / f).read_bytes())
+    with open(tmp_path / "tampered" / src.commit / "mlqa-r" / "de.json", "ab") as fh:
+        fh.write(b" ")
+    _serve_from(monkeypatch, tmp_path / "tampered")
+    with pytest.raises(DownloadError, match="de.json: sha256 .* does not match the pinned"):
+        data.download("mlqa-r", to=tmp_path / "out2", show_progress=False)
+
+
+def test_ensure_dataset_downloads_on_first_use(tmp_path, monkeypatch):
+    served, sums = _fake_source(tmp_path, monkeypatch)
+    monkeypatch.delenv("HYBRIDFAST_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    lines = []
+    got = data.ensure_dataset("fake-r", show_progress=False, log=lines.append)
+    assert got == tmp_path / "cache" / "hybridfast" / "fake-r" and (got / "en.json").is_file()
+    assert len(lines) == 1 and "downloading" in lines[0]
+    monkeypatch.setattr(data, "_fetch", lambda url: pytest.fail("fetched again"))
+    assert data.ensure_dataset("fake-r", show_progress=False) == got  # found now: no download
+    # into --data-dir when one is given
+    monkeypatch.undo()
+    served, sums = _fake_source(tmp_path / "b", monkeypatch)
+    assert data.ensure_dataset("fake-r", data_dir=tmp_path / "dd", show_progress=False) == tmp_path / "dd" / "fake-r"
+
+
+def test_ensure_dataset_offline_keeps_the_clear_message(tmp_path, monkeypatch):
+    def offline(url):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(data, "_fetch", offline)
+    monkeypatch.delenv("HYBRIDFAST_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match=r"(?s)xquad-r not found.*hybridfast data download xquad-r.*"
+                                                r"download failed.*name resolution"):
+        data.ensure_dataset("xquad-r", show_progress=False)
+    with pytest.raises(FileNotFoundError, match="neither a folder nor a known dataset"):
+        data.ensure_dataset("squad")
+
+
+def test_malformed_sha256sums_is_ignored_with_a_warning(tmp_path):
+    (tmp_path / "SHA256SUMS").write_text("garbage line\n" + "a" * 64 + "  en.json\n")
+    with pytest.warns(UserWarning, match="lines \\[1\\]"):
+        assert data._read_sums(tmp_path / "SHA256SUMS") == {"en.json": "a" * 64}
