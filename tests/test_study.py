@@ -1,11 +1,12 @@
-"""hybridfast.study: the models x modes grid on tiny random models and a tiny
-synthetic LAReQA dataset (CPU, seconds), resumption, outputs, the bootstrap,
-and the all-mpnet-base-v2 reassembly helper."""
+"""hybridfast.study: the models x modes x seeds grid on tiny random BERTs and a tiny
+synthetic LAReQA dataset (CPU, seconds): the CLI end to end, CSV columns and rows,
+model identity, resumption, per-query values, intervals, and the mpnet helper."""
 import csv
 import io
 import json
-import math
 import random
+import sys
+import types
 import zipfile
 from pathlib import Path
 
@@ -13,8 +14,11 @@ import numpy as np
 import pytest
 
 from hybridfast import study
-from hybridfast.study import (StudyConfig, assemble_mpnet, macro_map, markdown_table, paired_bootstrap,
-                              run_study)
+from hybridfast.study import (CSV_COLUMNS, METRIC_KEYS, ModelSpec, StudyConfig, assemble_mpnet, contrast_interval,
+                              macro_map, paired_bootstrap, run_study)
+from hybridfast.study.identity import content_hash, resolve_models
+
+
 
 LANGS = ("de", "en", "es")
 N_CONCEPTS = 48
@@ -87,6 +91,9 @@ def write_tiny_bert(folder: Path, hidden=16, layers=1, seed=0) -> Path:
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+SUMMARY_KEYS = {"mono_map": ("mono", "map"), "cross_map": ("cross", "map"), "multi_map": ("multi", "map"),
+                "multi_recall@1": ("multi", "recall@1"), "rank_distance": ("multi", "rank_distance")}
+
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
@@ -103,7 +110,7 @@ def tiny_models(tmp_path_factory):
 def tiny_config(out, models, data, **kw):
     args = dict(models=[str(m) for m in models], modes=("mono", "cross", "hybrid"), train=str(data),
                 evals=[str(data)], out=str(out), steps=2, batch_size=4, max_length=16, device="cpu",
-                show_progress=False, bootstrap=200)
+                show_progress=False, bootstrap=200, seeds=(0, 1))
     args.update(kw)
     return StudyConfig(**args)
 
@@ -122,149 +129,310 @@ class CountingTrain:
         return self.train(config)
 
 
+def quiet(*args):
+    pass
+
+
+def expected_counts(folder):
+    from transformers import AutoModel
+
+    m = AutoModel.from_pretrained(str(folder))
+    total = sum(p.numel() for p in m.parameters())
+    emb = sum(t.weight.numel() for t in (m.embeddings.word_embeddings, m.embeddings.position_embeddings,
+                                         m.embeddings.token_type_embeddings))
+    return total, total - emb
+
+
 # ---------------------------------------------------------------------------
-# the grid end to end, then resumed
+# `hybridfast study --seeds 0,1 ...` end to end on two tiny models
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory, synthetic, tiny_models):
-    out = tmp_path_factory.mktemp("study")
-    config = tiny_config(out, tiny_models, synthetic)
+    import hybridfast.trainer as trainer
+    from hybridfast.cli import main
+
+    out = tmp_path_factory.mktemp("study") / "run"
     counter = CountingTrain()
-    results = run_study(config, train_fn=counter, log=lambda *a: None)
-    return config, results, counter
-
-
-def test_grid_runs_every_cell(grid, tiny_models):
-    config, results, counter = grid
-    assert len(counter.configs) == 2 * 3  # one fine-tune per model x mode
-    assert sorted((c.model, c.mode) for c in counter.configs) == sorted(
-        (str(m), mode) for m in tiny_models for mode in ("mono", "cross", "hybrid"))
-    # same seed, data and budget for every mode
-    assert {(c.seed, c.max_steps, c.batch_size, str(c.train)) for c in counter.configs} == {
-        (0, 2, 4, config.train)}
-    assert len(results) == 2 * 4
-    assert {(r["label"], r["mode"]) for r in results} == {
-        (Path(m).name, mode) for m in tiny_models for mode in ("base", "mono", "cross", "hybrid")}
-
-
-def test_parameter_counts_recorded(grid, tiny_models):
-    from transformers import AutoModel
-
-    _, results, _ = grid
-    for m in tiny_models:
-        expected = sum(p.numel() for p in AutoModel.from_pretrained(str(m)).parameters())
-        assert {r["params"] for r in results if r["label"] == m.name} == {expected}
-    assert len({r["params"] for r in results}) == 2
-
-
-def test_per_query_multi_ap_reproduces_evaluator(grid):
-    # the per-query AP kept for the bootstrap is the evaluator's multi mAP, query by query
-    _, results, _ = grid
-    for r in results:
-        ev = next(iter(r["evals"].values()))
-        assert macro_map(ev["multi_ap"]) == pytest.approx(ev["summary"]["multi"]["map"], abs=1e-6)
-
-
-def test_outputs_hold_the_csv_numbers(grid):
-    config, results, _ = grid
-    out = Path(config.out)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "train", counter)
+        rc = main(["study", "--seeds", "0,1", "--models", ",".join(map(str, tiny_models)),
+                   "--modes", "mono,cross,hybrid", "--train", str(synthetic), "--eval", str(synthetic),
+                   "--out", str(out), "--steps", "2", "--batch-size", "4", "--max-length", "16",
+                   "--device", "cpu", "--bootstrap", "200", "--threads", "1"])
+    assert rc == 0
+    config = tiny_config(out, tiny_models, synthetic, bootstrap=200)
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 8
+    return config, counter, rows
+
+
+def test_cli_trains_every_cell_once_per_seed(grid, tiny_models):
+    config, counter, _ = grid
+    assert len(counter.configs) == 2 * 3 * 2
+    assert sorted((c.model, c.mode, c.seed) for c in counter.configs) == sorted(
+        (str(Path(m).resolve()), mode, s) for m in tiny_models for mode in ("mono", "cross", "hybrid") for s in (0, 1))
+    # same data and budget for every cell; evaluation on the same data: train on the train articles
+    assert {(c.max_steps, c.batch_size, str(c.train), c.split) for c in counter.configs} == {
+        (2, 4, config.train, "train")}
+
+
+def test_csv_columns_and_one_row_per_seed(grid, tiny_models):
+    _, _, rows = grid
+    assert list(rows[0])[:len(CSV_COLUMNS)] == list(CSV_COLUMNS)
+    for col in ("model", "family", "layers", "params_total", "params_non_embedding", "mode", "seed", "train",
+                "eval", "steps", "batch_size", "max_length", "mono_map", "cross_map", "multi_map",
+                "multi_recall@1", "rank_distance"):
+        assert col in rows[0]
+    assert len(rows) == 2 * (1 + 3 * 2)
+    keys = [(r["model"], r["mode"], r["seed"]) for r in rows]
+    assert len(set(keys)) == len(keys)
+    labels = {r["model"] for r in rows}
+    assert labels == {m.name for m in tiny_models}
+    for label in labels:
+        assert sorted((r["mode"], r["seed"]) for r in rows if r["model"] == label) == sorted(
+            [("base", "")] + [(m, s) for m in ("mono", "cross", "hybrid") for s in ("0", "1")])
+    for m in tiny_models:
+        total, non_emb = expected_counts(m)
+        mine = [r for r in rows if r["model"] == m.name]
+        assert {(int(r["params_total"]), int(r["params_non_embedding"])) for r in mine} == {(total, non_emb)}
+        assert {r["layers"] for r in mine} == {"1" if "l1" in m.name else "2"}
+    base = [r for r in rows if r["mode"] == "base"]
+    assert all(r["steps"] == "0" and r["train"] == "" for r in base)
+    assert all(r["steps"] == "2" and r["train"].endswith("[train]") for r in rows if r["mode"] != "base")
+
+
+def test_seeds_differ(grid):
+    # two seeds of one cell are two trainings, not one result copied
+    _, _, rows = grid
+    for label in {r["model"] for r in rows}:
+        for mode in ("mono", "cross", "hybrid"):
+            a, b = (r for r in rows if r["model"] == label and r["mode"] == mode)
+            assert (a["mono_map"], a["multi_map"], a["rank_distance"]) != (b["mono_map"], b["multi_map"], b["rank_distance"])
+
+
+def test_per_query_values_reproduce_the_summary(grid):
+    config, _, _ = grid
+    results = study.run_cells(config, train_fn=CountingTrain(), log=quiet)
+    for r in results:
+        ev = next(iter(r["evals"].values()))
+        for key, (setting, metric) in SUMMARY_KEYS.items():
+            assert macro_map(ev["per_query"][key]) == pytest.approx(ev["summary"][setting][metric], abs=1e-9), key
+        assert ev["multi_ap"] == ev["per_query"]["multi_map"]
+
+
+def test_results_md_and_json_hold_means_and_intervals(grid):
+    config, _, rows = grid
+    out = Path(config.out)
     md = (out / "results.md").read_text()
-    by_key = {(r["label"], r["mode"]): next(iter(r["evals"].values()))["summary"] for r in results}
-    for row in rows:
-        summary = by_key[(row["model"], row["mode"])]
-        assert float(row["multi_map"]) == pytest.approx(summary["multi"]["map"])
-        assert float(row["multi_rank_distance"]) == pytest.approx(summary["multi"]["rank_distance"])
-        # every table number of the CSV appears in the Markdown table's row for that cell
-        line = next(l for l in md.splitlines() if l.startswith(f"| {row['model']} |") and f"| {row['mode']} |" in l)
-        for key, digits in (("mono_map", 4), ("cross_map", 4), ("multi_map", 4), ("multi_recall@1", 4),
-                            ("multi_rank_distance", 2)):
-            assert f"{float(row[key]):.{digits}f}" in line, (key, line)
+    assert "t-interval over training seeds" in md and "bootstrap over test questions" in md
+    assert "2 steps x batch 4" in md and "seeds 0, 1" in md
     js = json.loads((out / "results.json").read_text())
-    assert len(js["rows"]) == 8 and len(js["hybrid_gain"]) == 2
+    assert len(js["cells"]) == 2 * 4 and len(js["hybrid_gain"]) == 2
+    for cell in js["cells"]:
+        mine = [r for r in rows if r["model"] == cell["model"] and r["mode"] == cell["mode"]]
+        assert len(mine) == (1 if cell["mode"] == "base" else 2)
+        for key in METRIC_KEYS:
+            c = cell[key]
+            assert c["estimate"] == pytest.approx(np.mean([float(r[key]) for r in mine]))
+            assert c["ci_low"] <= c["estimate"] <= c["ci_high"]
+            assert c["seed_variance"] == ("none (untouched model)" if cell["mode"] == "base" else "measured")
+        line = next(l for l in md.splitlines() if l.startswith(f"| {cell['model']} |") and f"| {cell['mode']} |" in l)
+        assert f"{cell['multi_map']['estimate']:.4f} [{cell['multi_map']['ci_low']:.4f}" in line
     for g in js["hybrid_gain"]:
-        cells = {r["mode"]: float(r["multi_map"]) for r in rows if r["model"] == g["model"]}
-        assert g["multi_map"] == pytest.approx(cells["hybrid"] - max(cells["mono"], cells["cross"]))
-        assert g["multi_map_ci_low"] <= g["multi_map"] <= g["multi_map_ci_high"]
+        mean = lambda mode, key: np.mean([float(r[key]) for r in rows if r["model"] == g["model"] and r["mode"] == mode])
+        for key in METRIC_KEYS:
+            others = {m: mean(m, key) for m in ("mono", "cross")}
+            if key == "rank_distance":
+                assert g[key]["estimate"] == pytest.approx(min(others.values()) - mean("hybrid", key))
+            else:
+                assert g[key]["estimate"] == pytest.approx(mean("hybrid", key) - max(others.values()))
+            assert others[g[key]["vs"]] == (min if key == "rank_distance" else max)(others.values())  # ties: either
+            assert g[key]["ci_low"] <= g[key]["estimate"] <= g[key]["ci_high"]
     for png in ("metrics_vs_params", "hybrid_gain"):
         files = list((out / "plots").glob(f"{png}-*.png"))
         assert len(files) == 1 and files[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_rerun_skips_finished_cells(grid):
-    config, results, _ = grid
+def test_rerun_skips_finished_cells_and_weights_are_removed(grid):
+    config, _, rows = grid
     again = CountingTrain()
-    results2 = run_study(config, train_fn=again, log=lambda *a: None)
-    assert again.configs == []  # nothing retrained
-    assert [r["evals"] for r in results2] == [r["evals"] for r in results]
+    results = run_study(config, train_fn=again, log=quiet)
+    assert again.configs == []
+    assert len(results) == len(rows)
+    cells = list(Path(config.out).glob("cells/*/*-s*-*"))
+    assert len(cells) == 12
+    for cell in cells:  # log kept, weights and checkpoints gone (keep_models=False)
+        assert (cell / "result.json").exists() and (cell / "train" / "train_log.jsonl").exists()
+        assert not (cell / "train" / "final").exists() and not list((cell / "train").glob("checkpoint-*"))
 
 
-def test_changed_budget_does_not_reuse_cells(grid, tiny_models, synthetic):
+def test_new_seed_or_budget_runs_only_new_cells(grid, tiny_models, synthetic):
     config, _, _ = grid
-    other = tiny_config(config.out, tiny_models[:1], synthetic, steps=3, modes=("hybrid",), include_base=False)
-    assert other.settings_hash() != config.settings_hash()
+    more = tiny_config(config.out, tiny_models[:1], synthetic, modes=("hybrid",), seeds=(0, 1, 2), bootstrap=200)
     counter = CountingTrain()
-    run_study(other, train_fn=counter, log=lambda *a: None)
+    run_study(more, train_fn=counter, log=quiet)
+    assert [(c.mode, c.seed) for c in counter.configs] == [("hybrid", 2)]
+    other = tiny_config(config.out, tiny_models[:1], synthetic, steps=3, modes=("hybrid",), seeds=(0,),
+                        include_base=False)
+    assert other.settings_hash() != config.settings_hash()
+    assert other.settings_hash(base=True) == config.settings_hash(base=True)
+    counter = CountingTrain()
+    run_study(other, train_fn=counter, log=quiet)
     assert [c.max_steps for c in counter.configs] == [3]
 
 
-def test_interrupted_cell_resumes_from_checkpoint(tmp_path, synthetic, tiny_models, monkeypatch):
-    import hybridfast.trainer as trainer
+def test_interrupted_cell_resumes_from_checkpoint(tmp_path, synthetic, tiny_models):
+    import shutil
+    from dataclasses import replace
 
-    config = tiny_config(tmp_path / "study", tiny_models[:1], synthetic, modes=("hybrid",), steps=3,
+    from hybridfast.trainer import train
+
+    config = tiny_config(tmp_path / "study", tiny_models[:1], synthetic, modes=("hybrid",), steps=3, seeds=(0,),
                          save_steps=1, include_base=False)
 
-    def crash(step):
-        if step == 2:
-            raise KeyboardInterrupt("simulated kill")
+    def killed_after_two_steps(cfg):
+        final = train(replace(cfg, max_steps=2))
+        shutil.rmtree(final)  # as if the process died after the step-2 checkpoint
+        raise KeyboardInterrupt("simulated kill")
 
-    monkeypatch.setattr(trainer, "_after_step", crash)
     with pytest.raises(KeyboardInterrupt):
-        run_study(config, train_fn=CountingTrain(), log=lambda *a: None)
-    monkeypatch.setattr(trainer, "_after_step", lambda step: None)
-    cell = study.cell_dir(config, str(tiny_models[0]), "hybrid")
-    assert not (cell / "result.json").exists()
-    assert trainer.list_checkpoints(cell / "train")
+        run_study(config, train_fn=killed_after_two_steps, log=quiet)
+    model = resolve_models(config.models)[0]
+    cell = study.cell_dir(config, model, "hybrid", 0)
+    assert not (cell / "result.json").exists() and list((cell / "train").glob("checkpoint-*"))
     counter = CountingTrain()
-    results = run_study(config, train_fn=counter, log=lambda *a: None)
+    results = run_study(config, train_fn=counter, log=quiet)
     assert len(counter.configs) == 1 and counter.configs[0].resume is True
     assert (cell / "result.json").exists() and results[0]["mode"] == "hybrid"
     steps = [json.loads(l)["step"] for l in (cell / "train" / "train_log.jsonl").read_text().splitlines()]
     assert max(steps) == 3
 
 
-def test_cli_resumes_without_training(grid, monkeypatch, capsys):
-    import hybridfast.trainer as trainer
-    from hybridfast.cli import main
+# ---------------------------------------------------------------------------
+# model identity
 
-    config, _, _ = grid
+def test_models_with_the_same_folder_name_get_separate_correct_rows(tmp_path, synthetic):
+    """a/model and b/model: two rows, each with its own parameter count and metrics."""
+    from hybridfast.encoder import Encoder
+    from hybridfast.evaluator import RetrievalEvaluator
 
-    def must_not_train(cfg):
-        raise AssertionError("a finished cell was trained again")
+    a = write_tiny_bert(tmp_path / "a" / "model", hidden=16, layers=1, seed=3)
+    b = write_tiny_bert(tmp_path / "b" / "model", hidden=32, layers=2, seed=4)
+    config = tiny_config(tmp_path / "out", [a, b], synthetic, modes=(), seeds=(0,))
+    run_study(config, log=quiet)
+    with open(tmp_path / "out" / "results.csv") as f:
+        rows = {r["model"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"a/model", "b/model"}
+    bench, _ = study.build_evaluators(config)[str(synthetic)]
+    for label, folder in (("a/model", a), ("b/model", b)):
+        total, non_emb = expected_counts(folder)
+        assert int(rows[label]["params_total"]) == total and int(rows[label]["params_non_embedding"]) == non_emb
+        direct = RetrievalEvaluator(bench, device="cpu", show_progress=False).evaluate(
+            Encoder(str(folder), max_length=16, device="cpu", show_progress=False))
+        assert float(rows[label]["multi_map"]) == pytest.approx(direct.summary["multi"]["map"])
+        assert float(rows[label]["mono_map"]) == pytest.approx(direct.summary["mono"]["map"])
+    assert rows["a/model"]["multi_map"] != rows["b/model"]["multi_map"]
+    assert len(list((tmp_path / "out" / "cells").iterdir())) == 2
 
-    monkeypatch.setattr(trainer, "train", must_not_train)
-    rc = main(["study", "--models", ",".join(config.models), "--modes", "mono,cross,hybrid",
-               "--train", config.train, "--eval", config.train, "--out", config.out, "--steps", "2",
-               "--batch-size", "4", "--max-length", "16", "--device", "cpu"])
-    assert rc == 0
-    assert "multi mAP" in capsys.readouterr().out
+
+def test_identity_hash_follows_content(tmp_path):
+    m = write_tiny_bert(tmp_path / "x" / "final", hidden=16, layers=1)
+    h = content_hash(m)
+    assert content_hash(m) == h
+    (m / "extra.safetensors").write_bytes(b"0" * 10)
+    assert content_hash(m) != h
+    c = write_tiny_bert(tmp_path / "y" / "final", hidden=16, layers=1)
+    ids = resolve_models([ModelSpec.parse(str(m)), ModelSpec.parse(str(c))])
+    assert ids[0].model_id != ids[1].model_id and [i.label for i in ids] == ["x/final", "y/final"]
+    with pytest.raises(ValueError, match="same model"):
+        resolve_models([ModelSpec.parse(str(m)), ModelSpec.parse(str(tmp_path / "x" / ".." / "x" / "final"))])
+
+
+def test_model_specs():
+    assert ModelSpec.parse("multilingual-e5-small@L3") == ModelSpec("multilingual-e5-small", 3, None)
+    assert ModelSpec.parse("multilingual-e5-small@3") == ModelSpec("multilingual-e5-small", 3, None)
+    assert ModelSpec.parse("english=models/all-mpnet-base-v2") == ModelSpec("models/all-mpnet-base-v2", None, "english")
+    assert str(ModelSpec.parse("f=name@6")) == "f=name@L6"
+    for bad in ("e5@x", "e5@0", "e5@L", "@3", "=x", ""):
+        with pytest.raises(ValueError, match="models"):
+            ModelSpec.parse(bad)
+
+
+def test_truncated_family_through_models_get(tmp_path, synthetic, monkeypatch):
+    """NAME@K resolves through hybridfast.models.get(name, layers=K): family NAME, layers K."""
+    calls = []
+
+    def get(name, to=None, layers=None):
+        calls.append((name, layers))
+        if name != "fake-e5":
+            raise KeyError(name)
+        return write_tiny_bert(tmp_path / "cache" / f"{name}-L{layers}", hidden=16, layers=layers, seed=layers)
+
+    import hybridfast.models as real
+
+    fake = types.SimpleNamespace(**{k: getattr(real, k) for k in dir(real) if not k.startswith("__")})
+    fake.get = get
+    monkeypatch.setitem(sys.modules, "hybridfast.models", fake)
+    config = tiny_config(tmp_path / "out", ["fake-e5@L1", "fake-e5@2"], synthetic, modes=(), seeds=(0,))
+    run_study(config, log=quiet)
+    with open(tmp_path / "out" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["family"], r["layers"]) for r in rows] == [
+        ("fake-e5@L1", "fake-e5", "1"), ("fake-e5@L2", "fake-e5", "2")]
+    assert int(rows[0]["params_non_embedding"]) < int(rows[1]["params_non_embedding"])
+    assert ("fake-e5", 1) in calls and ("fake-e5", 2) in calls
+    monkeypatch.setitem(sys.modules, "hybridfast.models", None)  # the module missing
+    with pytest.raises(ValueError, match="hybridfast.models"):
+        resolve_models([ModelSpec.parse("fake-e5@1")])
 
 
 # ---------------------------------------------------------------------------
-# pieces
+# intervals
 
-def test_config_validation():
-    with pytest.raises(ValueError, match="modes"):
-        StudyConfig(models=["m"], modes=["mono", "both"])
-    with pytest.raises(ValueError, match="steps"):
-        StudyConfig(models=["m"], steps=0)
-    with pytest.raises(ValueError, match="models"):
-        StudyConfig(models=[])
-    with pytest.raises(ValueError, match="eval_split"):
-        StudyConfig(models=["m"], eval_split="dev")
-    assert StudyConfig(models="a,b", modes="hybrid").models == ["a", "b"]
+def _cell(values, question_sd=0.0, n=4000, seed=0):
+    rng = np.random.default_rng(seed)
+    obs = np.asarray(values, float)
+    return obs, obs[:, None] + question_sd * rng.standard_normal(n)[None, :]
+
+
+def test_t_interval_adds_seed_and_question_variance():
+    from scipy import stats as st
+
+    obs, boots = _cell([0.5, 0.6, 0.7])
+    c = contrast_interval(obs, boots)
+    se = np.std(obs, ddof=1) / np.sqrt(3)
+    assert c["estimate"] == pytest.approx(0.6) and c["df"] == pytest.approx(2.0)
+    assert c["ci_high"] - 0.6 == pytest.approx(st.t.ppf(0.975, 2) * se)
+    obs2, boots2 = _cell([0.5, 0.6, 0.7], question_sd=0.05)
+    c2 = contrast_interval(obs2, boots2)
+    assert c2["se"] ** 2 == pytest.approx(se ** 2 + 0.05 ** 2, rel=0.05)
+    assert c2["df"] == pytest.approx(2.0) and c2["ci_high"] - c2["ci_low"] > c["ci_high"] - c["ci_low"]
+    # a difference: both cells' seed terms (Welch-Satterthwaite), question noise shared cancels
+    a, ab = _cell([1.0, 1.1, 1.2])
+    d = contrast_interval(a, ab, obs, boots)
+    assert d["estimate"] == pytest.approx(0.5) and d["se"] == pytest.approx(np.sqrt(2) * se)
+    assert d["df"] == pytest.approx(4.0) and d["excludes_zero"]
+    assert d["ci_high"] - 0.5 == pytest.approx(st.t.ppf(0.975, 4) * np.sqrt(2) * se)
+    assert not contrast_interval(obs, boots, *_cell([0.55, 0.65, 0.75]))["excludes_zero"]
+
+
+def test_one_seed_interval_is_the_question_bootstrap():
+    obs, boots = _cell([0.5], question_sd=0.1)
+    for method in ("t", "bootstrap"):
+        c = contrast_interval(obs, boots, method=method)
+        assert c["seed_variance"] == "not measured"
+        assert c["ci_low"] == pytest.approx(0.5 - 1.96 * 0.1, abs=0.01)
+        assert c["ci_high"] == pytest.approx(0.5 + 1.96 * 0.1, abs=0.01)
+
+
+def test_bootstrap_interval_resamples_seeds():
+    obs, boots = _cell([0.2, 0.4, 0.6, 0.8, 1.0, 0.3, 0.5, 0.7, 0.9, 0.6])
+    c = contrast_interval(obs, boots, method="bootstrap")
+    se = np.std(obs, ddof=0) / np.sqrt(len(obs))
+    assert c["ci_low"] == pytest.approx(obs.mean() - 1.96 * se, abs=0.03)
+    assert c["ci_high"] == pytest.approx(obs.mean() + 1.96 * se, abs=0.03)
+    with pytest.raises(ValueError, match="method"):
+        contrast_interval(obs, boots, method="z")
 
 
 def test_paired_bootstrap():
@@ -283,19 +451,46 @@ def test_paired_bootstrap():
         paired_bootstrap({"en|a": 1.0}, {"en|b": 1.0})
 
 
-def test_macro_map_averages_languages_first():
+def test_macro_map_averages_groups_first():
     per_query = {"en|a": 1.0, "en|b": 0.0, "de|a": 1.0}
     assert macro_map(per_query) == pytest.approx((0.5 + 1.0) / 2)
 
 
-def test_markdown_marks_best_per_model():
-    rows = []
-    for mode, mmap, rd in (("base", 0.1, 5.0), ("mono", 0.3, 4.0), ("hybrid", 0.2, 2.0)):
-        rows.append({"model": "m", "params": 100, "mode": mode, "eval": "x", "mono_map": mmap,
-                     "cross_map": mmap, "multi_map": mmap, "multi_recall@1": mmap, "multi_rank_distance": rd})
-    table = markdown_table(rows)
-    assert "**0.3000**" in table and "**0.1000**" not in table
-    assert "**2.00**" in table and "**5.00**" not in table  # rank distance: lower is better
+# ---------------------------------------------------------------------------
+# pieces
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="modes"):
+        StudyConfig(models=["m"], modes=["mono", "both"])
+    with pytest.raises(ValueError, match="steps"):
+        StudyConfig(models=["m"], steps=0)
+    with pytest.raises(ValueError, match="models"):
+        StudyConfig(models=[])
+    with pytest.raises(ValueError, match="eval_split"):
+        StudyConfig(models=["m"], eval_split="dev")
+    with pytest.raises(ValueError, match="seeds"):
+        StudyConfig(models=["m"], seeds="0,0")
+    with pytest.raises(ValueError, match="interval"):
+        StudyConfig(models=["m"], interval="z")
+    c = StudyConfig(models="a,b", modes="hybrid", seeds="0,1,2")
+    assert [m.name for m in c.models] == ["a", "b"] and c.seeds == [0, 1, 2]
+    assert StudyConfig(models=["m"], seed=5).seeds == [5]
+    default = StudyConfig()
+    assert (default.train, default.evals) == ("mlqa-r", ["xquad-r"])  # zero-shot
+    assert [str(m) for m in default.models] == [f"multilingual-e5-small@L{k}" for k in (3, 6, 12)]
+
+
+def test_cli_protocol_and_bad_arguments(capsys):
+    import argparse
+
+    from hybridfast.cli.study import add_arguments, config_from_args, run
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    c = config_from_args(p.parse_args(["--protocol", "held-out", "--models", "m"]))
+    assert (c.train, c.evals, c.seeds) == ("xquad-r", ["xquad-r"], [0, 1, 2])
+    assert run(p.parse_args(["--models", "m", "--seeds", "x"])) == 2
+    assert "seeds" in capsys.readouterr().err
 
 
 def test_configure_threads():
@@ -304,7 +499,7 @@ def test_configure_threads():
     before = torch.get_num_threads()
     try:
         assert study.configure_threads(1) == 1 == torch.get_num_threads()
-        assert study.configure_threads("auto", log=lambda *a: None) >= 1
+        assert study.configure_threads("auto", log=quiet) >= 1
         for bad in ("many", 0, -2):
             with pytest.raises(ValueError, match="threads"):
                 study.configure_threads(bad)
@@ -313,25 +508,10 @@ def test_configure_threads():
 
 
 def test_prefix_choice(tmp_path):
-    """auto: the Encoder's rule (none for a sentence-transformers folder, the paper's
-    prefixes for a plain one); on/off force them."""
-    from hybridfast.encoder import _default_prefixes
-
-    st = tmp_path / "st"
-    st.mkdir()
-    (st / "modules.json").write_text("[]")
-    plain = tmp_path / "plain"
-    plain.mkdir()
-
-    def effective(folder, choice):
-        kw = study.prefix_kwargs(choice)
-        default = _default_prefixes(folder, {})
-        return kw.get("query_prefix", default[0]), kw.get("passage_prefix", default[1])
-
-    assert effective(st, "auto") == ("", "")
-    assert effective(st, "on") == ("query: ", "passage: ")
-    assert effective(plain, "auto") == ("query: ", "passage: ")
-    assert effective(plain, "off") == ("", "")
+    """auto: the Encoder's rule; on/off force the paper's prefixes or none."""
+    assert study.prefix_kwargs("auto") == {}
+    assert study.prefix_kwargs("on") == {"query_prefix": "query: ", "passage_prefix": "passage: "}
+    assert study.prefix_kwargs("off") == {"query_prefix": "", "passage_prefix": ""}
 
 
 def _fake_mpnet_parts(folder: Path, payload: bytes, wheels=True):

@@ -18,7 +18,7 @@ TABLE_COLUMNS = (("mono", "map", "mono mAP"), ("cross", "map", "cross mAP"),
 LOWER_IS_BETTER = ("rank_distance",)
 PROTOCOLS = {"zero-shot": ("mlqa-r", ("xquad-r",)), "held-out": ("xquad-r", ("xquad-r",))}
 INTERVALS = ("t", "bootstrap")
-DEFAULT_MODELS = ("multilingual-e5-small@3", "multilingual-e5-small@6", "multilingual-e5-small@12")
+DEFAULT_MODELS = ("multilingual-e5-small@L3", "multilingual-e5-small@L6", "multilingual-e5-small@L12")
 
 
 def metric_key(setting: str, metric: str) -> str:
@@ -31,9 +31,9 @@ METRIC_KEYS = tuple(metric_key(s, m) for s, m, _ in TABLE_COLUMNS)
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One --models entry: `[FAMILY=]NAME_OR_FOLDER[@LAYERS]`.
+    """One --models entry: `[FAMILY=]NAME_OR_FOLDER[@LK]`.
 
-    `multilingual-e5-small@3` is multilingual-e5-small cut to its first 3 layers
+    `multilingual-e5-small@L3` (or `@3`) is multilingual-e5-small cut to its first 3 layers
     (hybridfast.models.get(name, layers=3)), family "multilingual-e5-small".
     `english=models/all-mpnet-base-v2` puts a folder in the family "english".
     """
@@ -55,18 +55,16 @@ class ModelSpec:
             if not family or not text:
                 raise ValueError(f"models: {text!r}: give FAMILY=MODEL")
         layers = None
-        if "@" in text and not os.path.exists(text):
+        if "@" in text:
             text, _, k = text.rpartition("@")
-            try:
-                layers = int(k)
-            except ValueError:
-                raise ValueError(f"models: layers after '@' must be a positive int, got {k!r}") from None
-            if layers < 1 or not text:
-                raise ValueError(f"models: {text}@{k}: layers must be a positive int after a model name")
+            k = k[1:] if k[:1] in ("L", "l") else k
+            if not k.isdigit() or int(k) < 1 or not text:
+                raise ValueError(f"models: {text}@{k}: give NAME@LK with K a positive number of layers")
+            layers = int(k)
         return cls(text, layers, family)
 
     def __str__(self):
-        return (f"{self.family}=" if self.family else "") + self.name + (f"@{self.layers}" if self.layers else "")
+        return (f"{self.family}=" if self.family else "") + self.name + (f"@L{self.layers}" if self.layers else "")
 
 
 @dataclass

@@ -7,6 +7,7 @@ or the resolved absolute folder, plus a hash of the folder's contents (config.js
 bytes, and the names and sizes of its weight files).
 """
 import hashlib
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,10 +54,10 @@ def _bundled() -> str:
 def _models_get(name: str, layers: Optional[int]) -> Optional[str]:
     """hybridfast.models.get(name, layers=...) when that module exists and knows the name."""
     try:
-        from hybridfast import models
+        models = importlib.import_module("hybridfast.models")
     except ImportError:
         if layers is not None:
-            raise ValueError(f"models: {name}@{layers} needs hybridfast.models (truncation by layers), "
+            raise ValueError(f"models: {name}@L{layers} needs hybridfast.models (truncation by layers), "
                              "which this installation lacks") from None
         return None
     try:
@@ -80,7 +81,7 @@ def resolve(spec: ModelSpec) -> tuple:
     if spec.layers is None and spec.name.strip().lower() in _BUNDLED_NAMES:
         return _bundled(), BUNDLED_LABEL
     got = _models_get(spec.name, spec.layers)
-    ident = spec.name + (f"@{spec.layers}" if spec.layers is not None else "")
+    ident = str(ModelSpec(spec.name, spec.layers))
     if got is not None:
         return got, ident
     return spec.name, ident  # a hub name: the Encoder and trainer download it

@@ -16,9 +16,10 @@ Intervals (95%) include both sources of noise:
 Method "t" (default): estimate = mean over seeds; SE^2 = sum over the cells in
 the contrast of s^2/S (between-seed variance of the per-seed values, S seeds)
 plus the bootstrap variance over questions of the seed-averaged contrast;
-interval = estimate +- t(0.975, df) SE with Welch-Satterthwaite df from the seed
-terms (the question term counted with infinite df). The seed variance measured on
-a fixed test set also carries some query noise, so this errs on the wide side.
+interval = estimate +- t(0.975, df) SE with the Welch-Satterthwaite df of the seed
+terms alone (S-1 for one cell), so that question noise can only widen it. The seed
+variance measured on a fixed test set also carries some query noise, so this errs
+on the wide side.
 Method "bootstrap": each replicate resamples questions (shared) and, independently
 per cell, its seeds with replacement; percentile interval. With few seeds it
 understates seed variance (a resample of 3 seeds has variance 2/3 of the sample's).
@@ -35,8 +36,8 @@ from hybridfast.study.config import LOWER_IS_BETTER, METRIC_KEYS
 METHOD_TEXT = {
     "t": ("95% intervals: t-interval over training seeds whose standard error adds the between-seed "
           "variance (s^2/S per cell) and the variance of a bootstrap over test questions (a question "
-          "resampled with all its translations, the same resample for every cell); Welch-Satterthwaite "
-          "degrees of freedom from the seed terms"),
+          "resampled with all its translations, the same resample for every cell); degrees of freedom "
+          "of the seed terms alone (S-1 for one cell, Welch-Satterthwaite for a difference)"),
     "bootstrap": ("95% intervals: percentile bootstrap that resamples test questions (with all their "
                   "translations, shared by every cell) and, independently per cell, the training seeds"),
 }
@@ -172,8 +173,10 @@ def contrast_interval(a_obs, a_boots, b_obs=None, b_boots=None, method: str = "t
         q_series = sum(sign * boots.mean(0) for _, boots, sign in cells)
         q_term = float(np.nanvar(q_series, ddof=1))
         se2 = sum(seed_terms) + q_term
+        # df of the seed part alone (Welch-Satterthwaite); letting the question term raise it would
+        # let added question noise narrow the interval
         denom = sum(t * t / (len(obs) - 1) for t, (obs, _, _) in zip(seed_terms, cells))
-        df = float("inf") if denom == 0 else se2 * se2 / denom
+        df = float("inf") if denom == 0 else sum(seed_terms) ** 2 / denom
         half = float(st.t.ppf(0.975, df) if np.isfinite(df) else st.norm.ppf(0.975)) * np.sqrt(se2)
         out.update(ci_low=estimate - half, ci_high=estimate + half, se=float(np.sqrt(se2)), df=df,
                    se_seeds=float(np.sqrt(sum(seed_terms))), se_questions=float(np.sqrt(q_term)))
