@@ -40,7 +40,7 @@ py::array_t<std::int32_t> plan_epoch(const ByteMatrix& availability, std::int64_
                                      std::uint64_t mono_threshold, bool size_weights,
                                      const Weights& lang_weights, const py::object& groups,
                                      std::int64_t num_groups, bool drop_last, std::uint64_t seed,
-                                     std::uint64_t epoch) {
+                                     std::uint64_t epoch, std::uint64_t size_power) {
     check_matrix(availability);
     SamplerConfig cfg;
     cfg.batch_size = batch_size;
@@ -49,6 +49,7 @@ py::array_t<std::int32_t> plan_epoch(const ByteMatrix& availability, std::int64_
     cfg.allow_cross = allow_cross;
     cfg.mono_threshold = mono_threshold;
     cfg.size_weights = size_weights;
+    cfg.size_power = size_power;
     cfg.lang_weights.assign(lang_weights.data(), lang_weights.data() + lang_weights.size());
     cfg.drop_last = drop_last;
     cfg.seed = seed;
@@ -107,9 +108,10 @@ PYBIND11_MODULE(_C, m) {
     m.def("plan_epoch", &plan_epoch, py::arg("availability"), py::arg("batch_size"), py::arg("world_size"),
           py::arg("allow_mono"), py::arg("allow_cross"), py::arg("mono_threshold"), py::arg("size_weights"),
           py::arg("lang_weights"), py::arg("groups"), py::arg("num_groups"), py::arg("drop_last"),
-          py::arg("seed"), py::arg("epoch"),
+          py::arg("seed"), py::arg("epoch"), py::arg("size_power") = std::uint64_t(1) << 32,
           "Plan one epoch: int32 [steps, world_size*batch_size, 3]; -1 pads a final partial batch.\n"
-          "availability: uint8 [E, L] C-contiguous; groups: None or dense int32 ids. The GIL is released.");
+          "availability: uint8 [E, L] C-contiguous; groups: None or dense int32 ids; size_power: tau of\n"
+          "size^tau weights in Q32 (2^32: plain size). The GIL is released.");
     m.def("fresh_capacities", &fresh_capacities, py::arg("availability"), py::arg("groups"),
           py::arg("num_groups"),
           "Largest batch each option (languages, then cross) can fill from a fresh epoch.");

@@ -330,7 +330,9 @@ class Planner {
     }
 
     std::uint64_t weight(std::int64_t l) const {
-        return cfg_.size_weights ? static_cast<std::uint64_t>(rem_[l]) : cfg_.lang_weights[l];
+        if (!cfg_.size_weights) return cfg_.lang_weights[l];
+        const std::uint64_t rem = static_cast<std::uint64_t>(rem_[l]);
+        return cfg_.size_power == (1ULL << 32) ? rem : smoothed_size_weight(rem, cfg_.size_power);
     }
 
     // Plans one full step; false when no allowed kind can fill a batch.
@@ -437,7 +439,21 @@ void check_args(const SamplerConfig& cfg, std::int64_t E, std::int64_t L) {
         throw std::invalid_argument("batch_size * world_size must be below 2^31");
     if (!cfg.size_weights && static_cast<std::int64_t>(cfg.lang_weights.size()) != L)
         throw std::invalid_argument("lang_weights must have one weight per language");
+    if (cfg.size_power > (1ULL << 32)) throw std::invalid_argument("size_power must be in [0, 2^32] (tau <= 1)");
+    if (cfg.size_weights && cfg.size_power != (1ULL << 32) && L > (1LL << 16))
+        throw std::invalid_argument("size^tau weights: at most 65536 languages (the weight sum is 64-bit)");
 }
+
+// floor(2^(2^-i) * 2^62), i = 1..32 (exact integer square roots at 256 bits).
+constexpr std::uint64_t kExp2Q62[32] = {
+    0x5a827999fcef3242ULL, 0x4c1bf828c6dc54b7ULL, 0x45cae0f1f545eb73ULL, 0x42d561b3e6243d8aULL,
+    0x4166c34c5615d0ebULL, 0x40b268f9de0183b9ULL, 0x4058f6a7ecccd5b6ULL, 0x402c6be96af2fb58ULL,
+    0x4016321b687027a8ULL, 0x400b18178ba33b14ULL, 0x40058bce410147e8ULL, 0x4002c5d7bff71daeULL,
+    0x400162e807ee7e5bULL, 0x4000b1730df6a524ULL, 0x400058b9497b8151ULL, 0x40002c5c955dd701ULL,
+    0x4000162e46d6f26bULL, 0x40000b1722757b1bULL, 0x4000058b90fd3e0cULL, 0x400002c5c86f3f26ULL,
+    0x40000162e433c79bULL, 0x400000b17218edcfULL, 0x40000058b90c3968ULL, 0x4000002c5c860d54ULL,
+    0x400000162e4302d2ULL, 0x4000000b17218073ULL, 0x400000058b90bffcULL, 0x40000002c5c85feeULL,
+    0x4000000162e42ff3ULL, 0x40000000b17217f8ULL, 0x4000000058b90bfcULL, 0x400000002c5c85feULL};
 
 }  // namespace
 
@@ -449,6 +465,38 @@ std::uint64_t Rng::below(std::uint64_t n) {
         while (lo < threshold) mul128(next(), n, hi, lo);
     }
     return hi;
+}
+
+std::uint64_t smoothed_size_weight(std::uint64_t n, std::uint64_t power_q32) {
+    // n <= 2^31 here (rem of an int32-indexed plan), so tau * log2(n) < 32 and the final
+    // shift below is >= 16.
+    if (n == 0) return 0;
+    // log2(n) in Q32: integer part, then 32 fraction bits of the mantissa x in [1, 2) (Q62)
+    int msb = 63 - __builtin_clzll(n);
+    std::uint64_t x = n << (62 - msb);  // msb <= 31
+    std::uint64_t frac = 0, hi, lo;
+    for (int i = 0; i < 32; ++i) {
+        mul128(x, x, hi, lo);
+        x = (hi << 2) | (lo >> 62);  // x * x / 2^62, in [2^62, 2^64)
+        frac <<= 1;
+        if (x >> 63) {
+            frac |= 1;
+            x >>= 1;
+        }
+    }
+    const std::uint64_t log2_q32 = (static_cast<std::uint64_t>(msb) << 32) | frac;
+    // y = tau * log2(n) in Q32 (a 128-bit product)
+    mul128(power_q32, log2_q32, hi, lo);
+    const std::uint64_t y = (hi << 32) | (lo >> 32);
+    const std::uint64_t ip = y >> 32, f = y & 0xFFFFFFFFULL;
+    std::uint64_t r = 1ULL << 62;  // 2^frac(y) in Q62
+    for (int i = 1; i <= 32; ++i) {
+        if ((f >> (32 - i)) & 1) {
+            mul128(r, kExp2Q62[i - 1], hi, lo);
+            r = (hi << 2) | (lo >> 62);
+        }
+    }
+    return r >> (62 - 16 - ip);  // 2^16 * 2^ip * r / 2^62
 }
 
 EpochPlan plan_epoch(const SamplerConfig& cfg, const std::uint8_t* availability,

@@ -74,6 +74,9 @@ struct SamplerConfig {
     // Mono language weights: remaining examples per language ("size"), or fixed
     // integer weights (one per language; 0 = never a mono language).
     bool size_weights = false;
+    // With size_weights: weight = rem^tau, tau = size_power / 2^32 in [0, 1] ("size^tau",
+    // smoothed sampling); 2^32 is plain "size" (weight = rem exactly). See smoothed_size_weight.
+    std::uint64_t size_power = 1ULL << 32;
     std::vector<std::uint64_t> lang_weights;
     bool drop_last = true;
     std::uint64_t seed = 0;
@@ -87,6 +90,13 @@ struct EpochPlan {
     // batch is padded with -1.
     std::vector<std::int32_t> data;
 };
+
+// Smoothed size weight, integer arithmetic only (the same bits on every machine and in the
+// Python twin, hybridfast.sampler._smoothed_weight): floor(2^16 * n^tau) up to the
+// truncation of a 32-fraction-bit log2 and exp2, tau = power_q32 / 2^32 in [0, 1];
+// n = 0 gives 0. log2 by repeated squaring of the Q62 mantissa; exp2 as a product of
+// the Q62 constants floor(2^(2^-i) * 2^62), i = 1..32.
+std::uint64_t smoothed_size_weight(std::uint64_t n, std::uint64_t power_q32);
 
 // availability: row-major [num_examples, num_languages] of 0/1 bytes.
 // groups: dense group ids in [0, num_groups) per example, or nullptr.

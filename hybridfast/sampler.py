@@ -26,15 +26,19 @@ by the tests and as the fallback when the extension is not built. The algorithm
 Every rank computes the same global plan; rank r takes slots [r*b, (r+1)*b) of each
 step (b = batch_size, or the partial batch's size / world_size).
 """
+import hashlib
 import numbers
+import re
+import warnings
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import List, Optional, Tuple
 
 import numpy as np
 
 from hybridfast._backends import cpp_extension, fallback_warning
 
-__all__ = ["HybridBatchSampler", "reference_plan", "splitmix64"]
+__all__ = ["HybridBatchSampler", "reference_plan", "splitmix64", "parse_lang_weights"]
 
 MODES = ("hybrid", "mono", "cross")
 _MASK = (1 << 64) - 1
@@ -80,6 +84,71 @@ def _popcount(m: int) -> int:
     return bin(m).count("1")
 
 
+# ---------------------------------------------------------------- smoothed size weights
+_ONE_Q32 = 1 << 32
+# floor(2^(2^-i) * 2^62), i = 1..32 (the C++ core's kExp2Q62; tests recompute them with isqrt)
+_EXP2_Q62 = (
+    0x5a827999fcef3242, 0x4c1bf828c6dc54b7, 0x45cae0f1f545eb73, 0x42d561b3e6243d8a,
+    0x4166c34c5615d0eb, 0x40b268f9de0183b9, 0x4058f6a7ecccd5b6, 0x402c6be96af2fb58,
+    0x4016321b687027a8, 0x400b18178ba33b14, 0x40058bce410147e8, 0x4002c5d7bff71dae,
+    0x400162e807ee7e5b, 0x4000b1730df6a524, 0x400058b9497b8151, 0x40002c5c955dd701,
+    0x4000162e46d6f26b, 0x40000b1722757b1b, 0x4000058b90fd3e0c, 0x400002c5c86f3f26,
+    0x40000162e433c79b, 0x400000b17218edcf, 0x40000058b90c3968, 0x4000002c5c860d54,
+    0x400000162e4302d2, 0x4000000b17218073, 0x400000058b90bffc, 0x40000002c5c85fee,
+    0x4000000162e42ff3, 0x40000000b17217f8, 0x4000000058b90bfc, 0x400000002c5c85fe,
+)
+_SIZE_SPEC = re.compile(r"^size\^(\d+(?:\.\d*)?|\.\d+)$")
+
+
+def _smoothed_weight(n: int, power_q32: int) -> int:
+    """floor(2^16 * n^tau), tau = power_q32 / 2^32, in integer arithmetic: the C++ core's
+    smoothed_size_weight bit for bit (32-bit fixed-point log2 by squaring, exp2 by the
+    constants above). n = 0 gives 0."""
+    if n == 0:
+        return 0
+    msb = n.bit_length() - 1
+    x = n << (62 - msb)
+    frac = 0
+    for _ in range(32):
+        x = (x * x) >> 62
+        frac <<= 1
+        if x >> 63:
+            frac |= 1
+            x >>= 1
+    y = (power_q32 * ((msb << 32) | frac)) >> 32
+    ip, f = y >> 32, y & 0xFFFFFFFF
+    r = 1 << 62
+    for i in range(1, 33):
+        if (f >> (32 - i)) & 1:
+            r = (r * _EXP2_Q62[i - 1]) >> 62
+    return r >> (62 - 16 - ip)
+
+
+def parse_lang_weights(value):
+    """Normalise a lang_weights spec: None, "size", "size^TAU" (0 <= TAU <= 1, a decimal)
+    or a sequence of numbers -> (kind, detail): ("uniform", None), ("size", power_q32)
+    with power_q32 = round(TAU * 2^32) (2^32 for plain "size"), or ("fixed", value).
+    "size^1" is "size" and "size^0" is uniform (None), exactly."""
+    if value is None:
+        return "uniform", None
+    if isinstance(value, str):
+        spec = value.strip().replace(" ", "")
+        if spec == "size":
+            return "size", _ONE_Q32
+        m = _SIZE_SPEC.match(spec)
+        if not m:
+            raise ValueError(f"lang_weights must be None, 'size', 'size^TAU' (0 <= TAU <= 1, e.g. 'size^0.3') "
+                             f"or one weight per language, got {value!r}")
+        tau = Fraction(m.group(1))
+        if tau > 1:
+            raise ValueError(f"lang_weights {value!r}: TAU must be in [0, 1] (1 = 'size', 0 = uniform)")
+        power = int(tau * _ONE_Q32 + Fraction(1, 2))
+        if power == 0:
+            return "uniform", None
+        return "size", power
+    return "fixed", value
+
+
 # ---------------------------------------------------------------- arguments
 @dataclass(frozen=True)
 class _Config:
@@ -94,12 +163,16 @@ class _Config:
     lang_weights: Tuple[int, ...]  # integer weights (unused with size_weights)
     drop_last: bool
     seed: int
+    size_power: int = _ONE_Q32  # size_weights: weight = rem^(size_power / 2^32); 2^32 = plain size
 
-    def fingerprint(self, shape) -> dict:
-        """What a saved state must match to resume (rank may differ)."""
-        return {"examples": int(shape[0]), "languages": int(shape[1]), "batch_size": self.batch_size,
+    def fingerprint(self, shape, data_sha256=None) -> dict:
+        """What a saved state must match to resume (rank may differ); data_sha256: the
+        availability and groups contents (HybridBatchSampler._data_sha256)."""
+        return {"examples": int(shape[0]), "languages": int(shape[1]), "data_sha256": data_sha256,
+                "batch_size": self.batch_size,
                 "world_size": self.world_size, "mode": self.mode, "mono_prob": self.mono_prob,
-                "lang_weights": "size" if self.size_weights else list(self.lang_weights),
+                "lang_weights": (("size" if self.size_power == _ONE_Q32 else f"size^q32:{self.size_power}")
+                                 if self.size_weights else list(self.lang_weights)),
                 "drop_last": self.drop_last, "seed": self.seed}
 
 
@@ -171,12 +244,14 @@ def _validate(availability, batch_size, mode, mono_prob, lang_weights, groups, s
         raise ValueError(f"mode={mode!r} needs cross-lingual batches, which need at least 2 languages "
                          f"(availability has {num_languages}); use mode='mono'")
 
-    if lang_weights is None:
+    kind, detail = parse_lang_weights(lang_weights)
+    size_power = _ONE_Q32
+    if kind == "uniform":
         size_weights, weights = False, (1,) * num_languages
-    elif isinstance(lang_weights, str):
-        if lang_weights != "size":
-            raise ValueError(f"lang_weights must be None, 'size' or a sequence of weights, got {lang_weights!r}")
-        size_weights, weights = True, (0,) * num_languages
+    elif kind == "size":
+        size_weights, weights, size_power = True, (0,) * num_languages, detail
+        if size_power != _ONE_Q32 and num_languages > (1 << 16):
+            raise ValueError("lang_weights 'size^TAU': at most 65536 languages")
     else:
         size_weights, weights = False, _integer_weights(lang_weights, num_languages)
 
@@ -195,7 +270,7 @@ def _validate(availability, batch_size, mode, mono_prob, lang_weights, groups, s
                   allow_mono=allow_mono, allow_cross=allow_cross,
                   mono_threshold=int(mono_prob * 9007199254740992.0),  # * 2^53, exact
                   size_weights=size_weights, lang_weights=weights, drop_last=bool(drop_last),
-                  seed=int(seed) & _MASK)
+                  seed=int(seed) & _MASK, size_power=size_power)
     return avail, cfg, dense, num_groups
 
 
@@ -285,7 +360,11 @@ class _ReferencePlanner:
             self.consume(i)
 
     def weight(self, lang):
-        return self.rem[lang] if self.cfg.size_weights else self.cfg.lang_weights[lang]
+        if not self.cfg.size_weights:
+            return self.cfg.lang_weights[lang]
+        if self.cfg.size_power == _ONE_Q32:
+            return self.rem[lang]
+        return _smoothed_weight(self.rem[lang], self.cfg.size_power)
 
     def step(self) -> bool:
         cfg, G = self.cfg, self.G
@@ -384,8 +463,11 @@ class HybridBatchSampler:
             language per global batch) or "cross" (every slot its own x != y).
         mono_prob: probability of a monolingual step in hybrid mode.
         lang_weights: how a mono step picks its language among those that can still
-            fill a batch: None (uniform), "size" (proportional to unused examples) or
-            one non-negative weight per language (0: never a mono language).
+            fill a batch: None (uniform), "size" (proportional to unused examples),
+            "size^TAU" (proportional to unused examples to the power TAU in [0, 1]:
+            smoothed sampling as in multilingual pre-training, e.g. "size^0.3"; exact
+            integer arithmetic, identical in C++ and Python) or one non-negative weight
+            per language (0: never a mono language).
         groups: one integer per example; no two examples of one global batch share one
             (translations or duplicates of one question).
         seed, rank, world_size: every rank plans the same global batches from
@@ -423,6 +505,7 @@ class HybridBatchSampler:
         self._start = 0    # first step of the next __iter__ (set by load_state_dict)
         self._yielded = 0  # steps of this epoch handed out so far
         self._cached: Optional[Tuple[int, np.ndarray]] = None
+        self._data_digest: Optional[str] = None  # _data_sha256, computed on first use
 
     def _check_feasible(self):
         cfg, G = self._cfg, self._cfg.batch_size * self._cfg.world_size
@@ -433,6 +516,23 @@ class HybridBatchSampler:
         L = self.availability.shape[1]
         mono = [int(cap[l]) for l in range(L) if cfg.allow_mono and (cfg.size_weights or cfg.lang_weights[l] > 0)]
         best_mono, cross = max(mono, default=0), int(cap[L]) if cfg.allow_cross else 0
+        E = self.availability.shape[0]
+        n_parallel = int(np.count_nonzero(self.availability.sum(axis=1) >= 2))
+        if cfg.mode == "cross" and cross < G:
+            if n_parallel == 0:
+                raise ValueError(f"availability: not even one batch of {G} can be filled in mode='cross': it needs "
+                                 f"parallel examples (available in >= 2 languages), and none of the {E} examples "
+                                 "is: the data is not parallel; use mode='mono'")
+            unit = "distinct groups" if self._groups is not None else "examples"
+            raise ValueError(f"availability: not even one batch of {G} can be filled in mode='cross': only "
+                             f"{cross} {unit} are available in >= 2 languages "
+                             f"({n_parallel} of {E} examples, {100 * n_parallel / E:.1f}%), fewer than one global "
+                             f"batch of {G}; use a smaller batch or mode='hybrid' / 'mono'")
+        if cfg.mode == "hybrid" and cfg.allow_cross and cross < G <= best_mono:
+            warnings.warn(
+                f"mode='hybrid': only {n_parallel} of {E} examples ({100 * n_parallel / E:.1f}%) are available in "
+                f">= 2 languages, fewer than one cross-lingual batch of {G}: every batch will be monolingual "
+                "(the data is not parallel enough for hybrid batches)", UserWarning, stacklevel=3)
         if max(best_mono, cross) < G:
             unit = "distinct groups" if self._groups is not None else "examples"
             raise ValueError(
@@ -448,7 +548,7 @@ class HybridBatchSampler:
         return cpp_extension().plan_epoch(
             self.availability.view(np.uint8), cfg.batch_size, cfg.world_size, cfg.allow_mono, cfg.allow_cross,
             cfg.mono_threshold, cfg.size_weights, np.asarray(cfg.lang_weights, dtype=np.uint64), self._groups,
-            self._num_groups, cfg.drop_last, cfg.seed, epoch)
+            self._num_groups, cfg.drop_last, cfg.seed, epoch, cfg.size_power)
 
     def plan(self, epoch: Optional[int] = None) -> np.ndarray:
         """The whole epoch (default: the current one) as a read-only int32 array
@@ -495,28 +595,52 @@ class HybridBatchSampler:
             yield self._rank_slice(plan[step])
 
     # ------------------------------------------------------------ resume
+    def _data_sha256(self) -> str:
+        """sha256 of the availability matrix and the (dense) groups: a state saved for other
+        data of the same shape must not resume here. Computed once, on first use."""
+        if getattr(self, "_data_digest", None) is None:
+            h = hashlib.sha256()
+            h.update(np.asarray(self.availability.shape, dtype="<i8").tobytes())
+            h.update(np.packbits(self.availability, axis=None).tobytes())
+            if self._groups is not None:
+                h.update(b"groups")
+                h.update(np.ascontiguousarray(self._groups, dtype="<i4").tobytes())
+            self._data_digest = h.hexdigest()
+        return self._data_digest
+
     def state_dict(self, step: Optional[int] = None) -> dict:
         """Where to resume: epoch and steps of it done (default: steps yielded so far;
         pass your own count when a DataLoader prefetches batches ahead of training)."""
         step = self._yielded if step is None else _check_int("step", step, 0)
         return {"epoch": self.epoch, "step": step,
-                "config": self._cfg.fingerprint(self.availability.shape)}
+                "config": self._cfg.fingerprint(self.availability.shape, self._data_sha256())}
 
     def load_state_dict(self, state: dict) -> None:
-        """The next iteration starts at the saved step of the saved epoch (no replay)."""
+        """The next iteration starts at the saved step of the saved epoch (no replay).
+        Checked first, applied last: a refused state leaves the sampler as it was."""
         if not isinstance(state, dict) or not {"epoch", "step", "config"} <= set(state):
             raise ValueError("state must be a dict from HybridBatchSampler.state_dict() "
                              "(keys 'epoch', 'step', 'config')")
-        mine = self._cfg.fingerprint(self.availability.shape)
-        diff = {k: (state["config"].get(k), v) for k, v in mine.items() if state["config"].get(k) != v}
+        saved = state["config"]
+        if not isinstance(saved, dict):
+            raise ValueError("state['config'] must be a dict from HybridBatchSampler.state_dict()")
+        mine = self._cfg.fingerprint(self.availability.shape, self._data_sha256())
+        if "data_sha256" not in saved:  # a state saved before the contents were fingerprinted
+            warnings.warn("sampler state has no fingerprint of the availability and groups contents (saved by an "
+                          "older hybridfast): only their shape is checked", UserWarning, stacklevel=2)
+            mine.pop("data_sha256")
+        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if diff:
-            detail = ", ".join(f"{k}: saved {a!r}, here {b!r}" for k, (a, b) in diff.items())
+            detail = ", ".join(
+                ("data_sha256: the availability or groups contents differ (same shape, other data)"
+                 if k == "data_sha256" else f"{k}: saved {a!r}, here {b!r}") for k, (a, b) in diff.items())
             raise ValueError(f"state was saved by a differently configured sampler ({detail})")
         epoch = _check_int("epoch", state["epoch"], 0)
         step = _check_int("step", state["step"], 0)
+        steps = len(self.plan(epoch))  # plan(epoch) of another epoch is not cached: no state change
+        if step > steps:
+            raise ValueError(f"step {step} is past the end of epoch {epoch} ({steps} steps)")
         self.set_epoch(epoch)
-        if step > len(self):
-            raise ValueError(f"step {step} is past the end of epoch {epoch} ({len(self)} steps)")
         self._start = self._yielded = step
 
     def __repr__(self):

@@ -38,7 +38,7 @@ def configs(draw, max_examples=120):
     E = draw(st.integers(1, max_examples))
     L = draw(st.integers(1, 6))
     mode = draw(st.sampled_from(["hybrid", "mono", "cross"] if L >= 2 else ["mono"]))
-    weights = draw(st.sampled_from([None, "size", "fixed", "zero-one"]))
+    weights = draw(st.sampled_from([None, "size", "fixed", "zero-one", "size^0.3", "size^0.75"]))
     if weights == "fixed":
         weights = draw(st.lists(st.floats(0.01, 10.0), min_size=L, max_size=L))
     elif weights == "zero-one":  # some languages never a mono language
@@ -499,3 +499,143 @@ def test_bad_epoch_and_mono_weights_need_a_batch():
     avail[:, 1] = True
     with pytest.raises(ValueError, match="not even one batch"):
         HybridBatchSampler(avail, 4, mode="mono", lang_weights=[1, 0, 0])
+
+
+# ------------------------------------------------------------------ smoothed language sampling (issue 15)
+def test_exp2_constants_are_exact():
+    from math import isqrt
+
+    v, P = 2 << 256, 256
+    for i, c in enumerate(sampler_mod._EXP2_Q62, 1):
+        v = isqrt(v << P)  # floor(2^(2^-i) * 2^256), errors far below the 62 bits kept
+        assert c == v >> (P - 62), i
+
+
+def test_smoothed_weight_is_n_to_the_tau():
+    w = sampler_mod._smoothed_weight
+    assert w(0, 1 << 31) == 0
+    for tau in (0.1, 0.3, 0.5, 0.77, 1.0):
+        q = round(tau * 2**32)
+        for n in (1, 2, 3, 7, 100, 1234, 65537, 10**6, 2**31 - 1):
+            exact = 2**16 * n ** (q / 2**32)
+            assert abs(w(n, q) - exact) <= 1e-7 * exact + 1, (n, tau)
+    # monotone in n
+    vals = [w(n, round(0.3 * 2**32)) for n in range(1, 3000)]
+    assert all(a <= b for a, b in zip(vals, vals[1:]))
+
+
+def test_parse_lang_weights():
+    parse = sampler_mod.parse_lang_weights
+    assert parse("size") == ("size", 2**32) == parse("size^1") == parse("size^1.0")
+    assert parse("size^0") == ("uniform", None) == parse(None)
+    assert parse("size^0.3") == ("size", round(0.3 * 2**32)) == parse(" size ^ .3 ")
+    for bad in ("size^1.5", "size^-0.3", "size^x", "sizes", "size^"):
+        with pytest.raises(ValueError, match="lang_weights"):
+            parse(bad)
+    avail, _ = random_case(0, 200, 3, 0.8, 0)
+    with pytest.raises(ValueError, match="TAU must be in"):
+        HybridBatchSampler(avail, 4, lang_weights="size^2")
+
+
+def test_size_tau_edges_equal_size_and_uniform():
+    avail, _ = random_case(1, 400, 4, 0.6, 0)
+    for a, b in (("size^1", "size"), ("size^0", None)):
+        np.testing.assert_array_equal(HybridBatchSampler(avail, 5, lang_weights=a, seed=2).plan(),
+                                      HybridBatchSampler(avail, 5, lang_weights=b, seed=2).plan())
+
+
+@needs_cpp
+@pytest.mark.parametrize("spec", ["size^0.3", "size^0.5", "size^0.01"])
+def test_size_tau_cpp_equals_python(spec):
+    avail, groups = random_case(3, 500, 5, 0.5, 60)
+    for kw in (dict(mode="mono"), dict(mode="hybrid", groups=groups, drop_last=False)):
+        s = HybridBatchSampler(avail, 4, lang_weights=spec, seed=9, **kw)
+        np.testing.assert_array_equal(s.plan(1), reference_plan(avail, 4, lang_weights=spec, seed=9, epoch=1, **kw))
+    assert HybridBatchSampler(avail, 4, lang_weights=spec).state_dict()["config"]["lang_weights"].startswith("size^")
+
+
+@pytest.mark.parametrize("tau", [0.3, 0.7])
+def test_size_tau_first_step_within_binomial_bounds(tau):
+    """The first mono step's language: P(l) = n_l^tau / sum n^tau. Each language's count over
+    2000 seeds lies within 4.5 binomial standard deviations (and chi-square agrees)."""
+    rng = np.random.default_rng(0)
+    sizes = np.array([1000, 300, 60, 12])
+    avail = np.zeros((1000, 4), bool)
+    for l, n in enumerate(sizes):
+        avail[rng.choice(1000, n, replace=False), l] = True
+    n = 2000
+    firsts = [HybridBatchSampler(avail, 10, mode="mono", lang_weights=f"size^{tau}", seed=s).plan()[0, 0, 1]
+              for s in range(n)]
+    counts = np.bincount(firsts, minlength=4)
+    p = sizes ** tau / (sizes ** tau).sum()
+    for k in range(4):
+        assert abs(counts[k] - n * p[k]) <= 4.5 * math.sqrt(n * p[k] * (1 - p[k])), (k, counts, n * p)
+    assert chi_square(counts, p) < 25
+    # and it is really smoothed: far from proportional to size
+    assert chi_square(counts, sizes / sizes.sum()) > 100
+
+
+# ------------------------------------------------------------------ issue 13 items 9 and 10
+def test_hybrid_on_non_parallel_data_warns_and_cross_refuses():
+    avail = np.zeros((300, 3), bool)
+    avail[np.arange(300), np.arange(300) % 3] = True  # every example in exactly one language
+    with pytest.warns(UserWarning, match=r"0 of 300 examples \(0.0%\) are available in >= 2 languages"):
+        s = HybridBatchSampler(avail, 8, mode="hybrid")
+    plan = s.plan()
+    assert (plan[:, :, 1] == plan[:, :, 2]).all()  # all mono, as the warning said
+    with pytest.raises(ValueError, match="mode='cross': it needs parallel examples .* not parallel"):
+        HybridBatchSampler(avail, 8, mode="cross")
+    avail[:5, :] = True  # 5 parallel examples: fewer than one cross batch of 8
+    with pytest.warns(UserWarning, match=r"5 of 300 examples \(1.7%\)"):
+        HybridBatchSampler(avail, 8, mode="hybrid")
+    with pytest.raises(ValueError, match="mode='cross': only 5 examples"):
+        HybridBatchSampler(avail, 8, mode="cross")
+    avail[:40, :] = True  # enough for cross batches: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HybridBatchSampler(avail, 8, mode="hybrid")
+        HybridBatchSampler(avail, 8, mode="hybrid", mono_prob=1.0)  # mono only: nothing to warn about
+
+
+def test_load_state_dict_checks_data_contents_and_keeps_epoch_on_failure():
+    avail, groups = random_case(4, 300, 3, 0.7, 40)
+    s = HybridBatchSampler(avail, 5, groups=groups, seed=3)
+    s.set_epoch(2)
+    it = iter(s)
+    next(it), next(it)
+    state = s.state_dict()
+    # same shape, other availability: refused, naming the reason
+    other = avail.copy()
+    other[0] = ~other[0]
+    if not other[0].any():
+        other[0, 0] = True
+    with pytest.raises(ValueError, match="availability or groups contents differ"):
+        HybridBatchSampler(other, 5, groups=groups, seed=3).load_state_dict(state)
+    # same shape, other groups: refused
+    with pytest.raises(ValueError, match="contents differ"):
+        HybridBatchSampler(avail, 5, groups=np.roll(groups, 1), seed=3).load_state_dict(state)
+    # a failed load leaves epoch and position as they were
+    t = HybridBatchSampler(avail, 5, groups=groups, seed=3)
+    t.set_epoch(1)
+    it = iter(t)
+    next(it)
+    before = t.state_dict()
+    with pytest.raises(ValueError, match="past the end"):
+        t.load_state_dict({**state, "step": 10**6})
+    with pytest.raises(ValueError, match="differently configured"):
+        t.load_state_dict({**state, "config": {**state["config"], "seed": 4}})
+    assert t.epoch == 1 and t.state_dict() == before
+    # the right state still resumes exactly
+    t.load_state_dict(state)
+    assert t.epoch == 2 and collect(t) == collect_from(avail, groups, 2)[2:]
+    # a state from before content fingerprints: shape checked, with a warning
+    legacy = {**state, "config": {k: v for k, v in state["config"].items() if k != "data_sha256"}}
+    u = HybridBatchSampler(avail, 5, groups=groups, seed=3)
+    with pytest.warns(UserWarning, match="no fingerprint"):
+        u.load_state_dict(legacy)
+
+
+def collect_from(avail, groups, epoch):
+    s = HybridBatchSampler(avail, 5, groups=groups, seed=3)
+    s.set_epoch(epoch)
+    return collect(s)
