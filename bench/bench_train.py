@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.utils import peak_memory_bytes, save_results
-from hybridfast import trainer
+from hybridfast.training import Collator, gradcache_step, plain_step
+from hybridfast.training.steps import MAX_GRAD_NORM, enable_checkpointing, param_groups
 from hybridfast.encoder import Encoder, default_model_path
 from hybridfast.loss import HybridContrastiveLoss
 from hybridfast.train_data import load_training_pairs
@@ -56,16 +57,16 @@ class Step:
     def __init__(self, encoder, loss_fn, chunk_size=None, amp_dtype=None):
         self.encoder, self.loss_fn, self.chunk_size, self.amp_dtype = encoder, loss_fn, chunk_size, amp_dtype
         self.params = [p for p in encoder.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainer._param_groups(encoder, 0.01), lr=3e-5)
+        self.optimizer = torch.optim.AdamW(param_groups(encoder, 0.01), lr=3e-5)
 
     def __call__(self, collated):
         q_in, p_in, qg, pg = collated
         if self.chunk_size:
-            loss = trainer.gradcache_step(self.encoder, self.loss_fn, q_in, p_in, qg, pg, self.chunk_size,
+            loss = gradcache_step(self.encoder, self.loss_fn, q_in, p_in, qg, pg, self.chunk_size,
                                           self.amp_dtype)
         else:
-            loss = trainer.plain_step(self.encoder, self.loss_fn, q_in, p_in, qg, pg, self.amp_dtype)
-        torch.nn.utils.clip_grad_norm_(self.params, trainer.MAX_GRAD_NORM)
+            loss = plain_step(self.encoder, self.loss_fn, q_in, p_in, qg, pg, self.amp_dtype)
+        torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.encoder.device.type == "cuda":
@@ -102,8 +103,8 @@ def bench_cpu(steps):
         enc = Encoder(default_model_path(), device="cpu", max_length=MAX_LENGTH, show_progress=False)
         enc.train()
         if ckpt:
-            trainer.enable_checkpointing(enc.model)
-        collate = trainer.Collator(pairs, enc, max_length=MAX_LENGTH)
+            enable_checkpointing(enc.model)
+        collate = Collator(pairs, enc, max_length=MAX_LENGTH)
         step = Step(enc, HybridContrastiveLoss(), chunk_size=chunk)
         batches = [lambda b=b, i=i: collate(b, i) for i, b in enumerate(plan)]
         load_before = os.getloadavg()[0]
@@ -179,7 +180,7 @@ def bench_cuda():
         torch.manual_seed(0)
         enc = Encoder(default_model_path(), device="cuda", max_length=MAX_LENGTH, show_progress=False)
         enc.train()
-        collate = trainer.Collator(pairs, enc, max_length=MAX_LENGTH)
+        collate = Collator(pairs, enc, max_length=MAX_LENGTH)
         if name == "naive":  # bf16 autocast too: only the loss and the chunking differ
             return enc, Step(enc, naive_loss, amp_dtype=torch.bfloat16), collate
         return enc, Step(enc, HybridContrastiveLoss(backend="auto"), chunk_size=GPU_CHUNK,

@@ -19,14 +19,15 @@ puts both in one batch and the loss never treats one's positive as the other's
 negative. It is None when every example is its own group.
 """
 import gzip
+import hashlib
 import json
-import re
+import zlib
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-_LANG_RE = re.compile(r"^[a-z]{2,3}$")
+from hybridfast.rules import TRAIN_SPLITS, check_language_code, is_language_code
 
 # mMARCO names its language folders in English words; map them to ISO 639-1.
 MMARCO_LANGUAGES = {
@@ -37,13 +38,6 @@ MMARCO_LANGUAGES = {
 
 _TRIPLE_NAMES = ("triples.train.ids.small.tsv", "triples.train.ids.tsv", "triples.ids.tsv",
                  "triples.train.ids.small.tsv.gz", "triples.train.ids.tsv.gz")
-
-
-def check_language_code(lang, arg="languages"):
-    """Raise ValueError unless `lang` looks like an ISO 639 code ('en', 'zh')."""
-    if not isinstance(lang, str) or not _LANG_RE.match(lang):
-        raise ValueError(f"{arg}: {lang!r} is not a language code; use ISO 639-1 codes such as 'en', 'de', 'zh'")
-    return lang
 
 
 class ParallelPairs:
@@ -133,19 +127,14 @@ class ParallelPairs:
     def __len__(self):
         return len(self.example_ids)
 
-    def subset_languages(self, languages: Sequence[str]) -> "ParallelPairs":
-        """The same examples restricted to `languages`; examples left with none are dropped."""
-        select_languages(self.languages, languages, self.name)
-        rows = {}
-        for e, eid in enumerate(self.example_ids):
-            per = {}
-            for lang in languages:
-                j = self.languages.index(lang)
-                if self.availability[e, j]:
-                    per[lang] = (self._queries[j][e], self._positives[j][e], self._negatives[j][e])
-            if per:
-                rows[eid] = per
-        return ParallelPairs(rows, name=self.name)
+    def fingerprint(self) -> str:
+        """sha256 of the data as loaded (languages, example ids, every text): a resumed run
+        compares it with its checkpoint's to refuse changed training data."""
+        h = hashlib.sha256()
+        h.update(json.dumps([self.languages, self.example_ids]).encode("utf-8"))
+        for j in range(len(self.languages)):
+            h.update(json.dumps([self._queries[j], self._positives[j], self._negatives[j]]).encode("utf-8"))
+        return h.hexdigest()
 
     def __repr__(self):
         per = dict(zip(self.languages, self.availability.sum(0).tolist()))
@@ -186,7 +175,7 @@ def load_training_pairs(spec, data_dir=None, split="train", languages=None) -> P
     """
     if not isinstance(spec, (str, Path)) or not str(spec):
         raise TypeError(f"spec must be a path or data set name, got {spec!r}")
-    if split not in ("train", "test", "all", "dev"):
+    if split not in TRAIN_SPLITS:
         raise ValueError(f"split must be 'train', 'test', 'all' (or 'dev' for mMARCO), got {split!r}")
     if languages is not None:
         languages = select_languages(languages, languages)  # format check before any I/O
@@ -227,10 +216,22 @@ def detect_format(folder: Path) -> str:
         "or <lang>/collection.tsv + queries.train.tsv mMARCO-style folders)")
 
 
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def read_lines(path: Path) -> Iterator[Tuple[int, str]]:
+    """(line number, text) of a UTF-8 text file, gzip-compressed when it ends in .gz. A line
+    that is not UTF-8 or a damaged .gz is a ValueError naming file:line."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    lineno = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {err.start}: "
+                                     f"{raw[err.start:err.start + 1]!r}); save the file as UTF-8") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise ValueError(f"{path}:{lineno + 1}: damaged gzip file ({type(err).__name__}: {err})") from None
 
 
 def read_lareqa(path, split="train", languages=None) -> ParallelPairs:
@@ -242,11 +243,15 @@ def read_lareqa(path, split="train", languages=None) -> ParallelPairs:
     from hybridfast.data import candidate_text, lareqa_examples
 
     # <lang>.json files only (a folder may also hold other JSON, e.g. metadata)
-    available = sorted(f.stem for f in Path(path).glob("*.json") if _LANG_RE.match(f.stem))
+    available = sorted(f.stem for f in Path(path).glob("*.json") if is_language_code(f.stem))
     languages = select_languages(available, languages, name=str(path))
     records = lareqa_examples(path, languages=languages, split=split)
     if not records:
         raise ValueError(f"{path}: no questions in split {split!r} for languages {languages}")
+    empty = sorted(set(languages) - {r["lang"] for r in records})
+    if empty:
+        raise ValueError(f"{path}: no questions in split {split!r} for languages {empty}; leave them out with "
+                         f"languages={sorted(set(languages) - set(empty))}")
     rows: Dict[str, Dict[str, tuple]] = {}
     by_paragraph: Dict[tuple, Dict[str, str]] = {}  # (lang, context) -> {sentence: positive}
     for r in records:
@@ -268,58 +273,64 @@ def read_jsonl(files, languages=None) -> ParallelPairs:
     keep = set(languages) if languages is not None else None
     seen_langs = set()
     for file in files:
-        with _open_text(Path(file)) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{file}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-                if not isinstance(obj, dict):
-                    raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-                for key in ("id", "lang", "query", "positive"):
-                    if key not in obj:
-                        raise ValueError(f"{where}: missing key {key!r} (need id, lang, query, positive)")
-                for key in ("query", "positive"):
-                    if not isinstance(obj[key], str) or not obj[key].strip():
-                        raise ValueError(f"{where}: {key!r} must be a non-empty string")
-                lang = obj["lang"]
-                try:
-                    check_language_code(lang, arg="lang")
-                except ValueError as err:
-                    raise ValueError(f"{where}: {err}") from None
-                negatives = obj.get("negatives") or []
-                if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
-                    raise ValueError(f"{where}: 'negatives' must be a list of strings")
-                seen_langs.add(lang)
-                if keep is not None and lang not in keep:
-                    continue
-                eid = str(obj["id"])
-                per = rows.setdefault(eid, {})
-                if lang in per:
-                    raise ValueError(f"{where}: id {eid!r} already has a {lang!r} line")
-                per[lang] = (obj["query"], obj["positive"], negatives)
+        for lineno, line in read_lines(Path(file)):
+            if not line.strip():
+                continue
+            where = f"{file}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            for key in ("id", "lang", "query", "positive"):
+                if key not in obj:
+                    raise ValueError(f"{where}: missing key {key!r} (need id, lang, query, positive)")
+            for key in ("query", "positive"):
+                if not isinstance(obj[key], str) or not obj[key].strip():
+                    raise ValueError(f"{where}: {key!r} must be a non-empty string")
+            lang = obj["lang"]
+            try:
+                check_language_code(lang, arg="lang")
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+            negatives = obj.get("negatives") or []
+            if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
+                raise ValueError(f"{where}: 'negatives' must be a list of strings")
+            seen_langs.add(lang)
+            if keep is not None and lang not in keep:
+                continue
+            eid = _example_id(obj["id"], where)
+            per = rows.setdefault(eid, {})
+            if lang in per:
+                raise ValueError(f"{where}: id {eid!r} already has a {lang!r} line")
+            per[lang] = (obj["query"], obj["positive"], negatives)
     if languages is not None:
         select_languages(seen_langs, languages, name=", ".join(str(f) for f in files))
     name = Path(files[0]).stem if len(files) == 1 else Path(files[0]).parent.name
     return ParallelPairs(rows, name=name)
 
 
+def _example_id(value, where) -> str:
+    """A JSONL id: a non-empty string or an integer (1 and "1" are one example). null, bools,
+    floats and containers are refused: str() would merge null with a real id "None"."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise ValueError(f"{where}: 'id' must be a non-empty string or an integer, got {json.dumps(value)}")
+    return str(value)
+
+
 def _read_tsv(path: Path, keep=None) -> Dict[str, str]:
     """id<TAB>text rows; only ids in `keep` when given (a collection can be huge)."""
     out = {}
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            parts = line.split("\t", 1)
-            if len(parts) != 2:
-                raise ValueError(f"{path}:{lineno}: expected 'id<TAB>text'")
-            if keep is None or parts[0] in keep:
-                out[parts[0]] = parts[1]
+    for lineno, line in read_lines(path):
+        line = line.rstrip("\r\n")
+        if not line:
+            continue
+        parts = line.split("\t", 1)
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{lineno}: expected 'id<TAB>text'")
+        if keep is None or parts[0] in keep:
+            out[parts[0]] = parts[1]
     return out
 
 
@@ -333,19 +344,18 @@ def _find_triples(folder: Path) -> Optional[Path]:
 
 def _read_triples(path: Path, triples: Dict[str, tuple]):
     """qid<TAB>pos_pid<TAB>neg_pid; per qid the first positive and its distinct negatives."""
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.split("\t")
-            if len(parts) != 3:
-                raise ValueError(f"{path}:{lineno}: expected 'qid<TAB>pos_pid<TAB>neg_pid', got {len(parts)} fields")
-            qid, pos, neg = parts
-            if qid not in triples:
-                triples[qid] = (pos, [])
-            if triples[qid][0] == pos and neg not in triples[qid][1]:
-                triples[qid][1].append(neg)
+    for lineno, line in read_lines(path):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.split("\t")
+        if len(parts) != 3:
+            raise ValueError(f"{path}:{lineno}: expected 'qid<TAB>pos_pid<TAB>neg_pid', got {len(parts)} fields")
+        qid, pos, neg = parts
+        if qid not in triples:
+            triples[qid] = (pos, [])
+        if triples[qid][0] == pos and neg not in triples[qid][1]:
+            triples[qid][1].append(neg)
 
 
 def read_mmarco(root, split="train", languages=None) -> ParallelPairs:
@@ -378,9 +388,15 @@ def read_mmarco(root, split="train", languages=None) -> ParallelPairs:
             raise FileNotFoundError(f"{qfile} not found (queries of split {split!r} for language {lang!r})")
         queries = _read_tsv(qfile, keep=triples)
         passages = _read_tsv(folder / "collection.tsv", keep=needed)
+        found = 0
         for qid, (pos, negs) in triples.items():
             if qid in queries and pos in passages:
                 rows[qid][lang] = (queries[qid], passages[pos], [passages[n] for n in negs if n in passages])
+                found += 1
+        if not found:
+            raise ValueError(f"{folder}: no triple has both its query (queries.{split}.tsv) and its positive passage "
+                             f"(collection.tsv) in language {lang!r}; leave it out with "
+                             f"languages={[l for l in languages if l != lang]}")
     rows = {qid: per for qid, per in rows.items() if per}
     if not rows:
         raise ValueError(f"{root}: no triple has both its query and positive passage in {languages}")

@@ -223,6 +223,8 @@ def test_cached_replays_dropout(tiny_model):
     embedding the same mini-batches, in the same order from the same seed, with a graph."""
     from sentence_transformers.util import cos_sim
 
+    from hybridfast.gradcache import row_chunks
+
     tiny_model.train()
     try:
         features = _batch(tiny_model, batch=6, negatives=1, seed=7)
@@ -233,10 +235,9 @@ def test_cached_replays_dropout(tiny_model):
         torch.manual_seed(123)
         columns = []
         for f in features:
-            parts = [
-                tiny_model({k: v[b:b + 4] if torch.is_tensor(v) else v for k, v in f.items()})["sentence_embedding"]
-                for b in range(0, 6, 4)
-            ]
+            # the same mini-batches as the cache (padding columns trimmed per mini-batch: dropout masks
+            # follow the tensor shape)
+            parts = [tiny_model(chunk)["sentence_embedding"] for chunk in row_chunks(f, 4, trim_padding=True)]
             columns.append(torch.cat(parts))
         logits = 20.0 * cos_sim(columns[0], torch.cat(columns[1:]))
         reference = torch.nn.functional.cross_entropy(logits, torch.arange(6))

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from hybridfast.train_data import ParallelPairs, load_training_pairs
+from helpers import write_lareqa
 
 
 def write_jsonl(path, rows):
@@ -144,34 +145,6 @@ def test_mmarco_triples_in_language_folder_and_errors(tmp_path):
         load_training_pairs(mm, split="dev")
     with pytest.raises(ValueError, match=r"\['fr'\] not in"):
         load_training_pairs(mm, languages=["fr"])
-
-
-def write_lareqa(root):
-    """Two languages, two articles; the questions q1 and q2 share one answer sentence."""
-    root.mkdir()
-    texts = {
-        "en": ["The cat sat. The dog ran.", "Rain is wet. Snow is cold."],
-        "de": ["Die Katze sass. Der Hund lief.", "Regen ist nass. Schnee ist kalt."],
-    }
-    questions = {"en": ["Who sat?", "What sat?", "Who ran?", "What is cold?"],
-                 "de": ["Wer sass?", "Was sass?", "Wer lief?", "Was ist kalt?"]}
-    for lang in ("en", "de"):
-        data = []
-        for a, ctx in enumerate(texts[lang]):
-            first, second = ctx.split(". ")
-            breaks = [[0, len(first) + 1], [len(first) + 2, len(ctx)]]
-            sentences = [first + ".", second]
-            if a == 0:
-                qas = [(0, "q1", 0), (1, "q2", 0), (2, "q3", 1)]
-            else:
-                qas = [(3, "q4", 1)]
-            data.append({"title": f"article{a}", "paragraphs": [{
-                "context": ctx, "sentence_breaks": breaks, "sentences": sentences,
-                "qas": [{"id": qid, "question": questions[lang][i],
-                         "answers": [{"answer_start": breaks[s][0], "text": sentences[s][:3]}]}
-                        for i, qid, s in qas]}]})
-        (root / f"{lang}.json").write_text(json.dumps({"data": data, "version": "1.1"}), encoding="utf-8")
-    return root
 
 
 def test_lareqa_reader(tmp_path):

@@ -1,14 +1,13 @@
-"""Trainer tests on CPU with a tiny BERT built here from a config (no download).
+"""The training loop on CPU with a tiny BERT (tests/helpers.py; no download).
 
-Covered: the loss falls on a toy parallel set; GradCache == no chunking (dropout on);
-2-process gloo DDP == one process with the doubled batch; kill-and-resume (also a
-kill during a save) == uninterrupted, exactly; output layout; bad configs fail
-before training with clear messages; the CLI.
+Covered: the loss falls on a toy parallel set; output layout; epochs, gradient
+checkpointing, bf16; 2-process gloo DDP == one process with the doubled batch;
+kill-and-resume (also a kill during a save) == uninterrupted, exactly; bad configs
+fail before training with clear messages; the CLI. GradCache and the collator:
+test_training_steps.py; the output-folder and resume safety rules: test_training_safety.py.
 """
 import json
 import os
-import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,60 +18,10 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import make_toy_jsonl, tiny_bert, toy_vocabulary, write_lareqa
 from hybridfast import trainer
-from hybridfast.trainer import TrainConfig, gradcache_step, plain_step, train
-
-LANGS = ("en", "de", "fr")
-N_WORDS = 40
-
-
-def _word(lang, i):
-    return f"{lang}{i}"
-
-
-def make_tiny_model(folder: Path, dropout=0.1, seed=0):
-    """A 2-layer, hidden-32 BERT with a WordPiece vocabulary covering the toy data."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "query", "passage", ":", "about", "the"]
-    vocab += [_word(l, i) for l in LANGS + ("x",) for i in range(N_WORDS)]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab=str(folder / "vocab.txt"))  # transformers >= 5
-    if len(tokenizer) != len(vocab):  # transformers 4 names the argument vocab_file
-        tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
-    assert tokenizer.tokenize("query: en1 de2") == ["query", ":", "en1", "de2"]
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
-                        attention_probs_dropout_prob=dropout)
-    torch.manual_seed(seed)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def make_toy_jsonl(path: Path, n_examples=24, seed=0, negatives=False):
-    """Example i: a query of 2 words and a positive of those 2 words plus 2 others,
-    in three 'languages' whose words are disjoint (a translation maps word i of en to
-    word i of de), plus one language-neutral name token x<i> shared by query and positive
-    (as names are in real parallel data), so a few steps can learn to match."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n_examples):
-        key = rng.sample(range(N_WORDS), 2)
-        extra = rng.sample(range(N_WORDS), 2)
-        for lang in LANGS:
-            name = _word("x", i % N_WORDS)
-            row = {"id": f"ex{i}", "lang": lang,
-                   "query": " ".join([_word(lang, w) for w in key] + [name]),
-                   "positive": "about " + " ".join([_word(lang, w) for w in key + extra] + [name])}
-            if negatives:
-                row["negatives"] = [" ".join(_word(lang, w) for w in rng.sample(range(N_WORDS), 4))
-                                    for _ in range(3)]
-            rows.append(row)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
+from hybridfast.training import TrainConfig, list_checkpoints, train
+from hybridfast.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -80,8 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
-    return {"model": make_tiny_model(root / "model"),
-            "model_nodrop": make_tiny_model(root / "model_nodrop", dropout=0.0),
+    return {"model": tiny_bert(root / "model", toy_vocabulary()),
+            "model_nodrop": tiny_bert(root / "model_nodrop", toy_vocabulary(), dropout=0.0),
             "data": make_toy_jsonl(root / "train.jsonl"),
             "data_neg": make_toy_jsonl(root / "train_neg.jsonl", negatives=True)}
 
@@ -120,7 +69,8 @@ def test_loss_falls_and_outputs(toy, tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == \
         ["checkpoint-10", "checkpoint-20"]
     assert not list(out.glob(".tmp-*"))
-    for name in ("optimizer.pt", "scheduler.pt", "rank0.pt", "trainer_state.json", "model.safetensors"):
+    for name in ("optimizer.pt", "scheduler.pt", "rank0.pt", "trainer_state.json", "model.safetensors",
+                 "manifest.json"):
         assert (out / "checkpoint-20" / name).exists(), name
     assert json.loads((out / "checkpoint-20" / "trainer_state.json").read_text())["step"] == 20
     # final/ loads with the Encoder and with sentence-transformers, giving the same embeddings
@@ -170,31 +120,7 @@ def test_tensorboard_when_installed(toy, tmp_path, monkeypatch):
     assert {("train/loss", 1), ("train/loss", 2), ("train/lr", 2), ("train/examples_per_s", 1)} <= logged
 
 
-def test_collator_layout_and_groups(toy, tmp_path):
-    from hybridfast.train_data import load_training_pairs
-
-    pairs = load_training_pairs(toy["data_neg"])
-
-    class NoTokenizer:
-        pass
-
-    coll = trainer.Collator(pairs, NoTokenizer(), hard_negatives=2, seed=0)
-    batch = [(0, 0, 1), (5, 2, 2), (7, 1, 0)]
-    queries, passages, qg, pg = coll.texts(batch, step=4)
-    assert queries == [pairs.query(e, x) for e, x, _ in batch]
-    assert passages[:3] == [pairs.positive(e, y) for e, _, y in batch]
-    assert len(passages) == 3 * 3
-    for j in range(2):  # negatives block j holds negative j of every query, in the passage language
-        for i, (e, _, y) in enumerate(batch):
-            assert passages[3 + 3 * j + i] in pairs.negatives(e, y)
-    assert qg == [0, 5, 7] and pg[:3] == qg and all(g == -1 for g in pg[3:])
-    # deterministic given (seed, step), different across steps
-    assert coll.texts(batch, step=4) == (queries, passages, qg, pg)
-
-
 def test_lareqa_training_with_periodic_evaluation(toy, tmp_path):
-    from test_train_data import write_lareqa
-
     data = write_lareqa(tmp_path / "toy-lareqa")
     out = tmp_path / "eval"
     train(base_config(toy, out, train=str(data), split="all", batch_size=2, max_steps=3, save_steps=1,
@@ -234,79 +160,6 @@ def test_epochs_gradient_checkpointing_and_bf16(toy, tmp_path):
     assert any(not torch.equal(a[n], c[n]) for n in a)
 
 
-# ----------------------------------------------------------------------------- GradCache
-
-def _grads(encoder):
-    return {n: p.grad.detach().clone() for n, p in encoder.named_parameters() if p.grad is not None}
-
-
-def _chunked_reference_step(encoder, loss_fn, q_in, p_in, qg, pg, chunk):
-    """Embed chunk by chunk WITH a graph (the same chunks, hence dropout masks, as GradCache's
-    first pass), then an ordinary backward through everything."""
-    qs = [encoder(**c) for c in trainer._chunks(q_in, chunk, trim=True)]
-    ps = [encoder(**c) for c in trainer._chunks(p_in, chunk, trim=True)]
-    loss = loss_fn(torch.cat(qs), torch.cat(ps), query_groups=qg, passage_groups=pg)
-    loss.backward()
-    return float(loss.detach())
-
-
-@pytest.mark.parametrize("chunk", [3, 5, 64])
-def test_gradcache_equals_full_batch_with_dropout(toy, chunk):
-    from hybridfast.encoder import Encoder
-    from hybridfast.loss import HybridContrastiveLoss
-    from hybridfast.train_data import load_training_pairs
-
-    pairs = load_training_pairs(toy["data_neg"])
-    enc = Encoder(str(toy["model"]), device="cpu", max_length=16, show_progress=False)
-    enc.train()  # dropout on
-    coll = trainer.Collator(pairs, enc, hard_negatives=1, seed=0)
-    batch = [(e, e % 3, (e + 1) % 3) for e in range(11)]
-    q_in, p_in, qg, pg = coll(batch, step=0)
-    loss_fn = HybridContrastiveLoss(temperature=0.05)
-
-    torch.manual_seed(123)
-    if chunk >= 22:  # one chunk: the plain step consumes the RNG the same way
-        ref_loss = plain_step(enc, loss_fn, q_in, p_in, qg, pg)
-    else:
-        ref_loss = _chunked_reference_step(enc, loss_fn, q_in, p_in, qg, pg, chunk)
-    ref = _grads(enc)
-    enc.zero_grad(set_to_none=True)
-    torch.manual_seed(123)
-    gc_loss = gradcache_step(enc, loss_fn, q_in, p_in, qg, pg, chunk)
-    after = torch.rand(1)
-    got = _grads(enc)
-    assert float(gc_loss) == pytest.approx(float(ref_loss), rel=1e-5)
-    assert set(got) == set(ref) and len(ref) > 10
-    for name in ref:
-        torch.testing.assert_close(got[name], ref[name], atol=2e-5, rtol=1e-4, msg=name)
-    # the RNG continues where the first pass left it (the replay does not advance it)
-    torch.manual_seed(123)
-    with torch.no_grad():
-        for c in list(trainer._chunks(q_in, chunk, True)) + list(trainer._chunks(p_in, chunk, True)):
-            enc(**c)
-    assert torch.equal(after, torch.rand(1))
-
-
-def test_gradcache_without_dropout_matches_plain_for_any_chunking(toy):
-    from hybridfast.encoder import Encoder
-    from hybridfast.loss import HybridContrastiveLoss
-    from hybridfast.train_data import load_training_pairs
-
-    pairs = load_training_pairs(toy["data"])
-    enc = Encoder(str(toy["model_nodrop"]), device="cpu", max_length=16, show_progress=False)
-    coll = trainer.Collator(pairs, enc)
-    batch = [(e, 0, 1) for e in range(9)]
-    q_in, p_in, qg, pg = coll(batch, step=0)
-    loss_fn = HybridContrastiveLoss(temperature=0.05)
-    plain_step(enc, loss_fn, q_in, p_in, qg, pg)
-    ref = _grads(enc)
-    enc.zero_grad(set_to_none=True)
-    gradcache_step(enc, loss_fn, q_in, p_in, qg, pg, chunk_size=4)
-    got = _grads(enc)
-    for name in ref:
-        torch.testing.assert_close(got[name], ref[name], atol=2e-5, rtol=1e-4, msg=name)
-
-
 def test_training_with_chunking_matches_without(toy, tmp_path):
     cfg = base_config(toy, tmp_path / "a", model=str(toy["model_nodrop"]), max_steps=3, batch_size=6)
     a = load_weights(train(cfg))
@@ -317,8 +170,15 @@ def test_training_with_chunking_matches_without(toy, tmp_path):
 
 # ----------------------------------------------------------------------------- resume
 
-class Killed(RuntimeError):
+class Killed(Exception):  # not an OSError/RuntimeError: a checkpoint write must not absorb it
     pass
+
+
+def kill_at(n):
+    def on_step(step):
+        if step == n:
+            raise Killed()
+    return on_step
 
 
 def test_kill_and_resume_equals_uninterrupted(toy, tmp_path, monkeypatch):
@@ -328,33 +188,23 @@ def test_kill_and_resume_equals_uninterrupted(toy, tmp_path, monkeypatch):
 
     # 1) killed after step 5 (checkpoint-4 is the newest complete one)
     out = tmp_path / "killed"
-    original = trainer._after_step
-
-    def kill_at_5(step):
-        if step == 5:
-            raise Killed()
-
-    monkeypatch.setattr(trainer, "_after_step", kill_at_5)
     with pytest.raises(Killed):
-        train(replace(cfg, output=str(out)))
-    assert [p.name for p in trainer.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+        train(replace(cfg, output=str(out)), on_step=kill_at(5))
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert not (out / ".hybridfast.lock").exists()  # the lock goes with the run
 
     # 2) resumed, then killed in the middle of writing checkpoint-6 (a temp folder is left)
-    real_write = trainer._write_checkpoint
-
-    def crash_while_writing(tmp, encoder, *args, **kw):
-        encoder.save_pretrained(tmp)  # part of the files, no state file
+    def crash_before_manifest(folder):
         raise Killed()
 
-    monkeypatch.setattr(trainer, "_after_step", original)
-    monkeypatch.setattr(trainer, "_write_checkpoint", crash_while_writing)
+    monkeypatch.setattr(ckpt, "write_manifest", crash_before_manifest)
     with pytest.raises(Killed):
         train(replace(cfg, output=str(out), resume=True))
     assert (out / ".tmp-checkpoint-6").exists()
-    assert trainer.list_checkpoints(out)[-1].name == "checkpoint-4"
+    assert list_checkpoints(out)[-1].name == "checkpoint-4"
 
     # 3) resumed to the end
-    monkeypatch.setattr(trainer, "_write_checkpoint", real_write)
+    monkeypatch.undo()
     resumed = load_weights(train(replace(cfg, output=str(out), resume=True)))
     assert not list(out.glob(".tmp-*"))
     for name in full:
@@ -364,29 +214,19 @@ def test_kill_and_resume_equals_uninterrupted(toy, tmp_path, monkeypatch):
     assert [r["loss"] for r in read_log(out)] == [r["loss"] for r in read_log(tmp_path / "full")]
 
 
-def test_resume_without_checkpoint_restarts_cleanly(toy, tmp_path, monkeypatch):
-    cfg = base_config(toy, tmp_path / "full", max_steps=3)
-    full = load_weights(train(cfg))
-    out = tmp_path / "killed"
-
-    def kill_at_2(step):
-        if step == 2:
-            raise Killed()
-
-    monkeypatch.setattr(trainer, "_after_step", kill_at_2)
-    with pytest.raises(Killed):
-        train(replace(cfg, output=str(out)))
-    monkeypatch.undo()
-    resumed = load_weights(train(replace(cfg, output=str(out), resume=True)))
-    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
-    for name in full:
-        assert torch.equal(resumed[name], full[name]), name
+def test_old_import_path_and_after_step_hook(toy, tmp_path, monkeypatch):
+    """hybridfast.trainer keeps working for older callers (study, demo): its train calls _after_step."""
+    seen = []
+    monkeypatch.setattr(trainer, "_after_step", seen.append)
+    assert trainer.TrainConfig is TrainConfig
+    trainer.train(base_config(toy, tmp_path / "old", max_steps=2))
+    assert seen == [1, 2]
 
 
 def test_resume_refuses_changed_data_order(toy, tmp_path):
     cfg = base_config(toy, tmp_path / "r", max_steps=2, save_steps=1)
     train(cfg)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="batch_size: 8 -> 4"):
         train(replace(cfg, batch_size=4, resume=True, max_steps=4))
 
 
@@ -456,13 +296,6 @@ def test_bad_configs_fail_before_training(toy, tmp_path, monkeypatch, change, er
     with pytest.raises(error, match=message):
         train(base_config(toy, tmp_path / "bad", **change))
     assert not (tmp_path / "bad" / "train_log.jsonl").exists()
-
-
-def test_existing_output_needs_resume(toy, tmp_path):
-    cfg = base_config(toy, tmp_path / "o", max_steps=1)
-    train(cfg)
-    with pytest.raises(ValueError, match="already holds a training run"):
-        train(cfg)
 
 
 def test_cli(toy, tmp_path, capsys):

@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from functools import partial
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -52,6 +52,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "hybridfast.integrations.sentence_transformers needs sentence-transformers, datasets and accelerate: "
         "pip install 'hybridfast[st]'"
     ) from exc
+
+from hybridfast.gradcache import GradCache  # noqa: E402
 
 try:  # recent sentence-transformers share one forward across like-shaped candidate columns
     from sentence_transformers.base.losses.merged_forward import embed_columns as _st_embed_columns
@@ -202,44 +204,7 @@ class HybridMNRLoss(nn.Module):
         return _CITATION
 
 
-# ---- GradCache machinery -------------------------------------------------------------------------------
-
-class _RngState:
-    """CPU (+ CUDA of the given tensors' devices) RNG snapshot, replayed so the re-embedding draws the same
-    dropout masks as the graph-free first pass; otherwise the cached gradients belong to other embeddings."""
-
-    def __init__(self, tensors: Iterable[Any]) -> None:
-        self.cpu = torch.get_rng_state()
-        self.devices = sorted({t.device.index or 0 for t in tensors if isinstance(t, Tensor) and t.is_cuda})
-        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
-
-    @contextmanager
-    def replay(self) -> Iterator[None]:
-        with torch.random.fork_rng(devices=self.devices):
-            torch.set_rng_state(self.cpu)
-            for device, state in zip(self.devices, self.cuda):
-                torch.cuda.set_rng_state(state, device)
-            yield
-
-
-def _rows(features: Mapping[str, Any]) -> int:
-    for key in ("input_ids", "attention_mask"):
-        value = features.get(key)
-        if isinstance(value, Tensor) and value.ndim >= 1:
-            return int(value.shape[0])
-    for value in features.values():
-        if isinstance(value, Tensor) and value.ndim >= 2:
-            return int(value.shape[0])
-    raise ValueError("sentence_features: cannot find the batch dimension (no input_ids/attention_mask tensor)")
-
-
-def _slice_features(features: Mapping[str, Any], begin: int, end: int, rows: int) -> dict[str, Any]:
-    # Row-indexed tensors are sliced; scalars and per-batch metadata (task names, prompt lengths) pass as is.
-    return {
-        k: (v[begin:end] if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == rows else v)
-        for k, v in features.items()
-    }
-
+# ---- GradCache (hybridfast.gradcache, shared with the native trainer) ----------------------------------
 
 def _sync_context(model: nn.Module, last: bool):
     """DDP reduces gradients only on the last replayed mini-batch (and not at all inside an outer no_sync,
@@ -255,7 +220,8 @@ class CachedHybridMNRLoss(HybridMNRLoss):
     """GradCache form of :class:`HybridMNRLoss`: the batch size no longer bounds memory, only mini_batch_size.
 
     Same value and gradients as the uncached loss (tests compare both). Args as :class:`HybridMNRLoss`, plus
-    ``mini_batch_size`` (rows per embedding forward) and ``show_progress_bar``.
+    ``mini_batch_size`` (rows per embedding forward) and ``show_progress_bar``. The two passes are
+    :class:`hybridfast.gradcache.GradCache` (RNG replay, padding trimmed per mini-batch).
     """
 
     def __init__(
@@ -277,76 +243,44 @@ class CachedHybridMNRLoss(HybridMNRLoss):
         self.mini_batch_size = mini_batch_size
         self.show_progress_bar = show_progress_bar
 
-    def _ranges(self, rows: int) -> list[tuple[int, int]]:
-        return [(b, min(b + self.mini_batch_size, rows)) for b in range(0, rows, self.mini_batch_size)]
-
-    def _embed(self, features: Mapping[str, Any], begin: int, end: int, rows: int) -> Tensor:
-        return self.model(_slice_features(features, begin, end, rows))["sentence_embedding"]
+    def _cache(self) -> GradCache:
+        tokenizer = getattr(self.model, "tokenizer", None)
+        return GradCache(
+            lambda features: self.model(dict(features))["sentence_embedding"], self.mini_batch_size,
+            trim_padding=getattr(tokenizer, "padding_side", "right") == "right", show_progress=self.show_progress_bar,
+        )
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
-        from tqdm.auto import tqdm
-
         features = list(sentence_features)
         if len(features) < 2:
             raise ValueError(f"sentence_features must hold at least 2 columns, got {len(features)}")
-        rows = [_rows(f) for f in features]
-        ranges = [self._ranges(n) for n in rows]
+        cache = self._cache()
         grad_enabled = torch.is_grad_enabled()
-
         # (1) embed every mini-batch without a graph, remembering the RNG state each one started from.
-        reps: list[list[Tensor]] = []
-        states: list[list[_RngState | None]] = []
-        work = [(c, b, e) for c, column in enumerate(ranges) for b, e in column]
-        for c, b, e in tqdm(work, desc="Embed mini-batches", disable=not self.show_progress_bar):
-            if c == len(reps):
-                reps.append([])
-                states.append([])
-            state = _RngState(features[c].values()) if grad_enabled else None
-            with torch.no_grad():
-                reps[c].append(self._embed(features[c], b, e, rows[c]).detach())
-            states[c].append(state)
-        columns = [torch.cat(r, dim=0) for r in reps]
+        columns = cache.embed(features, requires_grad=grad_enabled)
         if not grad_enabled:
             return self.loss_fn(*_split_columns(columns))
 
         # (2) full-batch loss through the fused kernel; its gradients w.r.t. the embeddings are the cache.
         # A learnt temperature's gradient is held back too, so that it gets the same upstream scaling
         # (gradient accumulation, fp16 loss scale) as the model's, in step (3).
-        columns = [c.requires_grad_() for c in columns]
         params = [p for p in self.loss_fn.parameters() if p.requires_grad]
         with torch.enable_grad():
             loss = self.loss_fn(*_split_columns(columns))
             grads = torch.autograd.grad(loss, columns + params, allow_unused=True)
-        cache = [
-            list((g if g is not None else torch.zeros_like(c)).split([e - b for b, e in rng]))
-            for c, g, rng in zip(columns, grads, ranges)
-        ]
         param_grads = list(zip(params, grads[len(columns):]))
 
         # (3) when the trainer back-propagates, re-embed with a graph and push the cached gradients through.
         out = loss.detach().requires_grad_()
-        out.register_hook(partial(self._replay, features, rows, ranges, states, cache, param_grads))
+        out.register_hook(partial(self._replay, cache, list(grads[:len(columns)]), param_grads))
         return out
 
-    def _replay(self, features, rows, ranges, states, cache, param_grads, grad_output: Tensor) -> None:
+    def _replay(self, cache: GradCache, grads, param_grads, grad_output: Tensor) -> None:
         for param, grad in param_grads:
             if grad is not None:
                 grad = grad * grad_output.to(grad.dtype)
                 param.grad = grad if param.grad is None else param.grad + grad
-        model = self.model
-        total = sum(len(r) for r in ranges)
-        done = 0
-        with torch.enable_grad():
-            for feats, n, column_ranges, column_states, column_cache in zip(features, rows, ranges, states, cache):
-                for (b, e), state, grad in zip(column_ranges, column_states, column_cache):
-                    done += 1
-                    with _sync_context(model, last=done == total), state.replay():
-                        emb = self._embed(feats, b, e, n)
-                        # d(sum(emb * g))/d(theta) = J^T g: the chain rule through the cached gradient g.
-                        dtype = torch.promote_types(emb.dtype, torch.float32)
-                        surrogate = (emb.to(dtype) * grad.to(device=emb.device, dtype=dtype)).sum()
-                        surrogate = surrogate * grad_output.to(dtype)
-                        surrogate.backward()
+        cache.backward(grads, scale=grad_output, sync=partial(_sync_context, self.model))
 
     def get_config_dict(self) -> dict[str, Any]:
         return {**super().get_config_dict(), "mini_batch_size": self.mini_batch_size}

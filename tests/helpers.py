@@ -1,0 +1,103 @@
+"""Builders shared by the tests (no test module imports another; they import this).
+
+tiny_bert: THE tiny random BERT of the test suite: 2 layers, hidden 32, a WordPiece
+vocabulary of whole words given by the caller, so that every word is a token
+(a test that tokenises to [UNK] everywhere would prove nothing).
+"""
+import json
+import random
+from pathlib import Path
+from typing import Iterable
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def tiny_bert(folder: Path, words: Iterable[str], dropout: float = 0.1, seed: int = 0, max_positions: int = 64,
+              hidden: int = 32, layers: int = 2) -> Path:
+    """Save a random BertModel and its tokenizer (vocabulary: the special tokens + `words`) to `folder`."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = SPECIAL + [w for w in dict.fromkeys(words) if w not in SPECIAL]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(folder / "vocab.txt"))  # transformers >= 5
+    if len(tokenizer) != len(vocab):  # transformers 4 names the argument vocab_file
+        tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    assert len(tokenizer) == len(vocab)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=max_positions,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------- toy training data
+
+TOY_LANGS = ("en", "de", "fr")
+TOY_WORDS = 40
+
+
+def toy_word(lang, i):
+    return f"{lang}{i}"
+
+
+def toy_vocabulary():
+    """The words of make_toy_jsonl's data."""
+    return ["query", "passage", ":", "about", "the"] + [toy_word(l, i) for l in TOY_LANGS + ("x",)
+                                                         for i in range(TOY_WORDS)]
+
+
+def make_toy_jsonl(path: Path, n_examples=24, seed=0, negatives=False):
+    """Example i: a query of 2 words and a positive of those 2 words plus 2 others,
+    in three 'languages' whose words are disjoint (a translation maps word i of en to
+    word i of de), plus one language-neutral name token x<i> shared by query and positive
+    (as names are in real parallel data), so a few steps can learn to match."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n_examples):
+        key = rng.sample(range(TOY_WORDS), 2)
+        extra = rng.sample(range(TOY_WORDS), 2)
+        for lang in TOY_LANGS:
+            name = toy_word("x", i % TOY_WORDS)
+            row = {"id": f"ex{i}", "lang": lang,
+                   "query": " ".join([toy_word(lang, w) for w in key] + [name]),
+                   "positive": "about " + " ".join([toy_word(lang, w) for w in key + extra] + [name])}
+            if negatives:
+                row["negatives"] = [" ".join(toy_word(lang, w) for w in rng.sample(range(TOY_WORDS), 4))
+                                    for _ in range(3)]
+            rows.append(row)
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_lareqa(root: Path) -> Path:
+    """A LAReQA folder: two languages, two articles; the questions q1 and q2 share one answer sentence."""
+    root = Path(root)
+    root.mkdir()
+    texts = {
+        "en": ["The cat sat. The dog ran.", "Rain is wet. Snow is cold."],
+        "de": ["Die Katze sass. Der Hund lief.", "Regen ist nass. Schnee ist kalt."],
+    }
+    questions = {"en": ["Who sat?", "What sat?", "Who ran?", "What is cold?"],
+                 "de": ["Wer sass?", "Was sass?", "Wer lief?", "Was ist kalt?"]}
+    for lang in ("en", "de"):
+        data = []
+        for a, ctx in enumerate(texts[lang]):
+            first, second = ctx.split(". ")
+            breaks = [[0, len(first) + 1], [len(first) + 2, len(ctx)]]
+            sentences = [first + ".", second]
+            if a == 0:
+                qas = [(0, "q1", 0), (1, "q2", 0), (2, "q3", 1)]
+            else:
+                qas = [(3, "q4", 1)]
+            data.append({"title": f"article{a}", "paragraphs": [{
+                "context": ctx, "sentence_breaks": breaks, "sentences": sentences,
+                "qas": [{"id": qid, "question": questions[lang][i],
+                         "answers": [{"answer_start": breaks[s][0], "text": sentences[s][:3]}]}
+                        for i, qid, s in qas]}]})
+        (root / f"{lang}.json").write_text(json.dumps({"data": data, "version": "1.1"}), encoding="utf-8")
+    return root
