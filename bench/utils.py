@@ -84,14 +84,15 @@ def peak_memory_bytes(fn, device: torch.device) -> int:
     return max(0, _rss_kib("VmHWM:") - before) * 1024
 
 
-def save_results(op: str, device: torch.device, records) -> Path:
-    """Merge `records` under key `op` into bench/results/<device>.json atomically."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{device_slug(device)}.json"
+def save_results(op: str, device: torch.device, records, directory=None) -> Path:
+    """Merge `records` under key `op` into <directory or bench/results>/<device>.json atomically."""
+    directory = Path(directory) if directory is not None else RESULTS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{device_slug(device)}.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     data[op] = {"environment": environment(device), "records": records}
     text = json.dumps(data, indent=2, sort_keys=True)  # fails before any file is touched
-    fd, tmp = tempfile.mkstemp(dir=RESULTS_DIR, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text + "\n")

@@ -6,6 +6,24 @@ def add_arguments(parser):
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
+def _auto_backend(info) -> str:
+    import os
+
+    from hybridfast.loss_engines import ENV_BACKEND, backend_choices
+
+    forced = os.environ.get(ENV_BACKEND)
+    if forced:
+        return f"{forced} (forced by ${ENV_BACKEND})"
+    if not info["triton"]:
+        return "torch (chunked engine, PyTorch rows; Triton absent)"
+    text = ("on CUDA: the fastest of chunked / triton / torch, timed on the first call per shape bucket; "
+            "elsewhere: torch (chunked engine, PyTorch rows)")
+    made = backend_choices()  # only what this process measured
+    if made:
+        text += "; chosen here: " + ", ".join(f"{k} -> {v['backend']}" for k, v in made.items())
+    return text
+
+
 def run(args) -> int:
     from hybridfast._backends import report
 
@@ -24,8 +42,7 @@ def run(args) -> int:
         ("numpy", info["numpy"]),
         ("CUDA device", info["cuda_device"] or "none (CPU only)"),
         ("Triton", triton),
-        ("loss backend (auto)", "triton on CUDA tensors, chunked torch elsewhere"
-         if info["triton"] else "chunked torch (Triton absent)"),
+        ("loss backend (auto)", _auto_backend(info)),
         ("C++ sampler (hybridfast._C)", "built" if info["cpp_extension"] else "MISSING: reinstall with a C++17 compiler"),
         ("faiss", (info["faiss"] + (" (GPU)" if info["faiss_gpu"] else " (CPU)")) if info["faiss"] else "not installed (pip install hybridfast[faiss])"),
     ]

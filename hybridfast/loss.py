@@ -7,13 +7,15 @@ loss_i = logsumexp_{kept j} s_ij - s_{i,labels[i]}. The symmetric term scores th
 positive p[labels[i]] against every query k (same mask, read column-wise) and the
 two directions are averaged.
 
-Three implementations of the same maths live here:
+The maths lives here twice:
 - `reference_contrastive_loss`: float64, materialises B x N; the tests' yardstick.
-- backend="torch": rows in chunks, extra memory O(chunk x N); gradients are
-  computed in forward (one pass, no logits kept) and only rescaled in backward,
-  skipped when grad_output is 1 (the loss is the last layer).
-- backend="triton": kernels/contrastive.py; tiles, online log-sum-exp, never B x N.
-Both fast paths share `_ContrastiveFunction`; only the per-term engine differs.
+- `_ContrastiveFunction`: gradients are computed in forward (one pass, no logits
+  kept) and only rescaled in backward, skipped when grad_output is 1 (the loss is
+  the last layer). It runs one of the engines of hybridfast/loss_engines.py per
+  term: backend "torch" (chunked GEMMs + PyTorch row function), "chunked" (chunked
+  cuBLAS GEMMs + the Triton row kernel), "triton" (fused tiles, never B x N).
+  "auto" is "torch" off CUDA and, on CUDA, the fastest engine measured on the
+  first call per shape bucket ($HYBRIDFAST_LOSS_BACKEND forces one).
 
 With gather_across_devices=True each rank returns the loss over its *own* queries
 against the passages of all ranks (and, for the symmetric term, all queries).
@@ -28,21 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridfast import loss_engines as engines
 from hybridfast._backends import fallback_warning, triton_available_for, triton_version
 
 MAX_SCALE = 100.0
 SIMILARITIES = ("cos", "dot")
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "torch", "triton")
-# Logits held per chunk by the torch backend (elements): 12 Mi fp32 = 48 MiB, 1536 query
-# rows at N = 8192. Tuned on the 2-core CPU case of bench/bench_loss.py (round-robin,
-# best of 3, shared machine; naive 5.6 s / 1024 MiB): 1024 rows 4.6 s / 126 MiB, 1536 rows
-# 3.9 s / 136 MiB, 2048 rows 4.1 s / 182 MiB (512 rows was slower than naive). Larger
-# chunks give the dp update (G^T @ q_chunk, inner size = chunk) a deeper, faster GEMM;
-# 1536 keeps peak memory well under 0.2x naive.
-DEFAULT_CHUNK_ELEMENTS = 12 << 20
-# GPUs have memory to spare and want big GEMMs: 256 MiB of fp32 logits per chunk (untuned).
-DEFAULT_CHUNK_ELEMENTS_CUDA = 1 << 26
+BACKENDS = ("auto",) + engines.ENGINE_BACKENDS
 
 
 # ----------------------------------------------------------------------------- validation
@@ -145,72 +139,6 @@ def reference_contrastive_loss(q, p, labels=None, query_groups=None, passage_gro
     return {"mean": loss.mean, "sum": loss.sum, "none": lambda: loss}[reduction]()
 
 
-# ----------------------------------------------------------------------------- engines
-
-class _Term:
-    """Rows A[a_idx] (or A) scored against all rows of B; see kernels/contrastive.py."""
-
-    def __init__(self, A, B, a_pos, a_idx=None, a_key=None, a_grp=None, b_key=None, b_grp=None):
-        self.A, self.B, self.a_pos, self.a_idx = A, B, a_pos, a_idx
-        self.a_key, self.a_grp, self.b_key, self.b_grp = a_key, a_grp, b_key, b_grp
-
-
-def _torch_term(term, s, w, dA, dB, chunk_rows, compute_dtype):
-    """Chunked forward (and gradients when w is given): returns lse, pos, ds.
-
-    One [chunk, n_b] buffer is reused in place for logits, probabilities and dL/dz.
-    """
-    A, n_a = term.A, term.a_pos.shape[0]
-    B = term.B.to(compute_dtype)
-    n_b = B.shape[0]
-    lse = torch.empty(n_a, dtype=compute_dtype, device=A.device)
-    pos = torch.empty_like(lse)
-    ds = torch.zeros((), dtype=compute_dtype, device=A.device)
-    b_key = term.b_key if term.b_key is not None else torch.arange(n_b, device=A.device)
-    for start in range(0, n_a, chunk_rows):
-        stop = min(start + chunk_rows, n_a)
-        idx = term.a_idx[start:stop] if term.a_idx is not None else None
-        Ac = (A[idx] if idx is not None else A[start:stop]).to(compute_dtype)
-        a_pos = term.a_pos[start:stop, None]
-        z = torch.mm(Ac * s, B.T)  # scaling the [chunk, D] side is cheaper than the logits
-        if term.a_grp is not None:
-            kill = term.b_grp[None, :] == term.a_grp[start:stop, None]
-            kill &= b_key[None, :] != term.a_key[start:stop, None]
-            z.masked_fill_(kill, float("-inf"))
-            del kill
-        pos[start:stop] = z.gather(1, a_pos).squeeze(1)
-        m = z.amax(dim=1, keepdim=True)
-        total = z.sub_(m).exp_().sum(dim=1, keepdim=True)
-        lse[start:stop] = (m + total.log()).squeeze(1)
-        if w is None:
-            continue
-        wc = w[start:stop, None].to(compute_dtype)
-        z.mul_(wc / total)  # w * softmax over kept entries, one pass
-        z.scatter_add_(1, a_pos, -wc)  # now dL/dz
-        gA = torch.mm(z, B)
-        ds += (gA * Ac).sum()
-        gA.mul_(s)
-        if idx is not None:
-            dA.index_put_((idx,), gA, accumulate=True)  # repeated labels add up; index_add_ is slow on CPU
-        else:
-            dA[start:stop] += gA
-        dB.addmm_(z.T, Ac, alpha=s)
-    return lse, pos, ds
-
-
-def _triton_term(term, scale, w, dA, dB, chunk_rows, compute_dtype):
-    from hybridfast.kernels.contrastive import contrastive_grads, contrastive_lse
-
-    kw = dict(a_idx=term.a_idx, a_key=term.a_key, a_grp=term.a_grp, b_key=term.b_key, b_grp=term.b_grp)
-    A, B = term.A.contiguous(), term.B.contiguous()
-    scale32 = scale.detach().float().reshape(())
-    lse, pos = contrastive_lse(A, B, scale32, term.a_pos, **kw)
-    ds = torch.zeros((), dtype=torch.float32, device=A.device)
-    if w is not None:
-        ds = contrastive_grads(A, B, scale32, lse, w, dA, dB, term.a_pos, **kw)
-    return lse, pos, ds
-
-
 class _ContrastiveFunction(torch.autograd.Function):
     """Loss of the own query rows q_all[offset:offset+n_own] (see module docstring).
 
@@ -258,22 +186,27 @@ def _run_terms(q_all, p, scale, labels_all, q_grp_all, p_grp, w, offset, n_own, 
     own = slice(offset, offset + n_own)
     labels = labels_all[own]
     groups = q_grp_all is not None
-    engine = _triton_term if backend == "triton" else _torch_term
-    # triton accumulates in fp32 buffers; torch in the compute dtype
-    acc_dtype = torch.float32 if backend == "triton" else compute_dtype
+    if backend == "triton":
+        engine, acc_dtype, s = engines.fused_term, torch.float32, scale  # fp32 atomics
+    else:
+        triton_rows = backend == "chunked" and compute_dtype == torch.float32 and triton_available_for(q_all)
+        row_fn = engines.rows_triton if triton_rows else engines.rows_torch
+
+        def engine(*args):
+            return engines.chunked_term(*args, row_fn=row_fn)
+        # the Triton row kernel reads the scale on the device; the torch rows take a float (one sync)
+        acc_dtype, s = compute_dtype, scale if triton_rows else float(scale.detach())
     dq = dp = None
     if w is not None:
         dq = torch.zeros(q_all.shape, dtype=acc_dtype, device=q_all.device)
         dp = torch.zeros(p.shape, dtype=acc_dtype, device=p.device)
-    s = float(scale) if backend == "torch" else scale
-    row = _Term(q_all[own], p, labels, a_key=labels, a_grp=q_grp_all[own] if groups else None,
-                b_grp=p_grp)
+    row = engines.Term(q_all[own], p, labels, a_key=labels, a_grp=q_grp_all[own] if groups else None, b_grp=p_grp)
     lse, pos, ds = engine(row, s, w, dq[own] if dq is not None else None, dp, chunk_rows, compute_dtype)
     rows = lse.to(compute_dtype) - pos.to(compute_dtype)
     if symmetric:
         own_idx = torch.arange(offset, offset + n_own, device=q_all.device)
-        col = _Term(p, q_all, own_idx, a_idx=labels, a_key=labels, a_grp=p_grp[labels] if groups else None,
-                    b_key=labels_all, b_grp=q_grp_all)
+        col = engines.Term(p, q_all, own_idx, a_idx=labels, a_key=labels, a_grp=p_grp[labels] if groups else None,
+                           b_key=labels_all, b_grp=q_grp_all)
         lse_c, _, ds_c = engine(col, s, w, dp, dq, chunk_rows, compute_dtype)
         rows = 0.5 * (rows + lse_c.to(compute_dtype) - pos.to(compute_dtype))
         ds = ds + ds_c
@@ -341,25 +274,52 @@ def _normalize(x):
 
 
 def _pick_backend(backend, q):
+    """The engine for an explicit backend, or "measure" where "auto" must time them (CUDA + Triton)."""
+    if backend == "auto":
+        backend = engines.forced_backend() or "auto"
     if backend == "torch" or q.dtype == torch.float64 and backend == "auto":
         return "torch"
-    if backend == "triton":
-        if not triton_available_for(q):
-            raise RuntimeError("backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
-                               "use backend='torch' or 'auto'")
-        if q.dtype == torch.float64:
-            raise TypeError("backend='triton' supports float32/bfloat16/float16 q and p, got float64")
-        return "triton"
+    if backend in ("triton", "chunked") and q.dtype == torch.float64:
+        raise TypeError(f"backend={backend!r} supports float32/bfloat16/float16 q and p, got float64")
+    if backend == "triton" and not triton_available_for(q):
+        raise RuntimeError("backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
+                           "use backend='chunked', 'torch' or 'auto'")
+    if backend != "auto":
+        return backend  # "chunked" without Triton runs its PyTorch row function
     if q.device.type == "cuda":
         if triton_version() is not None:
-            return "triton"
+            return "measure"
         fallback_warning("loss-triton", "Triton is not installed: HybridContrastiveLoss uses the chunked "
-                         "PyTorch backend on CUDA (slower)")
+                         "engine with its PyTorch row function on CUDA (slower)")
     return "torch"
 
 
+def _chunk_rows(backend, q, n_cols, compute_dtype, chunk_size, chunk_memory):
+    if chunk_size:
+        return chunk_size
+    budget = chunk_memory or (engines.DEFAULT_CHUNK_MEMORY_CUDA if q.is_cuda else engines.DEFAULT_CHUNK_MEMORY_CPU)
+    separate_g = backend == "chunked" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    elt = torch.finfo(compute_dtype).bits // 8
+    return engines.chunk_rows_for(n_cols, elt, q.element_size() if separate_g else 0, budget)
+
+
+def _measured_backend(args, symmetric, groups, chunk_memory, compute_dtype, chunk_size):
+    """backend="auto" on CUDA: time every engine that fits on detached copies, once per shape bucket."""
+    q_all, p, scale = args[0], args[1], args[2]
+    budget = chunk_memory or engines.DEFAULT_CHUNK_MEMORY_CUDA
+    key = engines.shape_key(q_all, p, symmetric, groups)
+
+    def run(name):
+        qq, pp = q_all.detach().requires_grad_(True), p.detach().requires_grad_(True)
+        rows = _chunk_rows(name, q_all, max(p.shape[0], q_all.shape[0]), compute_dtype, chunk_size, chunk_memory)
+        _ContrastiveFunction.apply(qq, pp, scale.detach(), *args[3:10], name, rows, True).backward()
+
+    candidates = engines.available_candidates(q_all, p, symmetric, budget, triton_ok=True)
+    return engines.choose_backend(key, candidates, run, lambda: torch.cuda.synchronize(q_all.device))
+
+
 def _contrastive(q, p, labels, query_groups, passage_groups, scale, similarity, symmetric, reduction,
-                 gather_across_devices, backend, chunk_size):
+                 gather_across_devices, backend, chunk_size, chunk_memory=None):
     labels, query_groups, passage_groups = _check_inputs(q, p, labels, query_groups, passage_groups)
     backend = _pick_backend(backend, q)
     if similarity == "cos":
@@ -383,15 +343,16 @@ def _contrastive(q, p, labels, query_groups, passage_groups, scale, similarity, 
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = scale.to(device=q.device, dtype=compute_dtype).reshape(())
     need_grad = torch.is_grad_enabled() and (q_all.requires_grad or p.requires_grad or scale.requires_grad)
-    n_cols = max(p.shape[0], q_all.shape[0])
-    budget = DEFAULT_CHUNK_ELEMENTS_CUDA if q.is_cuda else DEFAULT_CHUNK_ELEMENTS
-    chunk_rows = chunk_size or max(1, budget // n_cols)
     # Under autocast the inputs keep their dtype here: the engines pick their own
     # accumulation precision and write into fp32 buffers in place.
     with torch.autocast(device_type=q.device.type, enabled=False):
-        return _ContrastiveFunction.apply(q_all.contiguous(), p.contiguous(), scale, labels_all, q_grp_all,
-                                          passage_groups, offset, B, symmetric, reduction, backend, chunk_rows,
-                                          need_grad)
+        args = [q_all.contiguous(), p.contiguous(), scale, labels_all, q_grp_all, passage_groups, offset, B,
+                symmetric, reduction]
+        if backend == "measure":
+            backend = _measured_backend(args, symmetric, query_groups is not None, chunk_memory, compute_dtype,
+                                        chunk_size)
+        rows = _chunk_rows(backend, q, max(p.shape[0], q_all.shape[0]), compute_dtype, chunk_size, chunk_memory)
+        return _ContrastiveFunction.apply(*args, backend, rows, need_grad)
 
 
 def _scale_from_temperature(temperature, device):
@@ -399,31 +360,34 @@ def _scale_from_temperature(temperature, device):
     return (1.0 / t.reshape(())).clamp(max=MAX_SCALE)
 
 
-def _check_options(similarity, reduction, backend, chunk_size):
+def _check_options(similarity, reduction, backend, chunk_size, chunk_memory=None):
     _check_choice("similarity", similarity, SIMILARITIES)
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("backend", backend, BACKENDS)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    for name, value in (("chunk_size", chunk_size), ("chunk_memory", chunk_memory)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
 
 
 def hybrid_contrastive_loss(q, p, labels=None, query_groups=None, passage_groups=None, *, temperature=0.05,
                             similarity="cos", symmetric=False, reduction="mean", gather_across_devices=False,
-                            backend="auto", chunk_size: Optional[int] = None):
+                            backend="auto", chunk_size: Optional[int] = None, chunk_memory: Optional[int] = None):
     """Functional form of HybridContrastiveLoss (same maths and options).
 
     `temperature` may be a one-element tensor with requires_grad=True: its
     gradient flows (the logit scale 1/temperature is capped at 100).
-    `chunk_size`: query rows per chunk of the torch backend (None = automatic).
+    `chunk_size`: rows per chunk of the chunked engine ("torch", "chunked"); None
+    derives it from `chunk_memory`, the bytes one chunk may hold (None: 512 MiB on
+    CUDA, 48 MiB on the CPU).
     Returns a float32 loss for fp32/bf16/fp16 inputs, float64 for float64.
     """
     _check_temperature(temperature)
-    _check_options(similarity, reduction, backend, chunk_size)
+    _check_options(similarity, reduction, backend, chunk_size, chunk_memory)
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     scale = _scale_from_temperature(temperature, q.device)
     return _contrastive(q, p, labels, query_groups, passage_groups, scale, similarity, symmetric, reduction,
-                        gather_across_devices, backend, chunk_size)
+                        gather_across_devices, backend, chunk_size, chunk_memory)
 
 
 class HybridContrastiveLoss(nn.Module):
@@ -434,10 +398,12 @@ class HybridContrastiveLoss(nn.Module):
     """
 
     def __init__(self, temperature=0.05, learn_temperature=False, similarity="cos", symmetric=False,
-                 reduction="mean", gather_across_devices=False, backend="auto", chunk_size: Optional[int] = None):
+                 reduction="mean", gather_across_devices=False, backend="auto", chunk_size: Optional[int] = None,
+                 chunk_memory: Optional[int] = None):
         super().__init__()
         _check_temperature(temperature)
-        _check_options(similarity, reduction, backend, chunk_size)
+        _check_options(similarity, reduction, backend, chunk_size, chunk_memory)
+        self.chunk_memory = chunk_memory
         self.learn_temperature = bool(learn_temperature)
         self.similarity, self.symmetric, self.reduction = similarity, bool(symmetric), reduction
         self.gather_across_devices, self.backend, self.chunk_size = bool(gather_across_devices), backend, chunk_size
@@ -463,7 +429,7 @@ class HybridContrastiveLoss(nn.Module):
             raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
         return _contrastive(q, p, labels, query_groups, passage_groups, self.logit_scale(q.device),
                             self.similarity, self.symmetric, self.reduction, self.gather_across_devices,
-                            self.backend, self.chunk_size)
+                            self.backend, self.chunk_size, self.chunk_memory)
 
     def extra_repr(self):
         return (f"temperature={self.temperature:g}, learn_temperature={self.learn_temperature}, "

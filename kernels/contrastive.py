@@ -11,30 +11,62 @@ through an index, A[a_idx[i]]) scored against every row j of a matrix B:
 The query->passage term is A = queries, B = passages, a_pos = a_key = labels,
 b_key = j. The passage->query (symmetric) term is A = passages picked at the
 labels, B = all queries, a_pos = the query's own index, a_key = labels,
-b_key = labels of every query. Both share one forward and one backward kernel.
+b_key = labels of every query. Every kernel here serves both terms.
 
-Given per-row weights w_i (dL/dloss_i, the reduction folded in), the backward
-recomputes each [BLOCK_M, BLOCK_N] tile of z and forms
+Given per-row weights w_i (dL/dloss_i, the reduction folded in), the gradients are
 
     G_ij = w_i * (kept_ij * exp(z_ij - lse_i) - [j == a_pos[i]])      (= dL/dz_ij)
     dA_i += s * sum_j G_ij B_j,   dB_j += s * sum_i G_ij A_i,   ds += sum_ij G_ij <A_i, B_j>
 
-dA/dB are fp32 buffers updated with atomic adds (one program per tile, so the
-full matrix is never held and the scatter through a_idx handles repeated
-labels); ds is written as one partial per program and summed by the caller.
+Two engines compute them (hybridfast/loss_engines.py drives both):
+
+* fused (backend "triton"): `_contrastive_fwd_kernel` streams B past BLOCK_M rows
+  of A with an online log-sum-exp (split over N into partial (m, l, pos) when the
+  rows alone fill less than two waves of SMs); `_contrastive_bwd_kernel` recomputes
+  each [BLOCK_M, BLOCK_N] tile of z and scatters s*G@B and s*G^T@A with *relaxed*
+  fp32 atomics (the default acq_rel ordering puts MEMBAR.ALL.GPU before every
+  atomic; nothing here reads what another program adds, so no fence is needed).
+  Never stores B x N. Both are autotuned (dtype, D, power-of-two buckets of the
+  row counts and the flags) over config lists that tests/test_loss.py compiles
+  for sm90 ahead of time: no spills, shared memory within 227 KiB, wgmma for half.
+* chunked (backend "chunked", Liger-Kernel's fused-linear-cross-entropy shape):
+  per chunk of C rows, S = A_c @ B^T by cuBLAS with fp32 output, then
+  `_chunk_rows_kernel` (one program per row, two passes over its S row) applies
+  scale, labels and the group mask, writes lse and the positive logit, and writes
+  G*s in the input dtype; then cuBLAS again: dA_c = (G*s) @ B, dB += (G*s)^T @ A_c.
+
+Cost model (B query rows, N passage rows, D dims, e bytes per input element,
+one term, forward + backward with gradients; F = 2*B*N*D flops = one matmul):
+
+    engine    flops        extra memory               B x N traffic (bytes)     atomic fp32 adds
+    eager     3F           B*N*(4 + 4 + e)            ~5 passes of B*N*4        none
+                           (logits, softmax grad, cast)
+    fused     4F (z twice) (B + N)*D*4 (fp32 dA, dB)  none                      (N/BLOCK_N)*B*D + (B/BLOCK_M)*N*D
+    chunked   3F           C*N*(4 + e) + N*D*4        B*N*(12 + 3e): S written  none
+                                                      once, read twice; G written
+                                                      once, read by two GEMMs
+
+ESTIMATES, not measurements (no GPU was available when they were written): at
+D = 768, B = N = 16384, bf16 on an H100 SXM (~700 TFLOP/s for large cuBLAS GEMMs,
+~3 TB/s HBM), F = 0.41 TFLOP. Chunked ~ 3F/700T + 4.8 GB/3 TB/s ~ 1.8 + 1.6 =
+3.4 ms (~70% of matmul throughput counting 8*B*N*D flops). Fused ~ 4F/700T =
+2.4 ms of dots plus 2 * 128 * 16384 * 768 = 3.2e9 atomic adds at 128x128 tiles
+(12.9 GB of L2 reduction traffic), which is why it is estimated slower than
+chunked at this size. Eager ~ 1.8 ms of GEMMs plus ~5 GB of elementwise passes and
+B*N*10 bytes of memory (24 GiB at B = N = 65536). bench/gpu_suite.py measures all
+of them and `backend="auto"` picks by timing on the device, not by this model.
 
 Known limits:
-- the B x N logits are never stored: each tile is recomputed once in backward,
-  so forward+backward costs 4 matmul-equivalents (as flash-attention does);
-- atomic adds make dA/dB non-deterministic in the last bits, and their traffic,
-  (N/BLOCK_N)*B*D + (B/BLOCK_M)*N*D fp32 adds, is the likely bottleneck at large
-  B and N; tile sizes are not yet tuned on a device (none was available);
+- the fused backward recomputes z (4 matmul-equivalents, as flash-attention does),
+  and at D = 768 no [BLOCK_M, D] fp32 accumulator fits in registers, so dA/dB
+  must be scattered with atomics (flash-attention's atomic-free backward needs
+  D <= 256); atomic adds make dA/dB non-deterministic in the last bits;
 - cosine similarity is normalised in PyTorch before the kernels (one extra copy
   of q and p, differentiable by autograd);
 - inputs must be fp32, bf16 or fp16 with unit stride along D; fp32 uses IEEE
   (not TF32) dots so that temperature 0.01 keeps fp32 accuracy;
 - under TRITON_INTERPRET=1 bf16 tiles are upcast to fp32 before tl.dot (the
-  interpreter's dot misreads bf16); on GPUs the tensor cores take bf16 directly;
+  interpreter's dot misreads bf16), and no autotuning happens (fixed CPU tiles);
 - labels, keys and groups are int64 tensors; the running max starts at -1e30,
   not -inf, so a tile whose entries are all masked adds nothing instead of NaN.
 """
@@ -102,14 +134,23 @@ def _row_info(A_IDX, A_POS, A_KEY, A_GRP, rows, row_ok,
 
 @triton.jit
 def _contrastive_fwd_kernel(
-    A, B, A_IDX, A_POS, A_KEY, A_GRP, B_KEY, B_GRP, SCALE, LSE, POS,
-    n_a, n_b, D, stride_a, stride_b,
+    A, B, A_IDX, A_POS, A_KEY, A_GRP, B_KEY, B_GRP, SCALE, M_PART, L_PART, POS_PART,
+    n_a, n_b, D, stride_a, stride_b, A_BUCKET, B_BUCKET,
     HAS_AIDX: tl.constexpr, HAS_BKEY: tl.constexpr, HAS_GROUPS: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per BLOCK_M rows of A: online log-sum-exp over all of B."""
+    """Program (i, k): BLOCK_M rows of A against the k-th of num_programs(1) slices of B.
+
+    Writes the slice's running max m, sum l = sum exp(z - m) and positive logit into
+    row k of the [splits, n_a] partial buffers; the launcher combines the slices.
+    A_BUCKET / B_BUCKET are autotuning keys only (power-of-two sizes).
+    """
     pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    span = tl.cdiv(tl.cdiv(n_b, tl.num_programs(1)), BLOCK_N) * BLOCK_N
+    lo = split * span
+    hi = tl.minimum(lo + span, n_b)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < n_a
     src, a_pos, a_grp, a_key = _row_info(A_IDX, A_POS, A_KEY, A_GRP, rows, row_ok, HAS_AIDX, HAS_GROUPS)
@@ -118,9 +159,9 @@ def _contrastive_fwd_kernel(
     m_i = tl.full((BLOCK_M,), _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start_n in range(0, n_b, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < n_b
+        col_ok = cols < hi
         z = _tile_logits(A, B, src, cols, row_ok, col_ok, D, stride_a, stride_b,
                          BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST) * s
         keep = _keep_mask(cols, col_ok, a_grp, a_key, B_GRP, B_KEY, HAS_GROUPS, HAS_BKEY)
@@ -129,14 +170,16 @@ def _contrastive_fwd_kernel(
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m_i = m_new
-    tl.store(LSE + rows, m_i + tl.log(tl.where(row_ok, l_i, 1.0)), mask=row_ok)  # padded rows have l_i = 0
-    tl.store(POS + rows, pos, mask=row_ok)
+    out = split * n_a + rows
+    tl.store(M_PART + out, m_i, mask=row_ok)
+    tl.store(L_PART + out, l_i, mask=row_ok)
+    tl.store(POS_PART + out, pos, mask=row_ok)
 
 
 @triton.jit
 def _contrastive_bwd_kernel(
     A, B, A_IDX, A_POS, A_KEY, A_GRP, B_KEY, B_GRP, SCALE, LSE, W, DA, DB, DS_PART,
-    n_a, n_b, D, stride_a, stride_b, stride_da, stride_db,
+    n_a, n_b, D, stride_a, stride_b, stride_da, stride_db, A_BUCKET, B_BUCKET,
     HAS_AIDX: tl.constexpr, HAS_BKEY: tl.constexpr, HAS_GROUPS: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -181,29 +224,146 @@ def _contrastive_bwd_kernel(
         else:
             da = tl.dot(gs, b)
             db = tl.dot(tl.trans(gs), a)
-        tl.atomic_add(DA + src[:, None] * stride_da + d[None, :], da, mask=row_ok[:, None] & d_ok[None, :])
-        tl.atomic_add(DB + cols[:, None] * stride_db + d[None, :], db, mask=col_ok[:, None] & d_ok[None, :])
+        # relaxed: no program reads what others add until the kernel ends, so the
+        # default acq_rel ordering (a GPU-wide fence per atomic) buys nothing
+        tl.atomic_add(DA + src[:, None] * stride_da + d[None, :], da, mask=row_ok[:, None] & d_ok[None, :],
+                      sem="relaxed")
+        tl.atomic_add(DB + cols[:, None] * stride_db + d[None, :], db, mask=col_ok[:, None] & d_ok[None, :],
+                      sem="relaxed")
 
 
-# ----------------------------------------------------------------------------- launchers
+@triton.jit
+def _row_kill(cols, ok, a_grp, a_key, B_GRP, B_KEY, HAS_BKEY: tl.constexpr):
+    """Columns masked out of one row's denominator (same group, not the row's own key)."""
+    b_grp = tl.load(B_GRP + cols, mask=ok, other=0)
+    if HAS_BKEY:
+        b_key = tl.load(B_KEY + cols, mask=ok, other=0)
+    else:
+        b_key = cols
+    return (b_grp == a_grp) & (b_key != a_key)
+
+
+@triton.jit
+def _chunk_rows_kernel(
+    S, G, A_POS, A_KEY, A_GRP, B_KEY, B_GRP, SCALE, W, LSE, POS, DS_ROW,
+    n_b, stride_s, stride_g,
+    HAS_BKEY: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_W: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Row r of a chunk of raw dot products S: lse, positive logit and, with weights,
+    G[r] = s * w_r * (softmax - onehot) in G's dtype and ds_r = sum_j G_rj S_rj / s.
+
+    G may be S itself (fp32 inputs): each program reads a block of its own row
+    before it overwrites it, and no program touches another's row.
+    """
+    r = tl.program_id(0).to(tl.int64)
+    s = tl.load(SCALE).to(tl.float32)
+    a_pos = tl.load(A_POS + r)
+    if HAS_GROUPS:
+        a_grp = tl.load(A_GRP + r)
+        a_key = tl.load(A_KEY + r)
+    else:
+        a_grp = a_pos
+        a_key = a_pos
+    offs = tl.arange(0, BLOCK_N).to(tl.int64)
+    m = tl.full((BLOCK_N,), _NEG_BIG, dtype=tl.float32)  # per-lane online max and sum
+    l = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    pos = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for start in range(0, n_b, BLOCK_N):
+        cols = start + offs
+        ok = cols < n_b
+        z = tl.load(S + r * stride_s + cols, mask=ok, other=0.0).to(tl.float32) * s
+        pos += tl.where(cols == a_pos, z, 0.0)
+        keep = ok
+        if HAS_GROUPS:
+            keep = keep & (_row_kill(cols, ok, a_grp, a_key, B_GRP, B_KEY, HAS_BKEY) == 0)
+        z = tl.where(keep, z, _NEG_BIG)
+        m_new = tl.maximum(m, z)
+        l = l * tl.exp(m - m_new) + tl.where(keep, tl.exp(z - m_new), 0.0)
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    lse = m_row + tl.log(tl.sum(l * tl.exp(m - m_row), axis=0))
+    tl.store(LSE + r, lse)
+    tl.store(POS + r, tl.sum(pos, axis=0))
+    if HAS_W:
+        w = tl.load(W + r).to(tl.float32)
+        ds = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for start in range(0, n_b, BLOCK_N):
+            cols = start + offs
+            ok = cols < n_b
+            raw = tl.load(S + r * stride_s + cols, mask=ok, other=0.0).to(tl.float32)
+            keep = ok
+            if HAS_GROUPS:
+                keep = keep & (_row_kill(cols, ok, a_grp, a_key, B_GRP, B_KEY, HAS_BKEY) == 0)
+            prob = tl.where(keep, tl.exp(raw * s - lse), 0.0)
+            g = w * (prob - (cols == a_pos).to(tl.float32))
+            ds += g * raw
+            tl.store(G + r * stride_g + cols, (g * s).to(G.dtype.element_ty), mask=ok)
+        tl.store(DS_ROW + r, tl.sum(ds, axis=0))
+
+
+# ----------------------------------------------------------------------------- configs
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages): the autotuning spaces on CUDA.
+# Every entry compiles for sm90 without register spills and within 227 KiB of shared
+# memory, and the half-precision ones lower to wgmma (tests/test_loss.py checks it on
+# the CPU for every dtype and flag combination, via tests/aot_sm90.py). Dropped ahead
+# of time because ptxas spills (Triton 3.9, sm90): forward 128x256 / 256x128 and a
+# 4-warp 64x128 (half, with groups); backward 128x128 with 2 stages (half, with
+# groups: 16 bytes) and 64x64/4 warps (fp32: 5.5 KB); fp32 32x32/4 warps and
+# 64x64/8 warps. None of these is tuned on a device yet: the autotuner picks.
+CUDA_CONFIGS = {
+    ("fwd", "half"): [(128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (128, 128, 64, 8, 2), (64, 128, 64, 8, 3)],
+    ("bwd", "half"): [(128, 128, 64, 8, 1), (64, 64, 64, 4, 2), (128, 64, 64, 8, 2), (64, 128, 64, 8, 2)],
+    ("fwd", "fp32"): [(32, 64, 32, 4, 2), (64, 32, 32, 4, 2), (32, 128, 32, 8, 2), (16, 64, 32, 4, 2)],
+    ("bwd", "fp32"): [(32, 64, 32, 4, 2), (64, 32, 32, 4, 2), (32, 32, 32, 2, 2), (32, 64, 16, 4, 2)],
+}
+AUTOTUNE_KEY = ["D", "A_BUCKET", "B_BUCKET", "HAS_AIDX", "HAS_BKEY", "HAS_GROUPS"]  # + tensor dtypes (Triton adds them)
+MAX_SPLITS = 64
 
-def _config(is_cuda: bool, dtype: torch.dtype, D: int, backward: bool):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages).
 
-    CUDA half precision: 128-row tiles (the backward's 128x128 tile halves the atomic
-    traffic of 64x64). Every CUDA choice compiles for sm90 without register spills
-    (tests/test_loss.py checks it ahead of time); none is tuned on a device yet.
-    fp32 takes IEEE dots and smaller tiles. The interpreter prefers big D-blocks: fewer Python-level steps.
-    """
-    if not is_cuda:
-        return 32, 32, min(256, max(16, triton.next_power_of_2(D))), 4, 1
-    if dtype == torch.float32:
-        return (64, 64, 32, 8, 2) if backward else (32, 64, 32, 4, 2)
-    return (128, 128, 64, 8, 2) if backward else (128, 64, 64, 8, 3)
+def _interpreter_tiles(D):
+    """Fixed tiles under TRITON_INTERPRET=1, where nothing is timed: fewer Python-level steps."""
+    return 32, 32, min(256, max(16, triton.next_power_of_2(D)))
 
+
+def _triton_configs(pass_, precision):
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=d), num_warps=w, num_stages=st)
+            for m, n, d, w, st in CUDA_CONFIGS[(pass_, precision)]]
+
+
+def _autotuned(kernel, pass_, precision):
+    restore = ["M_PART", "L_PART", "POS_PART"] if pass_ == "fwd" else ["DA", "DB", "DS_PART"]
+    # restore_value: timing runs must not leave their sums in the buffers the real run adds into
+    return triton.autotune(configs=_triton_configs(pass_, precision), key=AUTOTUNE_KEY, restore_value=restore)(kernel)
+
+
+_TUNED = {(p, prec): _autotuned(k, p, prec) for p, k in (("fwd", _contrastive_fwd_kernel), ("bwd", _contrastive_bwd_kernel))
+          for prec in ("half", "fp32")}
+
+
+def chosen_configs():
+    """What the autotuners picked so far in this process: {(pass, precision): {key: config}}."""
+    return {f"{p}-{prec}": {str(k): str(v) for k, v in tuner.cache.items()} for (p, prec), tuner in _TUNED.items()
+            if tuner.cache}
+
+
+def _bucket(n):
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+def _num_sms(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def forward_splits(n_row_programs, n_b, num_sms):
+    """Slices of B per row block: enough programs for two waves of SMs, >= 512 columns each."""
+    want = triton.cdiv(2 * num_sms, max(1, n_row_programs))
+    return max(1, min(want, triton.cdiv(n_b, 512), MAX_SPLITS))
+
+
+# ----------------------------------------------------------------------------- launchers
 
 def _common(A, B, a_idx, a_pos, a_key, a_grp, b_key, b_grp):
     if A.dtype not in SUPPORTED_DTYPES:
@@ -223,17 +383,48 @@ def _common(A, B, a_idx, a_pos, a_key, a_grp, b_key, b_grp):
     return n_a, args, flags
 
 
-def contrastive_lse(A, B, scale, a_pos, a_idx=None, a_key=None, a_grp=None, b_key=None, b_grp=None):
-    """Forward of one term: (lse [n_a], pos [n_a]) in fp32. Index/key/group tensors are int64."""
+def _precision(dtype):
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+def contrastive_lse(A, B, scale, a_pos, a_idx=None, a_key=None, a_grp=None, b_key=None, b_grp=None,
+                    n_splits=None):
+    """Forward of one term: (lse [n_a], pos [n_a]) in fp32. Index/key/group tensors are int64.
+
+    `n_splits`: slices of B computed by separate programs and combined here (None: on
+    CUDA enough for two waves of SMs, 1 in the interpreter).
+    """
     n_a, args, flags = _common(A, B, a_idx, a_pos, a_key, a_grp, b_key, b_grp)
-    D = A.shape[1]
-    lse = torch.empty(n_a, dtype=torch.float32, device=A.device)
-    pos = torch.empty_like(lse)
-    bm, bn, bd, warps, stages = _config(A.is_cuda, A.dtype, D, backward=False)
-    grid = (triton.cdiv(n_a, bm),)
-    _contrastive_fwd_kernel[grid](*args, scale, lse, pos, n_a, B.shape[0], D, A.stride(0), B.stride(0),
-                                  **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
-    return lse, pos
+    n_b, D = B.shape[0], A.shape[1]
+    sizes = (n_a, n_b, D, A.stride(0), B.stride(0), _bucket(n_a), _bucket(n_b))
+    if A.is_cuda:
+        tuner = _TUNED[("fwd", _precision(A.dtype))]
+        sms = _num_sms(A.device)
+        if n_splits is None:
+            def splits(meta):
+                return forward_splits(triton.cdiv(n_a, meta["BLOCK_M"]), n_b, sms)
+            most = max(splits(dict(BLOCK_M=c.kwargs["BLOCK_M"])) for c in tuner.configs)
+        else:
+            splits, most = (lambda meta: n_splits), n_splits
+        parts = _partials(most, n_a, A.device)
+        tuner[lambda meta: (triton.cdiv(n_a, meta["BLOCK_M"]), splits(meta))](*args, scale, *parts, *sizes, **flags)
+    else:
+        most = n_splits or 1
+        parts = _partials(most, n_a, A.device)
+        bm, bn, bd = _interpreter_tiles(D)
+        _contrastive_fwd_kernel[(triton.cdiv(n_a, bm), most)](*args, scale, *parts, *sizes, **flags,
+                                                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    m, l, pos = parts
+    top = m.amax(dim=0)
+    lse = top + (l * torch.exp(m - top)).sum(dim=0).log()  # slices with no kept column have l = 0
+    return lse, pos.sum(dim=0)
+
+
+def _partials(n_splits, n_a, device):
+    """(m, l, pos) slices, initialised so that a slice no program writes adds nothing."""
+    return (torch.full((n_splits, n_a), -1.0e30, dtype=torch.float32, device=device),
+            torch.zeros((n_splits, n_a), dtype=torch.float32, device=device),
+            torch.zeros((n_splits, n_a), dtype=torch.float32, device=device))
 
 
 def contrastive_grads(A, B, scale, lse, w, dA, dB, a_pos, a_idx=None, a_key=None, a_grp=None,
@@ -243,11 +434,53 @@ def contrastive_grads(A, B, scale, lse, w, dA, dB, a_pos, a_idx=None, a_key=None
     dA and dB are fp32 accumulators the caller owns; ds is d(loss)/d(scale) as a 0-dim fp32 tensor.
     """
     n_a, args, flags = _common(A, B, a_idx, a_pos, a_key, a_grp, b_key, b_grp)
-    D = A.shape[1]
-    bm, bn, bd, warps, stages = _config(A.is_cuda, A.dtype, D, backward=True)
-    grid = (triton.cdiv(n_a, bm), triton.cdiv(B.shape[0], bn))
-    ds_part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=A.device)
-    _contrastive_bwd_kernel[grid](*args, scale, lse, w.float().contiguous(), dA, dB, ds_part,
-                                  n_a, B.shape[0], D, A.stride(0), B.stride(0), dA.stride(0), dB.stride(0),
-                                  **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+    n_b, D = B.shape[0], A.shape[1]
+    sizes = (n_a, n_b, D, A.stride(0), B.stride(0), dA.stride(0), dB.stride(0), _bucket(n_a), _bucket(n_b))
+    w = w.float().contiguous()
+    if A.is_cuda:
+        tuner = _TUNED[("bwd", _precision(A.dtype))]
+        most = max(triton.cdiv(n_a, c.kwargs["BLOCK_M"]) * triton.cdiv(n_b, c.kwargs["BLOCK_N"]) for c in tuner.configs)
+        ds_part = torch.zeros(most, dtype=torch.float32, device=A.device)  # unused slots stay 0
+        grid = lambda meta: (triton.cdiv(n_a, meta["BLOCK_M"]), triton.cdiv(n_b, meta["BLOCK_N"]))  # noqa: E731
+        tuner[grid](*args, scale, lse, w, dA, dB, ds_part, *sizes, **flags)
+    else:
+        bm, bn, bd = _interpreter_tiles(D)
+        grid = (triton.cdiv(n_a, bm), triton.cdiv(n_b, bn))
+        ds_part = torch.zeros(grid[0] * grid[1], dtype=torch.float32, device=A.device)
+        _contrastive_bwd_kernel[grid](*args, scale, lse, w, dA, dB, ds_part, *sizes, **flags,
+                                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     return ds_part.sum()
+
+
+def rows_config(n_b):
+    """(BLOCK_N, num_warps) of the row kernel: memory-bound, so a heuristic (as
+    Liger-Kernel's calculate_settings) instead of timing runs, which would have to
+    restore a chunk of S that the kernel overwrites in place."""
+    block = min(4096, max(16, triton.next_power_of_2(n_b)))
+    return block, 4 if block <= 1024 else 8 if block <= 2048 else 16
+
+
+def chunk_rows(S, G, scale, a_pos, w=None, a_key=None, a_grp=None, b_key=None, b_grp=None):
+    """Row pass of the chunked engine over S [C, n_b] (raw fp32 dot products).
+
+    Returns (lse [C], pos [C], ds [C] or None) in fp32; with `w` [C] it writes
+    G = s * w * (softmax - onehot) into `G` (same shape; may be S itself).
+    """
+    C, n_b = S.shape
+    if S.dtype != torch.float32 or S.stride(1) != 1 or G.stride(1) != 1:
+        raise ValueError("S must be fp32 and S, G contiguous along the last dimension")
+    lse = torch.empty(C, dtype=torch.float32, device=S.device)
+    pos = torch.empty_like(lse)
+    ds = torch.empty_like(lse) if w is not None else None
+    groups = a_grp is not None
+    dummy = a_pos
+    block, warps = rows_config(n_b)
+    if not S.is_cuda:
+        block = min(block, 256)  # interpreter: small blocks are fastest to emulate
+    _chunk_rows_kernel[(C,)](
+        S, G, a_pos, a_key if groups else dummy, a_grp if groups else dummy,
+        b_key if b_key is not None else dummy, b_grp if groups else dummy, scale,
+        w.float().contiguous() if w is not None else lse, lse, pos, ds if ds is not None else lse,
+        n_b, S.stride(0), G.stride(0),
+        HAS_BKEY=b_key is not None, HAS_GROUPS=groups, HAS_W=w is not None, BLOCK_N=block, num_warps=warps)
+    return lse, pos, ds

@@ -14,7 +14,8 @@ from hybridfast.loss import HybridContrastiveLoss, hybrid_contrastive_loss, refe
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 needs_triton = pytest.mark.skipif(not triton_available_for(torch.empty(0)) and not torch.cuda.is_available(),
                                   reason="Triton neither on CUDA nor interpreted")
-BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+# "chunked" runs its Triton row kernel where Triton runs (interpreted here), else its PyTorch one
+BACKENDS = ["torch", pytest.param("chunked", marks=needs_triton), pytest.param("triton", marks=needs_triton)]
 
 # (rtol, atol) for the loss and for gradients, per input dtype. Half precision
 # rounds the inputs (and Triton's tile products); accumulation is fp32 everywhere.
@@ -53,7 +54,9 @@ def check(actual, expected, dtype, what):
 def run_both(q, p, labels, qg, pg, temperature, upstream, backend, **opts):
     """Loss and gradients (q, p, temperature) of the backend and of the reference."""
     results = []
-    for fn in (lambda *a, **k: hybrid_contrastive_loss(*a, backend=backend, **k), reference_contrastive_loss):
+    engine_opts = {k: opts.pop(k) for k in ("chunk_size", "chunk_memory") if k in opts}
+    for fn in (lambda *a, **k: hybrid_contrastive_loss(*a, backend=backend, **engine_opts, **k),
+               reference_contrastive_loss):
         qq = q.detach().clone().requires_grad_(True)
         pp = p.detach().clone().requires_grad_(True)
         t = torch.tensor(temperature, dtype=torch.float64, requires_grad=True)
@@ -181,33 +184,37 @@ def test_wide_embeddings_loop_over_d(backend):
     assert_matches(results, torch.float32)
 
 
-@pytest.mark.parametrize("backend,examples", [("torch", 25), pytest.param("triton", 8, marks=needs_triton)])
+@pytest.mark.parametrize("backend,examples", [("torch", 25), pytest.param("chunked", 8, marks=needs_triton),
+                                              pytest.param("triton", 8, marks=needs_triton)])
 def test_random_shapes_property(backend, examples):
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
 
     @hypothesis.settings(max_examples=examples, deadline=None, derandomize=True)
     @hypothesis.given(B=st.integers(1, 24), extra=st.integers(0, 30), D=st.integers(4, 70), groups=st.integers(0, 4),
-                      symmetric=st.booleans(), seed=st.integers(0, 2**16))
-    def prop(B, extra, D, groups, symmetric, seed):
+                      symmetric=st.booleans(), seed=st.integers(0, 2**16), chunk=st.sampled_from([None, 1, 7]))
+    def prop(B, extra, D, groups, symmetric, seed, chunk):
         # D >= 4: with D = 1 cosine is +-1 and fp32 normalize-backward noise dominates the ~0 gradient
         g = torch.Generator().manual_seed(seed)
         q, p = torch.randn(B, D, generator=g), torch.randn(B + extra, D, generator=g)
         labels = torch.randint(0, B + extra, (B,), generator=g)
         qg = torch.randint(0, groups, (B,), generator=g) if groups else None
         pg = torch.randint(0, groups, (B + extra,), generator=g) if groups else None
-        results = run_both(q, p, labels, qg, pg, 0.1, "scaled", backend, symmetric=symmetric, reduction="none")
+        opts = dict(chunk_size=chunk) if backend != "triton" else {}
+        results = run_both(q, p, labels, qg, pg, 0.1, "scaled", backend, symmetric=symmetric, reduction="none",
+                           **opts)
         assert_matches(results, torch.float32)
 
     prop()
 
 
-def test_torch_backend_chunk_sizes_agree():
+@pytest.mark.parametrize("backend", ["torch", pytest.param("chunked", marks=needs_triton)])
+def test_chunked_engine_chunk_sizes_agree(backend):
     q, p, labels, qg, pg = make_inputs(B=37, negatives=2, D=20, seed=6, groups=5)
     outs = []
     for chunk in (1, 5, 37, None):
         qq, pp = q.clone().requires_grad_(True), p.clone().requires_grad_(True)
-        loss = hybrid_contrastive_loss(qq, pp, labels, qg, pg, symmetric=True, backend="torch", chunk_size=chunk)
+        loss = hybrid_contrastive_loss(qq, pp, labels, qg, pg, symmetric=True, backend=backend, chunk_size=chunk)
         loss.backward()
         outs.append((loss.detach(), qq.grad, pp.grad))
     for other in outs[1:]:
@@ -353,64 +360,180 @@ def test_triton_backend_rejects_float64():
         hybrid_contrastive_loss(q, p, backend="triton")
 
 
+# ----------------------------------------------------------------------------- kernel pieces and the auto choice
+
+@needs_triton
+@pytest.mark.parametrize("g_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("groups", [0, 3])
+def test_chunk_rows_kernel_matches_torch(g_dtype, groups):
+    # the chunked engine's row kernel on its own, incl. a separate half-precision G as on CUDA
+    from hybridfast.kernels.contrastive import chunk_rows
+
+    g = torch.Generator().manual_seed(21)
+    C, N, s = 13, 301, 20.0  # N crosses several row blocks of the interpreter's tiles
+    S = torch.randn(C, N, generator=g) * 0.3
+    a_pos = torch.randint(0, N, (C,), generator=g)
+    w = torch.rand(C, generator=g)
+    kw = {}
+    z = S.double() * s
+    if groups:
+        kw = dict(a_key=a_pos, a_grp=torch.randint(0, groups, (C,), generator=g),
+                  b_grp=torch.randint(0, groups, (N,), generator=g))
+        kill = (kw["b_grp"][None, :] == kw["a_grp"][:, None]) & (torch.arange(N)[None, :] != a_pos[:, None])
+        z = z.masked_fill(kill, float("-inf"))
+    G = S.clone() if g_dtype == torch.float32 else torch.empty(C, N, dtype=g_dtype)
+    lse, pos, ds = chunk_rows(S.clone() if g_dtype != torch.float32 else G, G, torch.tensor(s), a_pos, w, **kw)
+    rows = torch.arange(C)
+    expected_g = torch.softmax(z, dim=1)
+    expected_g[rows, a_pos] -= 1
+    expected_g *= w[:, None].double()
+    torch.testing.assert_close(lse.double(), torch.logsumexp(z, dim=1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pos.double(), S.double()[rows, a_pos] * s, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ds.double(), (expected_g * S.double()).sum(1), rtol=1e-4, atol=1e-5)
+    rtol, atol = TOL[g_dtype] if g_dtype != torch.float32 else (1e-5, 1e-6)
+    torch.testing.assert_close(G.double(), expected_g * s, rtol=rtol, atol=atol * s)
+
+
+@needs_triton
+@pytest.mark.parametrize("groups", [0, 4])
+def test_forward_split_over_n_equals_one_pass(groups):
+    # CUDA splits B over programs when the rows alone leave SMs idle; the combine must be exact
+    from hybridfast.kernels.contrastive import contrastive_lse
+
+    q, p, labels, qg, pg = make_inputs(B=19, negatives=5, D=24, seed=22, groups=groups)
+    kw = dict(a_key=labels, a_grp=qg, b_grp=pg) if groups else {}
+    scale = torch.tensor(20.0)
+    base = contrastive_lse(q, p, scale, labels, **kw, n_splits=1)
+    for splits in (2, 5, 40):  # 40 slices of 114 columns: most slices hold no column of some block
+        got = contrastive_lse(q, p, scale, labels, **kw, n_splits=splits)
+        for a, b in zip(got, base):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    rows = torch.arange(19)
+    torch.testing.assert_close(base[1], 20.0 * (q @ p.T)[rows, labels], rtol=1e-5, atol=1e-4)
+
+
+def test_forward_splits_fill_two_waves():
+    from hybridfast.kernels.contrastive import MAX_SPLITS, forward_splits
+
+    assert forward_splits(n_row_programs=1000, n_b=65536, num_sms=132) == 1  # rows already fill the GPU
+    assert forward_splits(n_row_programs=32, n_b=65536, num_sms=132) == 9  # ceil(264 / 32)
+    assert forward_splits(n_row_programs=1, n_b=65536, num_sms=132) == MAX_SPLITS
+    assert forward_splits(n_row_programs=1, n_b=1000, num_sms=132) == 2  # >= 512 columns per slice
+
+
+def test_time_candidates_picks_fastest_and_skips_out_of_memory():
+    import time
+
+    from hybridfast import loss_engines
+
+    calls = []
+
+    def run(name):
+        calls.append(name)
+        if name == "triton":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        time.sleep({"chunked": 0.002, "torch": 0.02}[name])
+
+    seconds = loss_engines.time_candidates(["torch", "triton", "chunked"], run, sync=lambda: None, repeats=2)
+    assert set(seconds) == {"torch", "chunked"}
+    assert seconds["chunked"] < seconds["torch"]
+    assert calls.count("torch") == 3  # one warm-up, then the timed repeats
+    key = ("test-device", "bf16", 8, 16, 16, "one", "nogroups")
+    try:
+        assert loss_engines.choose_backend(key, ["torch", "triton", "chunked"], run, lambda: None) == "chunked"
+        calls.clear()
+        assert loss_engines.choose_backend(key, ["torch"], run, lambda: None) == "chunked"  # cached per bucket
+        assert calls == []
+        assert loss_engines.backend_choices()["/".join(map(str, key))]["backend"] == "chunked"
+    finally:
+        loss_engines._choices.pop(key, None)
+        loss_engines._timings.pop(key, None)
+
+
+def test_shape_key_buckets_powers_of_two():
+    from hybridfast.loss_engines import shape_key
+
+    a = shape_key(torch.empty(1000, 768), torch.empty(3000, 768), True, False)
+    b = shape_key(torch.empty(1024, 768), torch.empty(4096, 768), True, False)
+    c = shape_key(torch.empty(1025, 768), torch.empty(4096, 768), True, False)
+    assert a == b != c
+    assert shape_key(torch.empty(8, 4), torch.empty(8, 4), False, True)[-2:] == ("one", "groups")
+
+
+def test_env_forces_backend_and_rejects_unknown(monkeypatch):
+    from hybridfast.loss import _pick_backend
+
+    q, p, labels, _, _ = make_inputs(B=10, D=12, seed=11)
+    monkeypatch.setenv("HYBRIDFAST_LOSS_BACKEND", "chunked")
+    assert _pick_backend("auto", q) == "chunked"
+    assert _pick_backend("torch", q) == "torch"  # an explicit backend wins over the variable
+    torch.testing.assert_close(hybrid_contrastive_loss(q, p, labels),
+                               hybrid_contrastive_loss(q, p, labels, backend="torch"))
+    monkeypatch.setenv("HYBRIDFAST_LOSS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="HYBRIDFAST_LOSS_BACKEND"):
+        hybrid_contrastive_loss(q, p, labels)
+
+
+def test_chunk_memory_sets_the_chunk_rows():
+    from hybridfast.loss import _chunk_rows
+
+    q = torch.empty(100, 8)
+    assert _chunk_rows("torch", q, n_cols=1000, compute_dtype=torch.float32, chunk_size=None,
+                       chunk_memory=40_000) == 10  # 40 kB / (1000 columns * 4 bytes)
+    assert _chunk_rows("torch", q, 1000, torch.float32, chunk_size=3, chunk_memory=40_000) == 3
+    assert _chunk_rows("torch", q, 10**9, torch.float32, None, 1) == 1  # never zero rows
+    q2, p2, labels, _, _ = make_inputs(B=20, D=12, seed=3)
+    small = hybrid_contrastive_loss(q2, p2, labels, chunk_memory=4 * 40 * 3)  # 3 rows per chunk
+    torch.testing.assert_close(small, hybrid_contrastive_loss(q2, p2, labels), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk_memory"):
+        HybridContrastiveLoss(chunk_memory=0)
+
+
 # ----------------------------------------------------------------------------- GPU lowering without a GPU
 
-_AOT_SCRIPT = """
-import os, subprocess, sys, tempfile
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from hybridfast.kernels.contrastive import _config, _contrastive_bwd_kernel, _contrastive_fwd_kernel
-
-PTRS = {"A_IDX", "A_POS", "A_KEY", "A_GRP", "B_KEY", "B_GRP"}
-FLOATS = {"SCALE", "LSE", "POS", "W", "DA", "DB", "DS_PART"}
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-# the bf16 training path with the launchers' CUDA tile sizes, and the IEEE-dot fp32 backward
-for kernel, dtype in ((_contrastive_fwd_kernel, torch.bfloat16), (_contrastive_bwd_kernel, torch.bfloat16),
-                      (_contrastive_bwd_kernel, torch.float32)):
-    bwd = kernel is _contrastive_bwd_kernel
-    bm, bn, bd, warps, stages = _config(True, dtype, 768, backward=bwd)
-    elt = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-    consts = dict(HAS_AIDX=True, HAS_BKEY=True, HAS_GROUPS=True, IEEE=dtype == torch.float32, UPCAST=False,
-                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
-    sig = {n: "constexpr" if n in consts else f"*{elt}" if n in ("A", "B") else "*i64" if n in PTRS
-           else "*fp32" if n in FLOATS else "i64" for n in kernel.arg_names}
-    # what the JIT assumes at run time for 16-aligned pointers, strides and D
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-             if sig[n] != "constexpr" and n not in ("n_a", "n_b")}
-    src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "num_stages": stages})
-    assert compiled.asm["cubin"], kernel
-    if os.path.exists(cuobjdump):
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(compiled.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-        os.unlink(f.name)
-        assert "STACK:0" in usage, ("register spills", kernel, dtype, usage)
-print("compiled")
-"""
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests run the kernels for real")
-def test_kernels_lower_to_sm90_cubin():
-    # The interpreter never lowers the kernels; compiling them ahead of time for an H100
-    # (ptxas ships with Triton) catches type and layout errors that only a GPU would hit.
+def _aot_report():
+    """Compile every CUDA config of every kernel for sm90 in a subprocess (no interpreter); one JSON row each."""
+    import json
     import os
     import subprocess
     import sys
 
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aot_sm90.py")
+    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=900)
+    return run, [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests run the kernels for real")
+def test_every_cuda_config_lowers_fast_for_sm90():
+    # What the compiler emits for an H100, checked on the CPU: relaxed atomics (no
+    # acq_rel, no membar), wgmma for half-precision dots, no spills, smem <= 227 KiB.
     from hybridfast._backends import triton_version
 
     if triton_version() is None:
         pytest.skip("Triton not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    if run.returncode != 0 and ("ImportError" in run.stderr or "ptxas" in run.stderr.lower()
-                                and "not found" in run.stderr.lower()):
-        pytest.skip(f"ahead-of-time compilation unavailable here: {run.stderr.strip().splitlines()[-1]}")
+    run, rows = _aot_report()
+    if run.returncode == 3:
+        pytest.skip(run.stdout.strip().splitlines()[-1])  # Triton's NVIDIA tools are absent: says which
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "compiled" in run.stdout
+    from hybridfast.kernels.contrastive import CUDA_CONFIGS
+
+    # every tuned config x 2 flag sets; fp32 configs for fp32, half configs for both bf16 and fp16
+    n_fp32 = sum(len(CUDA_CONFIGS[(p, "fp32")]) for p in ("fwd", "bwd"))
+    n_half = sum(len(CUDA_CONFIGS[(p, "half")]) for p in ("fwd", "bwd"))
+    assert len([r for r in rows if r["kernel"] != "rows"]) == 2 * (n_fp32 + 2 * n_half) > 0
+    assert len([r for r in rows if r["kernel"] == "rows"]) == 3 * 3 * 2  # 3 row configs x 3 dtypes x 2 flag sets
+    for r in rows:
+        where = f"{r['kernel']} {r['dtype']} {r['config']} flags={r['flags']}"
+        assert r["spill_bytes"] == 0, ("register spills", where, r["ptxas"])
+        assert r["shared_bytes"] <= 227 * 1024, ("shared memory", where)
+        if r["kernel"] == "bwd":
+            assert r["atomics"] > 0 and r["relaxed_atomics"] == r["atomics"], ("atomics not relaxed", where)
+            assert not r["acq_rel"] and not r["membar"], ("fenced atomics", where)
+        else:
+            assert r["atomics"] == 0, where
+        if r["kernel"] in ("fwd", "bwd") and r["dtype"] in ("bf16", "fp16"):
+            assert r["wgmma"], ("half-precision dot without wgmma", where)
 
 
 # ----------------------------------------------------------------------------- CUDA (skip here)
