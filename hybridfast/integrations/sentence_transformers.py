@@ -717,3 +717,4 @@ class HybridSentenceTransformerTrainer(SentenceTransformerTrainer):
         self.accelerator.even_batches = False
         self._train_dataloader = self.accelerator.prepare(loader)
         return self._train_dataloader
+from hybridfast.integrations.st_evaluator import HybridRetrievalEvaluator  # noqa: E402,F401  (issue 15)
