@@ -101,3 +101,31 @@ def test_trains_two_steps_in_sentence_transformer_trainer(tiny_st, tmp_path):
         for key in ("eval_xquad-r_mono_map", "eval_xquad-r_cross_ndcg@10", "eval_xquad-r_multi_rank_distance"):
             assert key in h and np.isfinite(h[key])
     assert ev.last_result is not None and set(ev.last_result.summary) == {"mono", "cross", "multi"}
+
+
+def test_works_as_evaluator_of_the_hybrid_trainer(tiny_st, tmp_path):
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    from hybridfast.integrations.sentence_transformers import (HybridBatching, HybridMNRLoss,
+                                                               HybridSentenceTransformerTrainer)
+
+    rows = {"id": [], "lang": [], "anchor": [], "positive": []}
+    for i in range(N):
+        for l in LANGS:
+            rows["id"].append(f"q{i}")
+            rows["lang"].append(l)
+            rows["anchor"].append(f"x{i} {word(l, i)}")
+            rows["positive"].append(f"x{i} {word(l, i)} {word(l, (i + 1) % N)}")
+    ev = HybridRetrievalEvaluator(benchmark(), name="toy", batch_size=8, primary_metric="cross_map")
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, eval_strategy="steps",
+        eval_steps=2, logging_steps=1, save_strategy="no", report_to=[], learning_rate=1e-3, seed=0,
+        use_cpu=True, disable_tqdm=True)
+    trainer = HybridSentenceTransformerTrainer(
+        model=tiny_st, args=args, train_dataset=datasets.Dataset.from_dict(rows),
+        loss=HybridMNRLoss(tiny_st, backend="torch"), hybrid=HybridBatching(mode="hybrid", mono_prob=0.5),
+        evaluator=ev)
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_toy_cross_map" in h]
+    assert len(evals) == 1 and evals[0]["step"] == 2 and np.isfinite(evals[0]["eval_toy_multi_map"])
+    assert ev.primary_metric == "toy_cross_map"
