@@ -20,6 +20,7 @@ try:  # sentence-transformers >= 6
 except ImportError:
     from sentence_transformers import losses as st_losses
 
+from helpers import tiny_bert  # noqa: E402
 from hybridfast.integrations.sentence_transformers import (  # noqa: E402
     CachedHybridMNRLoss,
     HybridBatching,
@@ -39,37 +40,17 @@ WORDS = (
 ).split()
 
 
-def _vocab():
-    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [str(i) for i in range(100)] + LANGS
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
     try:
         from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
     except ImportError:  # sentence-transformers < 6
         from sentence_transformers.models import Pooling, Transformer
 
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    (folder / "vocab.txt").write_text("\n".join(_vocab()) + "\n")
-    try:  # transformers >= 5 takes the vocabulary itself
-        tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(_vocab())})
-    except TypeError:
-        tokenizer = None
-    if tokenizer is None or tokenizer.tokenize("what") != ["what"]:  # transformers 4
-        tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(_vocab()), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-    )
-    BertModel(config).save_pretrained(folder)
+    folder = tiny_bert(tmp_path_factory.mktemp("tiny_bert"), WORDS + [str(i) for i in range(100)] + LANGS)
     transformer = Transformer(str(folder), max_seq_length=32)
     dim = getattr(transformer, "get_embedding_dimension", None) or transformer.get_word_embedding_dimension
     model = SentenceTransformer(modules=[transformer, Pooling(dim(), "mean")], device="cpu")
@@ -345,6 +326,23 @@ def test_bad_batching_options():
         HybridBatching(mono_prob=1.5)
     with pytest.raises(TypeError, match="train_dataset"):
         HybridPairIndex({"id": [1]}, HybridBatching())
+    with pytest.raises(TypeError, match="mono_prob must be a number"):  # a bool is not a probability
+        HybridBatching(mono_prob=True)
+
+
+def test_languages_without_data_are_refused_or_warned():
+    """Issue 13 item 14: as in hybridfast.train_data, a language named in languages= needs data; one found
+    only in a language column (no example has both texts in it) is warned about."""
+    ds = datasets.Dataset.from_dict(_parallel_rows(6))
+    with pytest.raises(ValueError, match=r"languages: \['es'\] have no example"):
+        HybridPairIndex(ds, HybridBatching(languages=["de", "es"]))
+    with pytest.raises(ValueError, match="'xx' is not a language code"):
+        HybridPairIndex(ds, HybridBatching(languages=["de", "xx"]))
+    rows = {"id": ["a", "a", "b"], "anchor": ["x", "y", "z"], "anchor_lang": ["de", "en", "fr"],
+            "positive": ["p", "q", "r"], "positive_lang": ["de", "en", "de"]}
+    with pytest.warns(UserWarning, match=r"\['fr'\] have no example"):
+        index = HybridPairIndex(datasets.Dataset.from_dict(rows), HybridBatching())
+    assert index.languages == ["de", "en", "fr"] and not index.availability[:, 2].any()
 
 
 def test_parallel_pairs_dataset_round_trip():

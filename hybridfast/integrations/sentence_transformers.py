@@ -54,6 +54,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from hybridfast.gradcache import GradCache  # noqa: E402
+from hybridfast.rules import MODES as _MODES  # noqa: E402
+from hybridfast.rules import check_languages, check_number  # noqa: E402
 
 try:  # recent sentence-transformers share one forward across like-shaped candidate columns
     from sentence_transformers.base.losses.merged_forward import embed_columns as _st_embed_columns
@@ -304,7 +306,6 @@ class CachedHybridMNRLoss(HybridMNRLoss):
 # Hybrid batches over a datasets.Dataset
 # --------------------------------------------------------------------------------------------------------
 
-_MODES = ("hybrid", "mono", "cross")
 _LABEL_COLUMNS = ("label", "labels", "score", "scores")  # what ST's collator treats as labels, not text
 
 
@@ -339,8 +340,7 @@ class HybridBatching:
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}")
-        if not 0.0 <= float(self.mono_prob) <= 1.0:
-            raise ValueError(f"mono_prob must be in [0, 1], got {self.mono_prob!r}")
+        check_number("mono_prob", self.mono_prob, 0.0, 1.0)
         if not isinstance(self.id_column, str):
             raise TypeError(f"id_column must be a column name (str), got {type(self.id_column).__name__}")
 
@@ -382,9 +382,8 @@ class HybridPairIndex:
         anchor_langs = self._langs(dataset, lang_of[anchor_col])
         positive_langs = self._langs(dataset, lang_of[positive_col])
         if config.languages is not None:
-            languages = [str(lang) for lang in config.languages]
-            if not languages or len(set(languages)) != len(languages):
-                raise ValueError(f"languages must be a non-empty list of distinct codes, got {config.languages!r}")
+            languages = check_languages(list(config.languages) if not isinstance(config.languages, str)
+                                        else config.languages)
         else:
             languages = sorted(set(anchor_langs) | set(positive_langs))
         lang_code = {lang: i for i, lang in enumerate(languages)}
@@ -402,6 +401,13 @@ class HybridPairIndex:
                 f"no example has both its {anchor_col!r} and its {positive_col!r} in one of the languages "
                 f"{languages} (language columns {lang_of[anchor_col]!r}, {lang_of[positive_col]!r})"
             )
+        empty = [lang for lang, has in zip(languages, self.availability.any(axis=0)) if not has]
+        if empty:  # as hybridfast.train_data: a language needs data
+            message = (f"languages: {empty} have no example with both its {anchor_col!r} and its {positive_col!r} "
+                       f"in that language; leave them out (languages={[l for l in languages if l not in empty]})")
+            if config.languages is not None:  # named by the user: refused
+                raise ValueError(message)
+            warnings.warn(message + "; they are never sampled", stacklevel=3)  # found in a column only
         self.groups = None
         if config.group_column is not None:
             self.groups = self._groups(dataset[config.group_column], example, n_examples, config.group_column)

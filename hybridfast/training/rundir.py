@@ -132,14 +132,14 @@ class RunFolder:
                 raise OutputFolderError(f"--resume: no intact checkpoint in {out}{why}; the run stopped before "
                                         "its first --save-steps checkpoint. Start again with --overwrite")
             return "resume", checkpoint
-        if foreign and not overwrite:
-            raise OutputFolderError(f"output: {out} holds files hybridfast did not write ({foreign[:5]}"
-                                    f"{' ...' if len(foreign) > 5 else ''}); choose a new or empty folder, or pass "
-                                    "--overwrite to write beside them (they are left untouched)")
         if record is not None and [n for n in record["entries"] if (out / n).exists()] and not overwrite:
             raise OutputFolderError(f"output: {out} already holds a training run; pass resume=True (--resume) to "
                                     "continue it, overwrite=True (--overwrite) to start again (removes only "
                                     "hybridfast's own files there), or choose another output folder")
+        if foreign and not overwrite:
+            raise OutputFolderError(f"output: {out} holds files hybridfast did not write ({foreign[:5]}"
+                                    f"{' ...' if len(foreign) > 5 else ''}); choose a new or empty folder, or pass "
+                                    "--overwrite to write beside them (they are left untouched)")
         return "fresh", None
 
     def clear_own(self):
