@@ -1,33 +1,82 @@
-"""hybridfast.demo: a tiny-budget demo end to end (tiny random BERT, synthetic
-LAReQA data, CPU), the budget presets, the verdict and the missing-data message."""
+"""hybridfast.demo: tiny-budget demos end to end (tiny random BERT, synthetic LAReQA data, CPU) in both
+protocols, through the library and the command line; the budget presets, the default model, the
+verdict, download on first use and the offline message."""
 import json
-import math
+import random
+import urllib.error
 from pathlib import Path
 
 import pytest
 
-from hybridfast import demo
-from hybridfast.demo import choose_budget, format_table, run_demo, subset_articles, verdict
-from test_study import LANGS, write_synthetic_lareqa, write_tiny_bert
-
+from hybridfast import data as data_module
+from hybridfast import demo, models
+from hybridfast.demo import choose_budget, format_table, run_demo, verdict
+from helpers import tiny_bert
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+LANGS = ("de", "en", "es")
+N_CONCEPTS = 48
+
+
+def _word(lang, concept):
+    return f"{lang}{concept}"
+
+
+def write_synthetic_lareqa(root: Path, langs=LANGS, n_articles=8, paragraphs=2, sentences=3, questions=2,
+                           seed=0) -> Path:
+    """A fully parallel LAReQA folder: every language has its own word forms of shared concepts,
+    a question repeats two words of its answer sentence."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    plan = []
+    for a in range(n_articles):
+        paras = []
+        for p in range(paragraphs):
+            sents = [[f"c{rng.randrange(N_CONCEPTS)}" for _ in range(4)] for _ in range(sentences)]
+            qs = [(f"s{seed}-q{a}-{p}-{k}", s, rng.sample(sents[s], 2))
+                  for k, s in ((k, rng.randrange(sentences)) for k in range(questions))]
+            paras.append((sents, qs))
+        plan.append(paras)
+    for lang in langs:
+        articles = []
+        for a, paras in enumerate(plan):
+            out = []
+            for sents, qs in paras:
+                texts = [" ".join(_word(lang, c) for c in s) + " ." for s in sents]
+                context, breaks = "", []
+                for t in texts:
+                    start = len(context) + (1 if context else 0)
+                    context = (context + " " + t) if context else t
+                    breaks.append([start, start + len(t)])
+                qas = [{"id": qid, "question": " ".join(_word(lang, c) for c in words) + " ?",
+                        "answers": [{"answer_start": breaks[s][0], "text": texts[s][:5]}]} for qid, s, words in qs]
+                out.append({"context": context, "qas": qas, "sentence_breaks": breaks, "sentences": texts})
+            articles.append({"title": f"article {seed}-{a}", "paragraphs": out})
+        (root / f"{lang}.json").write_text(json.dumps({"data": articles, "version": "synthetic"}))
+    return root
+
 
 @pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory):
+def tiny_model(tmp_path_factory):
+    words = [".", "?", ":", "query", "passage"] + [_word(l, f"c{i}") for l in LANGS for i in range(N_CONCEPTS)]
+    return tiny_bert(tmp_path_factory.mktemp("tiny") / "model", words, hidden=16, layers=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("demo")
-    data = write_synthetic_lareqa(root / "data" / "synthetic")
-    model = write_tiny_bert(root / "model")
+    folder = write_synthetic_lareqa(root / "data" / "synthetic")
     lines = []
-    result = run_demo(out=root / "out", data=str(data), model=str(model), steps=2, batch_size=4, max_length=16,
-                      languages=list(LANGS), device="cpu", show_progress=False, n_bootstrap=200,
+    result = run_demo(out=root / "out", data=str(folder), model=str(tiny_model), steps=2, batch_size=4,
+                      max_length=16, languages=list(LANGS), device="cpu", show_progress=False, n_bootstrap=200,
                       log=lambda *a: lines.append(" ".join(map(str, a))))
     return root / "out", result, "\n".join(lines)
 
 
 def test_demo_runs_all_four_and_writes_files(tiny_demo):
     out, result, printed = tiny_demo
+    assert result["protocol"] == "held-out"  # only `data` given: train and test articles of one benchmark
     assert list(result["runs"]) == ["base", "mono", "cross", "hybrid"]
     for name in ("results.json", "results.md", "demo_map.png", "demo_rank_distance.png"):
         assert (out / name).exists(), name
@@ -35,26 +84,33 @@ def test_demo_runs_all_four_and_writes_files(tiny_demo):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "results.json").read_text())
     assert saved["budget"]["steps"] == 2 and saved["budget"]["batch_size"] == 4
-    assert saved["languages"] == list(LANGS)
+    assert saved["languages"] == list(LANGS) and saved["test"]["split"] == "test"
     assert [r["run"] for r in saved["table"]] == ["base", "mono", "cross", "hybrid"]
     # only the fine-tunes were trained, with the same budget
     assert saved["runs"]["base"]["train_seconds"] is None
     assert all(saved["runs"][m]["train_seconds"] > 0 for m in ("mono", "cross", "hybrid"))
+    # per-language multi mAP is the evaluator's, per run
+    for run in saved["runs"]:
+        assert saved["per_language_multi_map"][run] == {l: v["map"] for l, v in
+                                                        saved["runs"][run]["per_language"].items()}
 
 
 def test_demo_states_budget_and_verdict(tiny_demo):
     out, result, printed = tiny_demo
     assert "2 steps x batch 4" in printed and "de, en, es" in printed and "device: CPU" in printed
+    assert "held-out" in printed
     assert result["verdict"] and result["verdict"] in printed
     md = (out / "results.md").read_text()
-    assert "2 steps x batch 4" in md and "| run | mono mAP |" in md
-    # one bootstrap per mode vs base and per pair of modes, each interval around its difference
+    assert "2 steps x batch 4" in md and "| run | mono mAP |" in md and "| run | de | en | es |" in md
     assert len(result["comparisons"]) == 6
     for c in result["comparisons"]:
         assert c["ci_low"] - 1e-12 <= c["diff"] <= c["ci_high"] + 1e-12
-    # the verdict claims a mode difference only when a bootstrap says so
     mode_sig = [c for c in result["comparisons"] if c["b"] != "base" and c["significant"]]
     assert ("do NOT differ" in result["verdict"]) == (not mode_sig)
+    # one line per phase, each stamped with the elapsed time; no per-cell counters
+    phases = [l for l in printed.splitlines() if l.startswith("[")]
+    assert phases and all(l[:1] == "[" and l[3] == ":" and l[6] == "]" for l in phases)
+    assert not any("cell " in l for l in phases)
 
 
 def test_table_marks_the_best_value(tiny_demo):
@@ -73,10 +129,83 @@ def test_rerun_reuses_finished_runs(tiny_demo, monkeypatch):
     import hybridfast.trainer as trainer
 
     out, result, _ = tiny_demo
-    monkeypatch.setattr(trainer, "train", lambda cfg: pytest.fail("retrained a finished run"))
+    monkeypatch.setattr(trainer, "train", lambda cfg, **kw: pytest.fail("retrained a finished run"))
     again = run_demo(out=out, data=result["data"], model=result["model"], steps=2, batch_size=4, max_length=16,
                      languages=list(LANGS), device="cpu", show_progress=False, n_bootstrap=200, log=lambda *a: None)
     assert again["table"] == result["table"]
+
+
+def test_zero_shot_through_the_cli_is_calm(tmp_path, tiny_model, capfd):
+    """`--train`/`--eval` data sets: trained on two languages, evaluated on three (one unseen)."""
+    from hybridfast.cli import main
+
+    write_synthetic_lareqa(tmp_path / "d" / "mlqa-r", langs=("de", "en"), seed=1)
+    write_synthetic_lareqa(tmp_path / "d" / "xquad-r", seed=2)
+    rc = main(["demo", "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "out"), "--device", "cpu",
+               "--model", str(tiny_model), "--steps", "2", "--batch-size", "4", "--max-length", "16",
+               "--languages", "de,en", "--eval-languages", "de,en,es", "--threads", "1"])
+    captured = capfd.readouterr()
+    assert rc == 0, captured.err
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["protocol"] == "zero-shot" and saved["test"]["split"] == "all"
+    assert Path(saved["train_data"]).name == "mlqa-r" and Path(saved["data"]).name == "xquad-r"
+    assert saved["train_languages"] == ["de", "en"] and saved["unseen_languages"] == ["es"]
+    assert "unseen in training: es" in captured.out
+    # calm: no progress bars of encoding, training or loading
+    for noise in ("encode query texts", "Loading weights", "step/s", "it/s"):
+        assert noise not in captured.out + captured.err, noise
+
+
+def test_default_model_is_multilingual_e5_small(tmp_path, tiny_model, monkeypatch):
+    asked = []
+
+    def fake_get(name, layers=None, **kw):
+        asked.append((name, layers))
+        return tiny_model
+
+    monkeypatch.setattr(models, "get", fake_get)
+    folder = write_synthetic_lareqa(tmp_path / "xq")
+    result = run_demo(out=tmp_path / "out", data=str(folder), steps=1, batch_size=4, max_length=16,
+                      languages=list(LANGS), device="cpu", show_progress=False, n_bootstrap=50,
+                      log=lambda *a: None)
+    assert asked == [("multilingual-e5-small", None)]
+    assert result["model"] == str(tiny_model)
+
+
+def test_missing_dataset_is_downloaded_on_first_use(tmp_path, tiny_model, monkeypatch):
+    fetched = []
+
+    def fake_download(name, to=None, show_progress=True):
+        fetched.append((name, Path(to) if to else None))
+        return write_synthetic_lareqa(Path(to) / name, langs=("de", "en") if name == "mlqa-r" else LANGS,
+                                      seed=len(fetched))
+
+    monkeypatch.setattr(data_module, "download", fake_download)
+    lines = []
+    result = run_demo(out=tmp_path / "out", data_dir=tmp_path / "data", model=str(tiny_model), steps=1,
+                      batch_size=4, max_length=16, languages="de,en", eval_languages="de,en,es", device="cpu",
+                      show_progress=False, n_bootstrap=50, log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert fetched == [("mlqa-r", tmp_path / "data"), ("xquad-r", tmp_path / "data")]
+    assert sum("downloading" in l for l in lines) == 2
+    assert result["protocol"] == "zero-shot"
+
+
+def test_offline_missing_data_points_to_download(tmp_path, tiny_model, monkeypatch, capsys):
+    from hybridfast.cli import main
+
+    def offline(url, timeout=60.0):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(data_module, "_fetch", offline)
+    monkeypatch.delenv("HYBRIDFAST_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "empty").mkdir()
+    rc = main(["demo", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "out"), "--device", "cpu",
+               "--model", str(tiny_model)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "hybridfast data download mlqa-r" in err and "download failed" in err
+    assert not any((tmp_path / "empty").iterdir())  # nothing half-downloaded left behind
 
 
 def test_budgets():
@@ -85,25 +214,20 @@ def test_budgets():
     assert quick.steps < cpu.steps < gpu.steps
     assert quick.max_length <= cpu.max_length <= gpu.max_length
     assert gpu.languages is None and len(quick.languages) >= 2
+    for b in (cpu, quick):  # zero-shot over several scripts, with languages unseen in training
+        assert b.protocol == "zero-shot"
+        assert set(b.eval_languages) - set(b.languages)
+        assert {"zh", "th"} & set(b.eval_languages)
     custom = choose_budget("cpu", True, steps=5, languages="en,de")
     assert custom.steps == 5 and custom.languages == ("de", "en") and "modified" in custom.name
+    held = choose_budget("cpu", False, protocol="held-out", languages="de,en,es")
+    assert held.protocol == "held-out" and held.eval_languages is None
     with pytest.raises(ValueError, match="steps"):
         choose_budget("cpu", False, steps=0)
     with pytest.raises(ValueError, match="languages"):
         choose_budget("cpu", False, languages=["en"])
-
-
-def test_subset_articles(tmp_path):
-    from hybridfast.data import load_benchmark
-
-    bench = load_benchmark(write_synthetic_lareqa(tmp_path / "d"), split="test")
-    sub = subset_articles(bench, 2)
-    arts = {c.split(":")[1] for cands in sub.candidates.values() for c in cands}
-    assert len(arts) == 2
-    for lang, qs in sub.queries.items():
-        for q in qs:
-            assert sub.qrels[q] and all(c.split(":")[1] in arts for c in sub.qrels[q])
-    assert 0 < sum(map(len, sub.queries.values())) < sum(map(len, bench.queries.values()))
+    with pytest.raises(ValueError, match="protocol"):
+        choose_budget("cpu", False, protocol="few-shot")
 
 
 def _cmp(a, b, diff, lo, hi):
@@ -129,14 +253,7 @@ def test_format_table_text_and_markdown():
     assert "0.2000*" in text and "1.00*" in text and "0.1000*" not in text
     md = format_table(rows, markdown=True)
     assert "**0.2000**" in md and "**1.00**" in md
-
-
-def test_missing_data_points_to_download(tmp_path, monkeypatch, capsys):
-    from hybridfast.cli import main
-
-    monkeypatch.delenv("HYBRIDFAST_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    (tmp_path / "empty").mkdir()
-    rc = main(["demo", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "out"), "--device", "cpu"])
-    assert rc == 2
-    assert "hybridfast data download xquad-r" in capsys.readouterr().err
+    runs = {"base": {"per_language": {"de": {"map": 0.1}, "en": {"map": 0.4}}},
+            "hybrid": {"per_language": {"de": {"map": 0.3}, "en": {"map": 0.2}}}}
+    table = demo.per_language_table(runs, ["de", "en"], markdown=True)
+    assert "| base | 0.100 | **0.400** |" in table and "| hybrid | **0.300** | 0.200 |" in table
