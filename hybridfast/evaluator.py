@@ -33,6 +33,7 @@ from typing import Dict, Tuple
 import numpy as np
 
 from hybridfast.metrics import METRICS, MULTI_METRICS, macro_average, mean_metrics, per_query_metrics, tie_priority
+from hybridfast import rules
 from hybridfast._backends import resolve_device
 from hybridfast.data import candidate_text
 from hybridfast.search import BACKENDS, resolve_backend, search
@@ -238,13 +239,17 @@ class RetrievalEvaluator:
         settings = tuple(settings)
         if not settings or any(s not in SETTINGS for s in settings):
             raise ValueError(f"settings must be a non-empty subset of {SETTINGS}, got {settings!r}")
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+        k = rules.check_int("k", k, 1)
         if search not in BACKENDS:
             raise ValueError(f"search must be one of {BACKENDS}, got {search!r}")
         resolve_backend(search, ivf_lists)  # checks the combination early
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        # one rule for ints everywhere (hybridfast.rules): True is not a batch size
+        batch_size = rules.check_int("batch_size", batch_size, 1, optional=True)
+        chunk_size = rules.check_int("chunk_size", chunk_size, 1, optional=True)
+        ivf_lists = rules.check_int("ivf_lists", ivf_lists, 1, optional=True)
+        nprobe = rules.check_int("nprobe", nprobe, 1)
+        show_progress = rules.check_bool("show_progress", show_progress)
+        keep_per_query = rules.check_bool("keep_per_query", keep_per_query)
         if languages is not None:
             if isinstance(languages, str):
                 languages = [languages]

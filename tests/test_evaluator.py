@@ -392,6 +392,12 @@ def test_bad_arguments():
         RetrievalEvaluator(bench, settings=("mono", "bilingual"))
     with pytest.raises(ValueError, match="k must"):
         RetrievalEvaluator(bench, k=0)
+    # bools are not ints (one rule, hybridfast.rules): used to pass as batch_size 1
+    for kw in (dict(batch_size=True), dict(k=True), dict(chunk_size=False), dict(nprobe=True)):
+        with pytest.raises(TypeError, match=list(kw)[0]):
+            RetrievalEvaluator(bench, **kw)
+    with pytest.raises(TypeError, match="keep_per_query"):
+        RetrievalEvaluator(bench, keep_per_query="yes")
     with pytest.raises(ValueError, match="search"):
         RetrievalEvaluator(bench, search="annoy")
     with pytest.raises(TypeError, match="benchmark"):
