@@ -106,7 +106,7 @@ def _make_fused_loss(scale, similarity, symmetric, gather_across_devices, backen
     from hybridfast.loss import MAX_SCALE, HybridContrastiveLoss
 
     if scale > MAX_SCALE:
-        # ST applies any scale; HybridContrastiveLoss caps the logit scale (DESIGN.md), so values differ
+        # ST applies any scale; HybridContrastiveLoss caps the logit scale (docs/architecture.md, README), so values differ
         warnings.warn(
             f"scale={scale:g} is above HybridContrastiveLoss's cap of {MAX_SCALE:g}: the loss uses scale "
             f"{MAX_SCALE:g} and will not equal MultipleNegativesRankingLoss(scale={scale:g})",
