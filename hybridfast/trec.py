@@ -25,6 +25,7 @@ metrics cut at <= k (mrr@10, ndcg@10, recall@k) are still exact. Rank distance i
 a trec_eval measure; with ``"full"`` the ranks it needs are in the files.
 """
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +60,15 @@ def _ranked(scores, rows, depth_rows, prio):
 
 
 def write_runs(evaluator, query_embeddings, candidate_embeddings, found, folder, depth="full",
-               tag="hybridfast"):
+               tag="hybridfast", warn_lines=20_000_000):
     """Write the runs and qrels of one evaluation (see the module docstring) -> the folder.
 
     evaluator: the RetrievalEvaluator that produced `found` (its SearchResult) from these
-    embeddings (float32 arrays in its row order)."""
+    embeddings (float32 arrays in its row order). Lines are streamed to the files chunk by
+    chunk (memory stays bounded); each file appears under its name only when complete.
+    A warning tells the size first when the files will exceed `warn_lines` lines in all
+    (deep relevant candidates with depth="full").
+    """
     if depth not in DEPTHS:
         raise ValueError(f"depth must be one of {DEPTHS}, got {depth!r}")
     if not found.exact:
@@ -82,35 +87,58 @@ def write_runs(evaluator, query_embeddings, candidate_embeddings, found, folder,
     pairs = [(xi, yi) for xi, x in enumerate(langs_q) for yi, y in enumerate(langs_c)
              if (x == y and "mono" in ev.settings) or (x != y and "cross" in ev.settings)]
     multi = "multi" in ev.settings
-    # depth per query and pair / pool: k, or down to the deepest relevant candidate
-    if depth == "full":
-        pool_depth = np.maximum(k, np.where(valid, found.ranks, 0).max(1))
-    else:
-        pool_depth = np.full(len(q_ids), k)
-    lines = {(xi, yi): [] for xi, yi in pairs}
-    multi_lines = {xi: [] for xi in range(len(langs_q))} if multi else {}
-    for s, e, scores in chunk_scores(query_embeddings, candidate_embeddings, device=ev.device,
-                                     n_relevant=rel.shape[1], chunk_size=ev.chunk_size):
-        q_lang = ev._q_lang[s:e]
-        for yi in range(len(langs_c)):
-            b0, b1 = offsets[yi], offsets[yi + 1]
-            in_pair = (rel_block[s:e] == yi).any(1) & np.isin(q_lang, [x for x, y in pairs if y == yi])
-            rows = np.nonzero(in_pair)[0]
-            if depth == "full":
-                deepest = np.where(rel_block[s:e][rows] == yi, found.block_ranks[s:e][rows], 0).max(1)
-                d = np.maximum(k, deepest)
-            else:
-                d = np.full(len(rows), k)
-            for i, (cols, vals) in zip(rows, _ranked(scores[:, b0:b1], rows, d, prio[b0:b1])):
-                qid, out = q_ids[s + i], lines[(q_lang[i], yi)]
-                out.extend(f"{qid} Q0 {c_ids[b0 + c]} {r} {float(v)!r} {tag}\n"
-                           for r, (c, v) in enumerate(zip(cols.tolist(), vals.tolist()), 1))
-        if multi:
-            rows = np.arange(e - s)
-            for i, (cols, vals) in zip(rows, _ranked(scores, rows, pool_depth[s:e], prio)):
-                qid = q_ids[s + i]
-                multi_lines[q_lang[i]].extend(f"{qid} Q0 {c_ids[c]} {r} {float(v)!r} {tag}\n"
-                                              for r, (c, v) in enumerate(zip(cols.tolist(), vals.tolist()), 1))
+    sizes = np.diff(offsets)
+    # depth per query, per candidate language and for the pool: k, or down to the deepest relevant
+    block_depth = np.zeros((len(q_ids), len(langs_c)), dtype=np.int64)
+    for yi in range(len(langs_c)):
+        deepest = np.where(rel_block == yi, found.block_ranks, 0).max(1)
+        d = np.maximum(k, deepest) if depth == "full" else np.full(len(q_ids), k)
+        block_depth[:, yi] = np.minimum(d, sizes[yi])
+    in_pair = np.zeros(block_depth.shape, dtype=bool)
+    for xi, yi in pairs:
+        in_pair[:, yi] |= (ev._q_lang == xi) & (rel_block == yi).any(1)
+    pool_depth = np.full(len(q_ids), k) if depth == "k" else np.maximum(k, np.where(valid, found.ranks, 0).max(1))
+    pool_depth = np.minimum(pool_depth, len(c_ids))
+    n_lines = int((block_depth * in_pair).sum()) + (int(pool_depth.sum()) if multi else 0)
+    if n_lines > warn_lines:
+        warnings.warn(f"save_run: the run files will hold {n_lines:,} lines (about {n_lines * 60 / 1e9:.1f} GB) "
+                      "because relevant candidates lie deep in the rankings; run_depth='k' writes only the "
+                      f"top {k}", UserWarning, stacklevel=3)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "runs").mkdir(exist_ok=True)
+    (folder / "qrels").mkdir(exist_ok=True)
+    names = {(xi, yi): f"runs/{langs_q[xi]}-{langs_c[yi]}.run" for xi, yi in pairs}
+    if multi:
+        names.update({(xi, None): f"runs/{langs_q[xi]}-multi.run" for xi in range(len(langs_q))})
+    handles = {key: open(folder / f"{name}.tmp", "w", encoding="utf-8") for key, name in names.items()}
+    try:
+        for s, e, scores in chunk_scores(query_embeddings, candidate_embeddings, device=ev.device,
+                                         n_relevant=rel.shape[1], chunk_size=ev.chunk_size):
+            q_lang = ev._q_lang[s:e]
+            for yi in range(len(langs_c)):
+                b0, b1 = offsets[yi], offsets[yi + 1]
+                rows = np.nonzero(in_pair[s:e, yi])[0]
+                ranked = _ranked(scores[:, b0:b1], rows, block_depth[s:e, yi][rows], prio[b0:b1])
+                for i, (cols, vals) in zip(rows, ranked):
+                    qid = q_ids[s + i]
+                    handles[(q_lang[i], yi)].writelines(
+                        f"{qid} Q0 {c_ids[b0 + c]} {r} {float(v)!r} {tag}\n"
+                        for r, (c, v) in enumerate(zip(cols.tolist(), vals.tolist()), 1))
+            if multi:
+                rows = np.arange(e - s)
+                for i, (cols, vals) in zip(rows, _ranked(scores, rows, pool_depth[s:e], prio)):
+                    qid = q_ids[s + i]
+                    handles[(q_lang[i], None)].writelines(
+                        f"{qid} Q0 {c_ids[c]} {r} {float(v)!r} {tag}\n"
+                        for r, (c, v) in enumerate(zip(cols.tolist(), vals.tolist()), 1))
+    except BaseException:
+        for h in handles.values():
+            h.close()
+            Path(h.name).unlink(missing_ok=True)
+        raise
+    for key, h in handles.items():
+        h.close()
+        Path(h.name).replace(folder / names[key])
     # qrels: grades (1 without grades) of every relevant candidate, per candidate language and all
     gains = ev._gains
     per_lang_qrels = {yi: {} for yi in range(len(langs_c))}
@@ -121,21 +149,15 @@ def write_runs(evaluator, query_embeddings, candidate_embeddings, found, folder,
             g = 1 if gains is None else int(gains[i, j])
             per_lang_qrels[block_of[c]].setdefault(qid, {})[c_ids[c]] = g
             all_qrels.setdefault(qid, {})[c_ids[c]] = g
-    manifest = {"depth": depth, "k": k, "tag": tag, "runs": {}}
-    for (xi, yi), out in lines.items():
-        name = f"runs/{langs_q[xi]}-{langs_c[yi]}.run"
-        _write_lines(folder / name, out)
-        manifest["runs"][name] = f"qrels/{langs_c[yi]}.qrels"
-    for xi, out in multi_lines.items():
-        name = f"runs/{langs_q[xi]}-multi.run"
-        _write_lines(folder / name, out)
-        manifest["runs"][name] = "qrels/all.qrels"
     for yi, qrels in per_lang_qrels.items():
         _write_lines(folder / f"qrels/{langs_c[yi]}.qrels",
                      [f"{q} 0 {c} {g}\n" for q, rel_q in qrels.items() for c, g in rel_q.items()])
     _write_lines(folder / "qrels/all.qrels",
                  [f"{q} 0 {c} {g}\n" for q, rel_q in all_qrels.items() for c, g in rel_q.items()])
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    manifest = {"depth": depth, "k": k, "tag": tag, "lines": n_lines,
+                "runs": {name: (f"qrels/{langs_c[key[1]]}.qrels" if key[1] is not None else "qrels/all.qrels")
+                         for key, name in names.items()}}
+    _write_lines(folder / "manifest.json", [json.dumps(manifest, indent=2, sort_keys=True) + "\n"])
     return folder
 
 

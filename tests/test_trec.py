@@ -58,3 +58,19 @@ def test_bad_save_run_arguments(tmp_path):
     ivf = RetrievalEvaluator(bench, ivf_lists=2, show_progress=False)
     with pytest.raises(ValueError, match="needs exact search"):
         ivf.evaluate(HashEncoder(), save_run=tmp_path)
+
+
+def test_large_run_files_are_announced(tmp_path, monkeypatch):
+    import functools
+
+    import hybridfast.trec as trec
+
+    monkeypatch.setattr(trec, "write_runs", functools.partial(trec.write_runs, warn_lines=50))
+    bench = partly_parallel_benchmark(1)
+    ev = RetrievalEvaluator(bench, k=5, show_progress=False)
+    with pytest.warns(UserWarning, match=r"run files will hold [\d,]+ lines .* run_depth='k'"):
+        ev.evaluate(HashEncoder(), save_run=tmp_path / "big")
+    manifest = (tmp_path / "big" / "manifest.json").read_text()
+    n = sum(len(p.read_text().splitlines()) for p in (tmp_path / "big" / "runs").glob("*.run"))
+    assert f'"lines": {n}' in manifest
+    assert not list((tmp_path / "big").rglob("*.tmp"))  # every file complete under its own name
