@@ -154,8 +154,11 @@ def test_errors_name_file_and_line(tmp_path):
     with pytest.raises(BEIRFormatError, match=r"test.tsv:3: expected 'query-id<TAB>corpus-id<TAB>score'"):
         load_beir(root)
     qrels.write_text("\n".join(q_lines + ["q0\tnope\t1", "zz\td1\t1"]) + "\n")
-    with pytest.warns(BEIRWarning, match="document ids not in the loaded corpus"):
+    with pytest.warns(BEIRWarning) as caught:
         load_beir(root)
+    msgs = sorted(str(w.message) for w in caught if issubclass(w.category, BEIRWarning))
+    assert len(msgs) == 2 and "document ids not in the loaded corpus" in msgs[0]
+    assert "query ids not in the queries file" in msgs[1] and f"test.tsv:{len(q_lines) + 2}" in msgs[1]
     qrels.write_text("\n".join(q_lines) + "\n")
     with pytest.raises(FileNotFoundError, match=r"split: .*dev.tsv not found \(splits here: \['test'\]\)"):
         load_beir(root, split="dev")
