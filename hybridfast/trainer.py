@@ -7,6 +7,9 @@ after every step, which older callers and tests replace to interrupt a run.
 from hybridfast.training import (Collator, TrainConfig, batch_kind, gradcache_step, list_checkpoints,  # noqa: F401
                                  plain_step, prefetch, prepare)
 from hybridfast.training import loop as _loop
+
+__all__ = ["TrainConfig", "train", "prepare", "Collator", "batch_kind", "prefetch", "plain_step", "gradcache_step",
+           "list_checkpoints", "MAX_GRAD_NORM", "enable_checkpointing"]
 from hybridfast.training.steps import MAX_GRAD_NORM, enable_checkpointing  # noqa: F401
 
 
