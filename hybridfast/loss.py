@@ -312,10 +312,14 @@ def _measured_backend(args, symmetric, groups, chunk_memory, compute_dtype, chun
     def run(name):
         qq, pp = q_all.detach().requires_grad_(True), p.detach().requires_grad_(True)
         rows = _chunk_rows(name, q_all, max(p.shape[0], q_all.shape[0]), compute_dtype, chunk_size, chunk_memory)
-        _ContrastiveFunction.apply(qq, pp, scale.detach(), *args[3:10], name, rows, True).backward()
+        _ContrastiveFunction.apply(qq, pp, scale.detach(), *args[3:10], name, rows, True).sum().backward()
 
-    candidates = engines.available_candidates(q_all, p, symmetric, budget, triton_ok=True)
-    return engines.choose_backend(key, candidates, run, lambda: torch.cuda.synchronize(q_all.device))
+    def sync():
+        if q_all.is_cuda:
+            torch.cuda.synchronize(q_all.device)
+
+    candidates = engines.available_candidates(q_all, p, symmetric, budget, triton_ok=triton_available_for(q_all))
+    return engines.choose_backend(key, candidates, run, sync)
 
 
 def _contrastive(q, p, labels, query_groups, passage_groups, scale, similarity, symmetric, reduction,

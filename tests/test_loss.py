@@ -450,6 +450,27 @@ def test_time_candidates_picks_fastest_and_skips_out_of_memory():
         loss_engines._timings.pop(key, None)
 
 
+@needs_triton
+def test_measured_choice_times_the_real_engines():
+    # the code path "auto" takes on CUDA, run on CPU tensors (Triton interpreted): every engine
+    # runs forward+backward on detached copies, the fastest is cached for the bucket
+    from hybridfast import loss_engines
+    from hybridfast.loss import _measured_backend
+
+    q, p, labels, qg, pg = make_inputs(B=8, negatives=1, D=16, seed=23, groups=2)
+    scale = torch.tensor(20.0)
+    args = [q, p, scale, labels, qg, pg, 0, 8, True, "none"]
+    key = loss_engines.shape_key(q, p, True, True)
+    try:
+        choice = _measured_backend(args, True, True, None, torch.float32, None)
+        assert choice in ("torch", "chunked", "triton")
+        assert set(loss_engines._timings[key]) == {"torch", "chunked", "triton"}
+        assert q.grad is None and p.grad is None  # timing never touches the caller's tensors
+    finally:
+        loss_engines._choices.pop(key, None)
+        loss_engines._timings.pop(key, None)
+
+
 def test_shape_key_buckets_powers_of_two():
     from hybridfast.loss_engines import shape_key
 

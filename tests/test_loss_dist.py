@@ -23,6 +23,8 @@ CONFIGS = [
     dict(symmetric=True, reduction="mean", groups=True, backend="torch"),
     dict(symmetric=False, reduction="mean", groups=True, backend="torch"),
     dict(symmetric=True, reduction="sum", groups=True, backend="triton"),
+    dict(symmetric=True, reduction="mean", groups=True, backend="chunked"),
+    dict(symmetric=False, reduction="sum", groups=False, backend="chunked"),
 ]
 
 
