@@ -322,6 +322,28 @@ def _assemble(path, queries, candidates, qrels_lines, shared, name, notes, elsew
     return bench
 
 
+def _read_language_folder(folder: Path, lang: str, layout: str, split: str, candidates):
+    """One language of a per-language layout: its corpus into `candidates` (ids <lang>:<id>)
+    -> ({qid: text}, [(qid, docid, grade, where)])."""
+    if layout == "beir":
+        _read_corpus(folder / "corpus.jsonl", "_id", None, candidates, lang=lang, prefix=True)
+        qs = _read_queries_jsonl(folder / "queries.jsonl", None, lang=lang).get(lang, {})
+        return qs, _read_qrels(_qrels_file(folder, split), trec=False)
+    topics, qrels, corpus = _miracl_files(folder, split)
+    for what, found in (("topics (topics*-<split>.tsv)", topics), ("qrels (qrels*-<split>.tsv)", qrels),
+                        ("corpus (*.jsonl or *.jsonl.gz)", corpus)):
+        if not found:
+            raise FileNotFoundError(f"{folder}: no {what} file for split {split!r}")
+    for what, found in (("topics", topics), ("qrels", qrels)):
+        if len(found) > 1:
+            raise ValueError(f"{folder}: {len(found)} {what} files match split {split!r} "
+                             f"({', '.join(f.name for f in found)}); keep one")
+    seen_docs: Dict[str, str] = {}
+    for f in corpus:
+        _read_corpus(f, "docid", None, candidates, lang=lang, prefix=True, where_seen=seen_docs)
+    return _read_topics_tsv(topics[0]), _read_qrels(qrels[0], trec=True)
+
+
 def load_beir(path, languages=None, split="test", shared_query_ids=None) -> GradedRetrievalBenchmark:
     """Read a BEIR folder (per-language subfolders or one folder with a ``lang`` field) or
     MIRACL's native per-language files into a GradedRetrievalBenchmark (module docstring).
@@ -362,27 +384,8 @@ def load_beir(path, languages=None, split="test", shared_query_ids=None) -> Grad
     shared = bool(shared_query_ids)
     queries, candidates, lines = {}, {}, []
     for lang in langs:
-        folder = folders[lang]
-        if layout == "beir":
-            _read_corpus(folder / "corpus.jsonl", "_id", None, candidates, lang=lang, prefix=True)
-            qs = _read_queries_jsonl(folder / "queries.jsonl", None, lang=lang).get(lang, {})
-            raw = _read_qrels(_qrels_file(folder, split), trec=False)
-        else:
-            topics, qrels, corpus = _miracl_files(folder, split)
-            for what, found in (("topics (topics*-<split>.tsv)", topics), ("qrels (qrels*-<split>.tsv)", qrels),
-                                ("corpus (*.jsonl or *.jsonl.gz)", corpus)):
-                if not found:
-                    raise FileNotFoundError(f"{folder}: no {what} file for split {split!r}")
-            for what, found in (("topics", topics), ("qrels", qrels)):
-                if len(found) > 1:
-                    raise ValueError(f"{folder}: {len(found)} {what} files match split {split!r} "
-                                     f"({', '.join(f.name for f in found)}); keep one")
-            seen_docs: Dict[str, str] = {}
-            for f in corpus:
-                _read_corpus(f, "docid", None, candidates, lang=lang, prefix=True, where_seen=seen_docs)
-            qs = _read_topics_tsv(topics[0])
-            raw = _read_qrels(qrels[0], trec=True)
-        key = (lambda q: q) if shared else (lambda q: f"{lang}:{q}")
+        qs, raw = _read_language_folder(folders[lang], lang, layout, split, candidates)
+        key = (lambda q: q) if shared else (lambda q, lang=lang: f"{lang}:{q}")
         queries[lang] = {key(q): t for q, t in qs.items()}
         lines += [(lang, key(q), f"{lang}:{d}", g, w) for q, d, g, w in raw]
         candidates.setdefault(lang, {})

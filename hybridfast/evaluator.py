@@ -427,6 +427,27 @@ class RetrievalEvaluator:
             result.config.update(run_dir=str(save_run), run_depth=run_depth)
         return result
 
+    def _summary(self, per_pair, per_language, n_queries):
+        """Macro averages per setting, and the config (with notes) of one evaluation."""
+        notes = list(self.notes)
+        if "cross" in self.settings and per_pair and not any(
+                n_queries.get(f"{x}->{y}") for (x, y) in per_pair if x != y):
+            notes.append("cross: no query has a relevant candidate in another language (no query id is "
+                         "shared across languages), so every cross-lingual pair is empty")
+        summary = {}
+        if "mono" in self.settings:
+            summary["mono"] = macro_average(m for (x, y), m in per_pair.items() if x == y)
+        if "cross" in self.settings:
+            summary["cross"] = macro_average(m for (x, y), m in per_pair.items() if x != y)
+        if "multi" in self.settings:
+            summary["multi"] = macro_average(per_language.values())
+        config = {"search": resolve_backend(self.search, self.ivf_lists),
+                  "device": str(resolve_device(self.device)),
+                  "k": self.k, "ivf_lists": self.ivf_lists, "nprobe": self.nprobe if self.ivf_lists else None,
+                  "settings": list(self.settings), "queries": len(self._q_ids), "candidates": len(self._cand_ids),
+                  "graded": self._gains is not None, "notes": notes}
+        return summary, config
+
     def _metrics(self, found) -> EvaluationResult:
         rel = self._relevant
         valid = rel >= 0
@@ -476,23 +497,7 @@ class RetrievalEvaluator:
                     values["rank_distance"] = np.full(len(ranks), np.nan)
                 per_language[x] = mean_metrics(values)
                 keep_values(f"{x}->multi", q_ids[rows], values)
-        notes = list(self.notes)
-        if "cross" in self.settings and per_pair and not any(
-                n_queries.get(f"{x}->{y}") for (x, y) in per_pair if x != y):
-            notes.append("cross: no query has a relevant candidate in another language (no query id is "
-                         "shared across languages), so every cross-lingual pair is empty")
-        summary = {}
-        if "mono" in self.settings:
-            summary["mono"] = macro_average(m for (x, y), m in per_pair.items() if x == y)
-        if "cross" in self.settings:
-            summary["cross"] = macro_average(m for (x, y), m in per_pair.items() if x != y)
-        if "multi" in self.settings:
-            summary["multi"] = macro_average(per_language.values())
-        config = {"search": resolve_backend(self.search, self.ivf_lists),
-                  "device": str(resolve_device(self.device)),
-                  "k": self.k, "ivf_lists": self.ivf_lists, "nprobe": self.nprobe if self.ivf_lists else None,
-                  "settings": list(self.settings), "queries": len(self._q_ids), "candidates": len(self._cand_ids),
-                  "graded": self._gains is not None, "notes": notes}
+        summary, config = self._summary(per_pair, per_language, n_queries)
         return EvaluationResult(summary=summary, per_pair=per_pair, per_language=per_language,
                                 query_languages=list(self.query_languages),
                                 candidate_languages=list(self.candidate_languages), n_queries=n_queries,

@@ -59,6 +59,42 @@ def _ranked(scores, rows, depth_rows, prio):
     return [(ids[i, :d], vals[i, :d]) for i, d in enumerate(np.minimum(depth_rows, sub.shape[1]))]
 
 
+def _depths(ev, found, pairs, depth, rel_block):
+    """-> (list length per query and candidate language, whether the query is in that pair's
+    run, list length per query in the pool): k, or down to the deepest relevant candidate."""
+    k, offsets, valid = ev.k, ev._offsets, ev._relevant >= 0
+    sizes = np.diff(offsets)
+    n_q = len(ev._q_ids)
+    block_depth = np.zeros((n_q, len(sizes)), dtype=np.int64)
+    for yi in range(len(sizes)):
+        deepest = np.where(rel_block == yi, found.block_ranks, 0).max(1)
+        d = np.maximum(k, deepest) if depth == "full" else np.full(n_q, k)
+        block_depth[:, yi] = np.minimum(d, sizes[yi])
+    in_pair = np.zeros(block_depth.shape, dtype=bool)
+    for xi, yi in pairs:
+        in_pair[:, yi] |= (ev._q_lang == xi) & (rel_block == yi).any(1)
+    pool_depth = np.full(n_q, k) if depth == "k" else np.maximum(k, np.where(valid, found.ranks, 0).max(1))
+    return block_depth, in_pair, np.minimum(pool_depth, offsets[-1])
+
+
+def _write_qrels(ev, folder, q_ids, c_ids, block_of):
+    """qrels/<lang>.qrels (relevant candidates in that language) and qrels/all.qrels, with grades."""
+    rel, gains = ev._relevant, ev._gains
+    per_lang = {yi: {} for yi in range(len(ev.candidate_languages))}
+    pool = {}
+    for i, qid in enumerate(q_ids):
+        for j in np.nonzero(rel[i] >= 0)[0]:
+            c = int(rel[i, j])
+            g = 1 if gains is None else int(gains[i, j])
+            per_lang[block_of[c]].setdefault(qid, {})[c_ids[c]] = g
+            pool.setdefault(qid, {})[c_ids[c]] = g
+    for yi, qrels in per_lang.items():
+        _write_lines(folder / f"qrels/{ev.candidate_languages[yi]}.qrels",
+                     [f"{q} 0 {c} {g}\n" for q, rel_q in qrels.items() for c, g in rel_q.items()])
+    _write_lines(folder / "qrels/all.qrels",
+                 [f"{q} 0 {c} {g}\n" for q, rel_q in pool.items() for c, g in rel_q.items()])
+
+
 def write_runs(evaluator, query_embeddings, candidate_embeddings, found, folder, depth="full",
                tag="hybridfast", warn_lines=20_000_000):
     """Write the runs and qrels of one evaluation (see the module docstring) -> the folder.
@@ -87,18 +123,7 @@ def write_runs(evaluator, query_embeddings, candidate_embeddings, found, folder,
     pairs = [(xi, yi) for xi, x in enumerate(langs_q) for yi, y in enumerate(langs_c)
              if (x == y and "mono" in ev.settings) or (x != y and "cross" in ev.settings)]
     multi = "multi" in ev.settings
-    sizes = np.diff(offsets)
-    # depth per query, per candidate language and for the pool: k, or down to the deepest relevant
-    block_depth = np.zeros((len(q_ids), len(langs_c)), dtype=np.int64)
-    for yi in range(len(langs_c)):
-        deepest = np.where(rel_block == yi, found.block_ranks, 0).max(1)
-        d = np.maximum(k, deepest) if depth == "full" else np.full(len(q_ids), k)
-        block_depth[:, yi] = np.minimum(d, sizes[yi])
-    in_pair = np.zeros(block_depth.shape, dtype=bool)
-    for xi, yi in pairs:
-        in_pair[:, yi] |= (ev._q_lang == xi) & (rel_block == yi).any(1)
-    pool_depth = np.full(len(q_ids), k) if depth == "k" else np.maximum(k, np.where(valid, found.ranks, 0).max(1))
-    pool_depth = np.minimum(pool_depth, len(c_ids))
+    block_depth, in_pair, pool_depth = _depths(ev, found, pairs, depth, rel_block)
     n_lines = int((block_depth * in_pair).sum()) + (int(pool_depth.sum()) if multi else 0)
     if n_lines > warn_lines:
         warnings.warn(f"save_run: the run files will hold {n_lines:,} lines (about {n_lines * 60 / 1e9:.1f} GB) "
@@ -139,21 +164,7 @@ def write_runs(evaluator, query_embeddings, candidate_embeddings, found, folder,
     for key, h in handles.items():
         h.close()
         Path(h.name).replace(folder / names[key])
-    # qrels: grades (1 without grades) of every relevant candidate, per candidate language and all
-    gains = ev._gains
-    per_lang_qrels = {yi: {} for yi in range(len(langs_c))}
-    all_qrels = {}
-    for i, qid in enumerate(q_ids):
-        for j in np.nonzero(valid[i])[0]:
-            c = int(rel[i, j])
-            g = 1 if gains is None else int(gains[i, j])
-            per_lang_qrels[block_of[c]].setdefault(qid, {})[c_ids[c]] = g
-            all_qrels.setdefault(qid, {})[c_ids[c]] = g
-    for yi, qrels in per_lang_qrels.items():
-        _write_lines(folder / f"qrels/{langs_c[yi]}.qrels",
-                     [f"{q} 0 {c} {g}\n" for q, rel_q in qrels.items() for c, g in rel_q.items()])
-    _write_lines(folder / "qrels/all.qrels",
-                 [f"{q} 0 {c} {g}\n" for q, rel_q in all_qrels.items() for c, g in rel_q.items()])
+    _write_qrels(ev, folder, q_ids, c_ids, block_of)
     manifest = {"depth": depth, "k": k, "tag": tag, "lines": n_lines,
                 "runs": {name: (f"qrels/{langs_c[key[1]]}.qrels" if key[1] is not None else "qrels/all.qrels")
                          for key, name in names.items()}}
