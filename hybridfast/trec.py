@@ -95,6 +95,40 @@ def _write_qrels(ev, folder, q_ids, c_ids, block_of):
                  [f"{q} 0 {c} {g}\n" for q, rel_q in pool.items() for c, g in rel_q.items()])
 
 
+def _stream_runs(ev, query_embeddings, candidate_embeddings, folder, names, lists, q_ids, c_ids, tag):
+    """Score chunk by chunk and append each query's ranked list to its run file; a file gets
+    its name only when complete (written as <name>.tmp, renamed at the end; removed on error)."""
+    handles = {key: open(folder / f"{name}.tmp", "w", encoding="utf-8") for key, name in names.items()}
+    try:
+        for s, e, scores in chunk_scores(query_embeddings, candidate_embeddings, device=ev.device,
+                                         n_relevant=ev._relevant.shape[1], chunk_size=ev.chunk_size):
+            q_lang = ev._q_lang[s:e]
+            for yi in range(len(ev.candidate_languages)):
+                b0, b1 = ev._offsets[yi], ev._offsets[yi + 1]
+                rows = np.nonzero(lists["in_pair"][s:e, yi])[0]
+                ranked = _ranked(scores[:, b0:b1], rows, lists["block"][s:e, yi][rows], ev._prio[b0:b1])
+                for i, (cols, vals) in zip(rows, ranked):
+                    qid = q_ids[s + i]
+                    handles[(q_lang[i], yi)].writelines(
+                        f"{qid} Q0 {c_ids[b0 + c]} {r} {float(v)!r} {tag}\n"
+                        for r, (c, v) in enumerate(zip(cols.tolist(), vals.tolist()), 1))
+            if lists["pool"] is not None:
+                rows = np.arange(e - s)
+                for i, (cols, vals) in zip(rows, _ranked(scores, rows, lists["pool"][s:e], ev._prio)):
+                    qid = q_ids[s + i]
+                    handles[(q_lang[i], None)].writelines(
+                        f"{qid} Q0 {c_ids[c]} {r} {float(v)!r} {tag}\n"
+                        for r, (c, v) in enumerate(zip(cols.tolist(), vals.tolist()), 1))
+    except BaseException:
+        for h in handles.values():
+            h.close()
+            Path(h.name).unlink(missing_ok=True)
+        raise
+    for key, h in handles.items():
+        h.close()
+        Path(h.name).replace(folder / names[key])
+
+
 def write_runs(evaluator, query_embeddings, candidate_embeddings, found, folder, depth="full",
                tag="hybridfast", warn_lines=20_000_000):
     """Write the runs and qrels of one evaluation (see the module docstring) -> the folder.
@@ -115,7 +149,7 @@ def write_runs(evaluator, query_embeddings, candidate_embeddings, found, folder,
     q_ids = [_check_id(q, "query id") for q in ev._q_ids]
     c_ids = [_check_id(c, "candidate id") for c in ev._cand_ids]
     langs_q, langs_c = ev.query_languages, ev.candidate_languages
-    offsets, prio, rel = ev._offsets, ev._prio, ev._relevant
+    offsets, rel = ev._offsets, ev._relevant
     valid = rel >= 0
     block_of = np.repeat(np.arange(len(langs_c)), np.diff(offsets))
     rel_block = np.where(valid, block_of[np.maximum(rel, 0)], -1)
@@ -135,35 +169,8 @@ def write_runs(evaluator, query_embeddings, candidate_embeddings, found, folder,
     names = {(xi, yi): f"runs/{langs_q[xi]}-{langs_c[yi]}.run" for xi, yi in pairs}
     if multi:
         names.update({(xi, None): f"runs/{langs_q[xi]}-multi.run" for xi in range(len(langs_q))})
-    handles = {key: open(folder / f"{name}.tmp", "w", encoding="utf-8") for key, name in names.items()}
-    try:
-        for s, e, scores in chunk_scores(query_embeddings, candidate_embeddings, device=ev.device,
-                                         n_relevant=rel.shape[1], chunk_size=ev.chunk_size):
-            q_lang = ev._q_lang[s:e]
-            for yi in range(len(langs_c)):
-                b0, b1 = offsets[yi], offsets[yi + 1]
-                rows = np.nonzero(in_pair[s:e, yi])[0]
-                ranked = _ranked(scores[:, b0:b1], rows, block_depth[s:e, yi][rows], prio[b0:b1])
-                for i, (cols, vals) in zip(rows, ranked):
-                    qid = q_ids[s + i]
-                    handles[(q_lang[i], yi)].writelines(
-                        f"{qid} Q0 {c_ids[b0 + c]} {r} {float(v)!r} {tag}\n"
-                        for r, (c, v) in enumerate(zip(cols.tolist(), vals.tolist()), 1))
-            if multi:
-                rows = np.arange(e - s)
-                for i, (cols, vals) in zip(rows, _ranked(scores, rows, pool_depth[s:e], prio)):
-                    qid = q_ids[s + i]
-                    handles[(q_lang[i], None)].writelines(
-                        f"{qid} Q0 {c_ids[c]} {r} {float(v)!r} {tag}\n"
-                        for r, (c, v) in enumerate(zip(cols.tolist(), vals.tolist()), 1))
-    except BaseException:
-        for h in handles.values():
-            h.close()
-            Path(h.name).unlink(missing_ok=True)
-        raise
-    for key, h in handles.items():
-        h.close()
-        Path(h.name).replace(folder / names[key])
+    lists = {"block": block_depth, "in_pair": in_pair, "pool": pool_depth if multi else None}
+    _stream_runs(ev, query_embeddings, candidate_embeddings, folder, names, lists, q_ids, c_ids, tag)
     _write_qrels(ev, folder, q_ids, c_ids, block_of)
     manifest = {"depth": depth, "k": k, "tag": tag, "lines": n_lines,
                 "runs": {name: (f"qrels/{langs_c[key[1]]}.qrels" if key[1] is not None else "qrels/all.qrels")
