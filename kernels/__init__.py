@@ -1,1 +1,0 @@
-"""Triton kernels and their launchers (shipped as hybridfast.kernels). No nn.Module, no autograd."""
