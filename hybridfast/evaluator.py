@@ -332,6 +332,15 @@ class RetrievalEvaluator:
         self._relevant = relevant
         self._prio = tie_priority(cand_ids)
 
+    def _check_save_run(self, save_run, run_depth):
+        from hybridfast.trec import DEPTHS, check_run_folder
+
+        if run_depth not in DEPTHS:
+            raise ValueError(f"run_depth must be one of {DEPTHS}, got {run_depth!r}")
+        if self.ivf_lists is not None:
+            raise ValueError("save_run needs exact search: approximate IVF search (ivf_lists) has no full ranking")
+        check_run_folder(save_run)
+
     def _warn_left_out(self, langs, why):
         msg = (f"benchmark {getattr(self.benchmark, 'name', '')!r}: language(s) {langs} have {why} and are "
                "left out of the evaluation (an empty or unmatched data file?)")
@@ -387,6 +396,8 @@ class RetrievalEvaluator:
     def evaluate(self, encoder, save_run=None, run_depth="full") -> EvaluationResult:
         """Encode, search, score. save_run: a folder for TREC run and qrels files of this
         evaluation (hybridfast.trec; run_depth "full" or "k")."""
+        if save_run is not None:  # before the encoding, not after
+            self._check_save_run(save_run, run_depth)
         t0 = time.perf_counter()
         q, c = self.encode(encoder)
         t1 = time.perf_counter()
@@ -402,12 +413,7 @@ class RetrievalEvaluator:
         (languages sorted, then benchmark order, only queries with qrels) and
         `candidate_ids` (languages sorted, then benchmark order). save_run / run_depth: see evaluate."""
         if save_run is not None:
-            from hybridfast.trec import DEPTHS
-
-            if run_depth not in DEPTHS:
-                raise ValueError(f"run_depth must be one of {DEPTHS}, got {run_depth!r}")
-            if self.ivf_lists is not None:
-                raise ValueError("save_run needs exact search: approximate IVF search (ivf_lists) has no full ranking")
+            self._check_save_run(save_run, run_depth)
         q = _embeddings(query_embeddings, len(self._q_texts), "encode_queries")
         c = _embeddings(candidate_embeddings, len(self._cand_texts), "encode_passages")
         if q.shape[1] != c.shape[1]:

@@ -35,6 +35,24 @@ from hybridfast.search import _trec_topk, chunk_scores
 DEPTHS = ("full", "k")
 
 
+def check_run_folder(folder) -> Path:
+    """Refuse a folder that holds anything but an earlier hybridfast run export (whose files
+    may be replaced): never overwrite what a user wrote."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"save_run: {folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        manifest = folder / "manifest.json"
+        try:
+            ours = {"runs", "depth", "tag"} <= set(json.loads(manifest.read_text()))
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            raise FileExistsError(f"save_run: {folder} is not empty and holds no earlier hybridfast run export "
+                                  "(manifest.json); choose an empty or new folder")
+    return folder
+
+
 def _check_id(value, what):
     s = str(value)
     if not s or any(ch.isspace() for ch in s):
@@ -145,7 +163,7 @@ def write_runs(evaluator, query_embeddings, candidate_embeddings, found, folder,
         raise ValueError("run files need exact search (the approximate IVF search has no full ranking)")
     tag = _check_id(tag, "tag")
     ev = evaluator
-    folder = Path(folder)
+    folder = check_run_folder(folder)
     q_ids = [_check_id(q, "query id") for q in ev._q_ids]
     c_ids = [_check_id(c, "candidate id") for c in ev._cand_ids]
     langs_q, langs_c = ev.query_languages, ev.candidate_languages

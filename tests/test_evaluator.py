@@ -502,3 +502,8 @@ def test_cli_evaluate_user_mistakes_give_messages_not_tracebacks(tmp_path, capsy
     assert (tmp_path / "blocker").read_text() == "mine"
     code, msg = err(["evaluate", "--dataset", str(root), "--split", "dev", "--out", str(tmp_path / "o3")])
     assert code == 2 and "dev.tsv not found" in msg
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("x")
+    code, msg = err(["evaluate", "--dataset", str(root), "--out", str(tmp_path / "o4"), "--save-run",
+                     str(tmp_path / "notes")])
+    assert code == 2 and "not empty" in msg and not (tmp_path / "o4").exists()

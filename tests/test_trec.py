@@ -74,3 +74,18 @@ def test_large_run_files_are_announced(tmp_path, monkeypatch):
     n = sum(len(p.read_text().splitlines()) for p in (tmp_path / "big" / "runs").glob("*.run"))
     assert f'"lines": {n}' in manifest
     assert not list((tmp_path / "big").rglob("*.tmp"))  # every file complete under its own name
+
+
+def test_save_run_never_overwrites_a_users_folder(tmp_path):
+    bench = partly_parallel_benchmark(0)
+    ev = RetrievalEvaluator(bench, show_progress=False)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty and holds no earlier hybridfast run export"):
+        ev.evaluate(HashEncoder(), save_run=mine)
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+    # an earlier export of ours is replaced
+    ev.evaluate(HashEncoder(), save_run=tmp_path / "runs")
+    ev.evaluate(HashEncoder(), save_run=tmp_path / "runs", run_depth="k")
+    assert '"depth": "k"' in (tmp_path / "runs" / "manifest.json").read_text()

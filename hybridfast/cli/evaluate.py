@@ -101,6 +101,9 @@ def run(args) -> int:
     try:
         _check_writable(out, "--out")
         if args.save_run is not None:
+            from hybridfast.trec import check_run_folder
+
+            check_run_folder(args.save_run)
             _check_writable(Path(args.save_run), "--save-run")
         with warnings.catch_warnings():
             warnings.simplefilter("always")
@@ -112,7 +115,8 @@ def run(args) -> int:
                                            ivf_lists=args.ivf_lists, nprobe=args.nprobe)
         if args.save_run is not None and args.ivf_lists is not None:
             raise ValueError("--save-run needs exact search (drop --ivf-lists)")
-    except (FileNotFoundError, PermissionError, BEIRFormatError, LAReQAFormatError, ValueError, TypeError) as e:
+    except (FileNotFoundError, FileExistsError, PermissionError, BEIRFormatError, LAReQAFormatError, ValueError,
+            TypeError) as e:
         _remove_if_empty(created)
         return _error(e)
 
