@@ -201,3 +201,35 @@ def test_cli_evaluate_beir_folder_with_save_run(tmp_path, capsys):
     res = EvaluationResult.from_json(out / "results.json")
     assert set(res.summary) == {"mono"} and res.config["graded"]
     check_files_reproduce(res, runs)
+
+
+def test_xquad_r_as_beir_folders_equals_lareqa(tmp_path, xquad_dir):
+    """Real data through both readers: XQuAD-R (two languages, a few articles) written as
+    per-language BEIR folders with shared query ids gives the same benchmark and the same
+    numbers as the LAReQA reader (ids chosen so that ties break alike)."""
+    import json as _json
+
+    from hybridfast.data import load_lareqa
+
+    src = tmp_path / "lareqa"
+    src.mkdir()
+    for lang in ("de", "en"):
+        full = _json.loads((xquad_dir / f"{lang}.json").read_text())
+        (src / f"{lang}.json").write_text(_json.dumps({"data": full["data"][:2]}))
+    lareqa = load_lareqa(src)
+    root = tmp_path / "beir"
+    for lang in ("de", "en"):
+        docs = [{"_id": cid.split(":", 1)[1], "title": s, "text": ctx}
+                for cid, (s, ctx) in lareqa.candidates[lang].items()]
+        _write_jsonl(root / lang / "corpus.jsonl", docs)
+        _write_jsonl(root / lang / "queries.jsonl", [{"_id": q, "text": t} for q, t in lareqa.queries[lang].items()])
+        (root / lang / "qrels").mkdir()
+        (root / lang / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+            f"{q}\t{c.split(':', 1)[1]}\t1\n" for q in lareqa.queries[lang] for c in sorted(lareqa.qrels[q])
+            if c.startswith(f"{lang}:")))
+    beir = load_beir(root, shared_query_ids=True)
+    assert beir.queries == lareqa.queries and beir.candidates == lareqa.candidates
+    assert beir.qrels == lareqa.qrels
+    a = RetrievalEvaluator(lareqa, show_progress=False).evaluate(HashEncoder())
+    b = RetrievalEvaluator(beir, show_progress=False).evaluate(HashEncoder())
+    assert a.summary == b.summary and a.per_pair == b.per_pair and not b.config["graded"]
