@@ -10,7 +10,9 @@ allows, with the activation memory of one chunk. Used by the native trainer
 
 Pass 1 records the RNG state each chunk started from; pass 2 replays it, so dropout
 draws the same masks and the cached gradients belong to the embeddings being
-re-computed (otherwise the result would silently differ from the full batch). After
+re-computed (otherwise the result would silently differ from the full batch). Under
+DistributedDataParallel pass `sync=partial(ddp_sync, model)`: gradients are reduced
+once, in the last replayed chunk. After
 pass 2 the RNG streams are where they were before it. With right padding, each chunk
 drops the padding columns none of its rows use (shorter sequences, less work; the
 attention mask hides them, so the embeddings do not change).
@@ -22,6 +24,18 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator, List, Mapp
 
 import torch
 from torch import Tensor
+
+
+def ddp_sync(model, last: bool) -> ContextManager:
+    """The one DDP rule of hybridfast: of the several backward passes of one step, only the
+    last reduces gradients across processes (``model.no_sync()`` elsewhere, and everywhere
+    inside an outer no_sync such as gradient accumulation). A no-op for a model that is not
+    DistributedDataParallel."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        if last and model.require_backward_grad_sync:
+            return nullcontext()
+        return model.no_sync()
+    return nullcontext()
 
 
 class RngState:

@@ -40,6 +40,8 @@ WORDS = (
 ).split()
 
 
+VOCABULARY = WORDS + [str(i) for i in range(100)] + LANGS
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -50,7 +52,7 @@ def tiny_model(tmp_path_factory):
     except ImportError:  # sentence-transformers < 6
         from sentence_transformers.models import Pooling, Transformer
 
-    folder = tiny_bert(tmp_path_factory.mktemp("tiny_bert"), WORDS + [str(i) for i in range(100)] + LANGS)
+    folder = tiny_bert(tmp_path_factory.mktemp("tiny_bert"), VOCABULARY)
     transformer = Transformer(str(folder), max_seq_length=32)
     dim = getattr(transformer, "get_embedding_dimension", None) or transformer.get_word_embedding_dimension
     model = SentenceTransformer(modules=[transformer, Pooling(dim(), "mean")], device="cpu")
@@ -486,11 +488,11 @@ import json, os, sys, pathlib
 import torch, torch.distributed as dist
 torch.set_num_threads(1)
 import datasets
-from transformers import BertConfig, BertModel, BertTokenizerFast
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
 from sentence_transformers.sentence_transformer import losses as st_losses
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 import tests.test_integration_st as T
+from helpers import tiny_bert
 from hybridfast.integrations.sentence_transformers import (CachedHybridMNRLoss, HybridMNRLoss,
                                                            HybridSentenceTransformerTrainer)
 
@@ -499,12 +501,7 @@ args = SentenceTransformerTrainingArguments(output_dir=str(out / "run"), per_dev
     learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none", seed=3, use_cpu=True,
     disable_tqdm=True, ddp_backend="gloo")
 if rank == 0:
-    folder.mkdir(parents=True, exist_ok=True)
-    BertTokenizerFast(vocab={t: i for i, t in enumerate(T._vocab())}).save_pretrained(folder)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(T._vocab()), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0)).save_pretrained(folder)
+    tiny_bert(folder, T.VOCABULARY, dropout=0.0)
 dist.barrier()
 transformer = Transformer(str(folder), max_seq_length=32)
 model = SentenceTransformer(modules=[transformer, Pooling(32, "mean")], device="cpu").eval()
@@ -552,7 +549,7 @@ def test_torchrun_two_processes(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(_TORCHRUN_SCRIPT)
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")]))
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
                     str(tmp_path)], check=True, env=env, cwd=root, timeout=600)
     ranks = json.loads((tmp_path / "result.json").read_text())

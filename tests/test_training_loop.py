@@ -238,9 +238,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_equals_one_process_doubled_batch(toy, tmp_path):
-    """torchrun, 2 gloo processes x batch 4 (with GradCache chunks of 3 and negatives gathered
-    across processes) == 1 process x batch 8 without chunking, after 3 steps."""
+@pytest.mark.parametrize("chunk", ["3", None])
+def test_two_process_ddp_equals_one_process_doubled_batch(toy, tmp_path, chunk):
+    """torchrun, 2 gloo processes x batch 4 (DistributedDataParallel; with GradCache chunks of 3 or
+    the plain step, negatives gathered across processes) == 1 process x batch 8 without chunking,
+    after 3 steps."""
     common = ["--model", str(toy["model_nodrop"]), "--train", str(toy["data_neg"]), "--max-steps", "3",
               "--lr", "1e-3", "--warmup-ratio", "0", "--max-length", "16", "--device", "cpu",
               "--log-steps", "1", "--seed", "5", "--hard-negatives", "1", "--no-progress"]
@@ -248,7 +250,7 @@ def test_two_process_ddp_equals_one_process_doubled_batch(toy, tmp_path):
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
          "--master_port", str(_free_port()), "-m", "hybridfast", "train", *common, "--batch-size", "4",
-         "--gather-across-devices", "--chunk-size", "3", "--output", str(tmp_path / "ddp")],
+         "--gather-across-devices", *(["--chunk-size", chunk] if chunk else []), "--output", str(tmp_path / "ddp")],
         env=env, capture_output=True, text=True, timeout=240)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = train(base_config(toy, tmp_path / "one", model=str(toy["model_nodrop"]), train=str(toy["data_neg"]),

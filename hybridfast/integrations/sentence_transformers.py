@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from contextlib import nullcontext
 from functools import partial
 from typing import Any, Iterable, Sequence
 
@@ -51,7 +50,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'hybridfast[st]'"
     ) from exc
 
-from hybridfast.gradcache import GradCache  # noqa: E402
+from hybridfast.gradcache import GradCache, ddp_sync  # noqa: E402
 from hybridfast.integrations.st_batching import (  # noqa: E402
     HybridBatching,
     HybridPairDataset,
@@ -211,16 +210,6 @@ class HybridMNRLoss(nn.Module):
 
 # ---- GradCache (hybridfast.gradcache, shared with the native trainer) ----------------------------------
 
-def _sync_context(model: nn.Module, last: bool):
-    """DDP reduces gradients only on the last replayed mini-batch (and not at all inside an outer no_sync,
-    e.g. during gradient accumulation)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        if last and model.require_backward_grad_sync:
-            return nullcontext()
-        return model.no_sync()
-    return nullcontext()
-
-
 class CachedHybridMNRLoss(HybridMNRLoss):
     """GradCache form of :class:`HybridMNRLoss`: the batch size no longer bounds memory, only mini_batch_size.
 
@@ -285,7 +274,7 @@ class CachedHybridMNRLoss(HybridMNRLoss):
             if grad is not None:
                 grad = grad * grad_output.to(grad.dtype)
                 param.grad = grad if param.grad is None else param.grad + grad
-        cache.backward(grads, scale=grad_output, sync=partial(_sync_context, self.model))
+        cache.backward(grads, scale=grad_output, sync=partial(ddp_sync, self.model))
 
     def get_config_dict(self) -> dict[str, Any]:
         return {**super().get_config_dict(), "mini_batch_size": self.mini_batch_size}

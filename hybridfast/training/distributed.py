@@ -1,21 +1,17 @@
-"""torchrun support for the native trainer: one strategy (see docs/architecture.md).
+"""torchrun support for the native trainer (see docs/architecture.md).
 
-Every rank embeds its share of the global batch; the loss gathers passages across
-ranks with gradient (`gather_across_devices`); after the backward pass(es) the
-gradients are averaged with one flat all-reduce per bucket. This hand-written
-all-reduce is kept instead of wrapping the model in DistributedDataParallel
-because GradCache runs several backward passes per step and a BERT pooler gets no
-gradient at all: averaging once, after everything, is exact and needs neither
-no_sync bookkeeping nor find_unused_parameters.
+One strategy, shared with the sentence-transformers integration: the encoder is wrapped
+in torch's DistributedDataParallel (which broadcasts rank 0's weights at the start), and
+of the backward passes of a step only the last reduces gradients
+(hybridfast.gradcache.ddp_sync: no_sync elsewhere). `find_unused_parameters=True`
+because a Hugging Face encoder carries parameters the embeddings never use (BERT's
+pooler); they get no gradient on any rank, as in one process.
 """
 from __future__ import annotations
 
 import os
 
 import torch
-
-ALLREDUCE_BUCKET = 1 << 24  # elements per gradient all-reduce (64 MiB fp32)
-
 
 def init(device: torch.device):
     """(rank, world_size, device, created): joins the torchrun process group when WORLD_SIZE > 1."""
@@ -49,38 +45,14 @@ def barrier(world):
         dist.barrier()
 
 
-def broadcast_parameters(model, world):
-    """Start every rank from rank 0's weights (a randomly initialised head would differ)."""
-    if world > 1:
-        import torch.distributed as dist
-
-        with torch.no_grad():
-            for t in list(model.parameters()) + list(model.buffers()):
-                dist.broadcast(t.data, src=0)
-
-
-def average_gradients(params, world):
-    """Average gradients over ranks, in flat buckets. Parameters without a gradient
-    (unused, e.g. a pooler) have none on every rank and are skipped alike."""
+def wrap(encoder, world, device):
+    """The module to call for forward passes: DistributedDataParallel(encoder) under torchrun."""
     if world <= 1:
-        return
-    import torch.distributed as dist
+        return encoder
+    from torch.nn.parallel import DistributedDataParallel
 
-    grads = [p.grad for p in params if p.grad is not None]
-    bucket, size = [], 0
-    for g in grads + [None]:
-        if g is not None:
-            bucket.append(g)
-            size += g.numel()
-        if bucket and (g is None or size >= ALLREDUCE_BUCKET):
-            flat = torch.cat([b.reshape(-1) for b in bucket])
-            dist.all_reduce(flat)
-            flat.div_(world)
-            offset = 0
-            for b in bucket:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                offset += b.numel()
-            bucket, size = [], 0
+    return DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True, broadcast_buffers=False)
 
 
 def mean_over_ranks(value: float, world: int, device) -> float:

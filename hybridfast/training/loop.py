@@ -232,7 +232,7 @@ class _Run:
         encoder.train()
         if config.gradient_checkpointing:
             enable_checkpointing(encoder.model)
-        distributed.broadcast_parameters(encoder, world)
+        self.model = distributed.wrap(encoder, world, device)  # the forward passes go through this
         torch.manual_seed(config.seed + rank)  # each rank its own dropout masks
         self.loss_fn = HybridContrastiveLoss(temperature=config.temperature, similarity="cos",
                                              gather_across_devices=config.gather_across_devices and world > 1)
@@ -288,9 +288,10 @@ class _Run:
         config = self.config
         kind = batch_kind(batch)
         if config.chunk_size:
-            loss = gradcache_step(self.encoder, self.loss_fn, *inputs, config.chunk_size, self.amp_dtype, self.scaler)
+            loss = gradcache_step(self.encoder, self.loss_fn, *inputs, config.chunk_size, self.amp_dtype,
+                                  self.scaler, model=self.model)
         else:
-            loss = plain_step(self.encoder, self.loss_fn, *inputs, self.amp_dtype, self.scaler)
+            loss = plain_step(self.encoder, self.loss_fn, *inputs, self.amp_dtype, self.scaler, model=self.model)
         lr = self.scheduler.get_last_lr()[0]
         update(self.params, self.optimizer, self.scheduler, self.scaler, self.world, loss, self.step + 1)
         self.step += 1

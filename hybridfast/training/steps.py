@@ -1,8 +1,9 @@
 """One training step: embed, loss, backward; then the update (see docs/architecture.md).
 
 `plain_step` embeds the whole batch with a graph. `gradcache_step` gives the same
-gradients with the activation memory of one chunk (hybridfast.gradcache). `update`
-averages gradients over ranks, clips at 1.0, refuses a non-finite loss or gradient
+gradients with the activation memory of one chunk (hybridfast.gradcache). Under torchrun
+both run through DistributedDataParallel with one rule (hybridfast.gradcache.ddp_sync):
+gradients are reduced in the last backward pass of the step. `update` clips at 1.0, refuses a non-finite loss or gradient
 (training stops at the first one, before the weights are touched) and steps the
 optimizer and the schedule.
 """
@@ -14,7 +15,7 @@ from functools import partial
 
 import torch
 
-from hybridfast.gradcache import GradCache
+from hybridfast.gradcache import GradCache, ddp_sync
 from hybridfast.training import distributed
 
 MAX_GRAD_NORM = 1.0
@@ -35,34 +36,41 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def plain_step(encoder, loss_fn, q_in, p_in, q_groups, p_groups, amp_dtype=None, scaler=None):
+def plain_step(encoder, loss_fn, q_in, p_in, q_groups, p_groups, amp_dtype=None, scaler=None, model=None):
     """Embed the whole batch with a graph, loss, backward. Returns the detached loss tensor
-    (not a float: reading it would wait for the device)."""
+    (not a float: reading it would wait for the device). `model`: what to call for the
+    forward (the DistributedDataParallel wrapper of `encoder` under torchrun)."""
+    model = model if model is not None else encoder
     with autocast(encoder.device, amp_dtype):
-        q = encoder(**q_in)
-        p = encoder(**p_in)
+        with ddp_sync(model, last=False):  # DDP prepares its reduction in the last forward only
+            q = model(**q_in)
+        with ddp_sync(model, last=True):
+            p = model(**p_in)
     loss = loss_fn(q.float(), p.float(), query_groups=q_groups, passage_groups=p_groups)
     (scaler.scale(loss) if scaler is not None else loss).backward()
     return loss.detach()
 
 
-def gradcache_step(encoder, loss_fn, q_in, p_in, q_groups, p_groups, chunk_size, amp_dtype=None, scaler=None):
-    """GradCache: the same gradients as plain_step with the activations of one chunk at a time."""
+def gradcache_step(encoder, loss_fn, q_in, p_in, q_groups, p_groups, chunk_size, amp_dtype=None, scaler=None,
+                   model=None):
+    """GradCache: the same gradients as plain_step with the activations of one chunk at a time;
+    under DDP gradients are reduced once, in the last replayed chunk."""
+    model = model if model is not None else encoder
     trim = getattr(encoder.tokenizer, "padding_side", "right") == "right"
-    cache = GradCache(lambda features: encoder(**features), chunk_size, trim_padding=trim,
+    cache = GradCache(lambda features: model(**features), chunk_size, trim_padding=trim,
                       autocast=partial(autocast, encoder.device, amp_dtype))
     q, p = cache.embed([q_in, p_in])
     loss = loss_fn(q, p, query_groups=q_groups, passage_groups=p_groups)
     (scaler.scale(loss) if scaler is not None else loss).backward()
-    cache.backward([q.grad, p.grad])
+    cache.backward([q.grad, p.grad], sync=partial(ddp_sync, model))
     return loss.detach()
 
 
 def update(params, optimizer, scheduler, scaler, world, loss, step):
-    """Average gradients over ranks, clip, check, step. Raises TrainingDiverged (on every rank
-    alike) when the loss or the gradient norm is not finite; the weights are then untouched.
-    Reading the two numbers costs one device sync per step: the price of never training on NaN."""
-    distributed.average_gradients(params, world)
+    """Clip, check, step (DDP has averaged the gradients in the backward pass). Raises
+    TrainingDiverged (on every rank alike) when the loss or the gradient norm is not finite;
+    the weights are then untouched. Reading the two numbers costs one device sync per step:
+    the price of never training on NaN."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
