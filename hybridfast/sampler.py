@@ -98,7 +98,7 @@ class _Config:
         return {"examples": int(shape[0]), "languages": int(shape[1]), "data_sha256": data_sha256,
                 "batch_size": self.batch_size,
                 "world_size": self.world_size, "mode": self.mode, "mono_prob": self.mono_prob,
-                "lang_weights": (("size" if self.size_power == _ONE_Q32 else f"size^q32:{self.size_power}")
+                "lang_weights": (("size" if self.size_power == _ONE_Q32 else f"size^{self.size_power / _ONE_Q32:.12g}")
                                  if self.size_weights else list(self.lang_weights)),
                 "drop_last": self.drop_last, "seed": self.seed}
 
