@@ -92,14 +92,18 @@ class _Config:
     seed: int
     size_power: int = _ONE_Q32  # size_weights: weight = rem^(size_power / 2^32); 2^32 = plain size
 
+    def _weights_spec(self):
+        if not self.size_weights:
+            return list(self.lang_weights)
+        return "size" if self.size_power == _ONE_Q32 else f"size^{self.size_power / _ONE_Q32:.9g}"
+
     def fingerprint(self, shape, data_sha256=None) -> dict:
         """What a saved state must match to resume (rank may differ); data_sha256: the
         availability and groups contents (HybridBatchSampler._data_sha256)."""
         return {"examples": int(shape[0]), "languages": int(shape[1]), "data_sha256": data_sha256,
                 "batch_size": self.batch_size,
                 "world_size": self.world_size, "mode": self.mode, "mono_prob": self.mono_prob,
-                "lang_weights": (("size" if self.size_power == _ONE_Q32 else f"size^{self.size_power / _ONE_Q32:.12g}")
-                                 if self.size_weights else list(self.lang_weights)),
+                "lang_weights": self._weights_spec(),
                 "drop_last": self.drop_last, "seed": self.seed}
 
 
