@@ -95,6 +95,15 @@ def check_languages(languages, arg: str = "languages") -> Optional[List[str]]:
     return langs
 
 
+def language_weights(weights, languages: Sequence[str], arg: str = "lang_weights") -> List[float]:
+    """{language: weight} -> one weight per language of `languages` (missing ones weigh 0);
+    a language the data does not have is an error naming `arg`."""
+    unknown = sorted(set(weights) - set(languages))
+    if unknown:
+        raise ValueError(f"{arg}: {unknown} not in the training data (it has {list(languages)})")
+    return [float(weights.get(lang, 0.0)) for lang in languages]
+
+
 # ----------------------------------------------------------------------------- argument checks
 
 def is_bool(value) -> bool:

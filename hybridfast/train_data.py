@@ -27,7 +27,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from hybridfast.rules import TRAIN_SPLITS, check_language_code, is_language_code
+from hybridfast.rules import TRAIN_SPLITS, check_language_code, check_languages, is_language_code
 
 # mMARCO names its language folders in English words; map them to ISO 639-1.
 MMARCO_LANGUAGES = {
@@ -146,18 +146,10 @@ def select_languages(available, languages, name="data"):
     """Validate a languages argument against what a data set has."""
     if languages is None:
         return list(available)
-    if isinstance(languages, str):
-        languages = [s for s in languages.split(",") if s]
-    languages = list(languages)
-    if not languages:
-        raise ValueError("languages: empty list; give at least one language code or None for all")
-    for lang in languages:
-        check_language_code(lang)
+    languages = check_languages(languages)
     missing = [l for l in languages if l not in available]
     if missing:
         raise ValueError(f"languages: {missing} not in {name} (it has {sorted(available)})")
-    if len(set(languages)) != len(languages):
-        raise ValueError(f"languages: duplicates in {languages}")
     return languages
 
 

@@ -20,7 +20,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("hybridfast.integrations.st_batching needs datasets: pip install 'hybridfast[st]'") from exc
 
 from hybridfast.rules import MODES as _MODES  # noqa: E402
-from hybridfast.rules import check_languages, check_number  # noqa: E402
+from hybridfast.rules import check_languages, check_number, language_weights  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------
 # Hybrid batches over a datasets.Dataset
@@ -331,10 +331,7 @@ class HybridSTBatchSampler:
         if world_size > 1 and not drop_last:
             raise ValueError("drop_last must be True with several processes (each step needs one full batch per rank)")
         if isinstance(lang_weights, Mapping):  # {language: weight} -> one weight per index language
-            unknown = sorted(set(lang_weights) - set(index.languages))
-            if unknown:
-                raise ValueError(f"lang_weights has languages {unknown} not in the dataset's {index.languages}")
-            lang_weights = [float(lang_weights.get(lang, 0.0)) for lang in index.languages]
+            lang_weights = language_weights(lang_weights, index.languages)
         self.index = index
         self.world_size = world_size
         self.split_batches = split_batches

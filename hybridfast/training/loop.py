@@ -52,7 +52,7 @@ def train(config: TrainConfig, on_step: StepCallback = None) -> Path:
 
 
 def _train(config, device, rank, world, on_step):
-    pairs, sampler, benchmark = prepare(config, rank, world)
+    pairs, sampler, benchmark = load_data(config, rank, world)
     run_dir = RunFolder(config.output)
     run_dir.check_model(config.model)
     action, found = run_dir.plan(config.resume, config.overwrite)
@@ -77,10 +77,15 @@ def _train(config, device, rank, world, on_step):
 def prepare(config: TrainConfig, rank=0, world=1):
     """Validate config and load data, sampler and eval benchmark: everything that can fail
     fast, before any model is loaded. Returns (pairs, sampler, benchmark)."""
+    config.validate()
+    return load_data(config, rank, world)
+
+
+def load_data(config: TrainConfig, rank=0, world=1):
+    """prepare() for a config that has been validated."""
     from hybridfast.data import load_benchmark
     from hybridfast.train_data import load_training_pairs
 
-    config.validate()
     languages = rules.check_languages(config.languages)
     pairs = load_training_pairs(config.train, data_dir=config.data_dir, split=config.split, languages=languages)
     if config.mode != "mono" and len(pairs.languages) < 2:
@@ -102,10 +107,7 @@ def build_sampler(config, pairs, rank, world):
 
     weights = config.lang_weights if config.lang_weights == "size" else None
     if isinstance(config.lang_weights, dict):
-        unknown = sorted(set(config.lang_weights) - set(pairs.languages))
-        if unknown:
-            raise ValueError(f"lang_weights: {unknown} not in the training data (it has {pairs.languages})")
-        weights = np.array([float(config.lang_weights.get(l, 0.0)) for l in pairs.languages])
+        weights = np.array(rules.language_weights(config.lang_weights, pairs.languages))
     return HybridBatchSampler(pairs.availability, config.batch_size, mode=config.mode, mono_prob=config.mono_prob,
                               lang_weights=weights, groups=pairs.groups, seed=config.seed, rank=rank,
                               world_size=world, drop_last=True)
