@@ -235,7 +235,7 @@ def get(name, to=None, layers=None, hub: Optional[bool] = None, show_progress: b
             full = cache_dir() / f"{canonical}@L{layers}"
             if not _is_complete(full):
                 say(f"{canonical}: keeping the first {layers} of {n_layers} layers -> {full}")
-                _stage_and_rename(full, lambda stage: _truncate(src, stage, layers, n_layers))
+                _stage_and_rename(full, lambda stage: _truncate(src, stage, layers, n_layers, canonical))
     if dest is None:
         return full
     say(f"{canonical}: copying to {dest}")
@@ -637,7 +637,7 @@ Model: Wang et al., "Multilingual E5 Text Embeddings: A Technical Report" (2024)
 
 # ----------------------------------------------------------------------------- truncation
 
-def _truncate(src: Path, stage: Path, keep: int, total: int) -> None:
+def _truncate(src: Path, stage: Path, keep: int, total: int, name: str) -> None:
     """Copy `src` into `stage` keeping transformer layers 0..keep-1 (safetensors, BERT-style names)."""
     from safetensors.torch import load_file, save_file
 
@@ -655,12 +655,12 @@ def _truncate(src: Path, stage: Path, keep: int, total: int) -> None:
     config["num_hidden_layers"] = keep
     (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     info_file = stage / MODEL_INFO_FILE
-    info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {"name": src.name}
-    info.update(layers=keep, truncated_from=str(src))
+    info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {"source": "package"}
+    info.update(name=name, layers=keep, truncated_from=str(src))
     _write_info(stage, info)
     card = (stage / "README.md").read_text(encoding="utf-8") if (stage / "README.md").is_file() else ""
     (stage / "README.md").write_text(
-        f"# {info.get('name', src.name)}, first {keep} of {total} layers\n\n"
+        f"# {name}, first {keep} of {total} layers\n\n"
         f"hybridfast kept the first {keep} of the {total} transformer layers of the model below "
         "(embeddings and those layers unchanged, the rest dropped): a smaller member of the same "
         "family for size studies, not a published model. Expect lower quality than the full model "

