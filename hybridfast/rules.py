@@ -2,7 +2,8 @@
 
 * the batch modes and the data splits;
 * what a language code is (ISO 639-1, optionally with a region such as ``pt-BR``);
-* atomic file writes (a reader sees the old file or the new one, never half of one);
+* atomic file writes (a reader sees the old file or the new one, never half of one), file
+  hashes, and reading text files: UTF-8 (optionally .gz), errors naming file:line;
 * argument checks with one answer on bools: ``True`` is not an int or a number here,
   and only ``True``/``False`` (or numpy bools) are bools.
 
@@ -10,14 +11,17 @@ Import-light on purpose (no torch, no transformers): any module may import it.
 """
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import math
 import numbers
 import os
 import re
 import tempfile
+import zlib
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 # ----------------------------------------------------------------------------- modes and splits
 
@@ -216,3 +220,46 @@ def atomic_write_json(path: Union[str, Path], obj, indent: Optional[int] = 2) ->
 def atomic_write_lines(path: Union[str, Path], lines: Iterable[str]) -> Path:
     """Lines (without newlines) as a text file, atomically."""
     return atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def sha256_file(path: Union[str, Path]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_lines(path: Union[str, Path]) -> Iterator[Tuple[int, str]]:
+    """(line number, text) of a UTF-8 text file, gzip-compressed when it ends in .gz. A line
+    that is not UTF-8, or a damaged .gz, is a ValueError naming file:line."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    lineno = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {err.start}: "
+                                     f"{raw[err.start:err.start + 1]!r}); save the file as UTF-8") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise ValueError(f"{path}:{lineno + 1}: damaged gzip file ({type(err).__name__}: {err})") from None
+
+
+def json_objects(path: Union[str, Path]) -> Iterator[Tuple[int, dict]]:
+    """(line number, object) of a JSONL file (blank lines skipped); a line that is not a JSON
+    object is a ValueError naming file:line."""
+    for lineno, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj

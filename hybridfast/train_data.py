@@ -18,16 +18,15 @@ two questions answered by one sentence) share a group, so the sampler never
 puts both in one batch and the loss never treats one's positive as the other's
 negative. It is None when every example is its own group.
 """
-import gzip
 import hashlib
 import json
-import zlib
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 
-from hybridfast.rules import TRAIN_SPLITS, check_language_code, check_languages, is_language_code
+from hybridfast.rules import (TRAIN_SPLITS, check_language_code, check_languages, is_language_code, json_objects,
+                              read_lines)
 
 # mMARCO names its language folders in English words; map them to ISO 639-1.
 MMARCO_LANGUAGES = {
@@ -208,24 +207,6 @@ def detect_format(folder: Path) -> str:
         "or <lang>/collection.tsv + queries.train.tsv mMARCO-style folders)")
 
 
-def read_lines(path: Path) -> Iterator[Tuple[int, str]]:
-    """(line number, text) of a UTF-8 text file, gzip-compressed when it ends in .gz. A line
-    that is not UTF-8 or a damaged .gz is a ValueError naming file:line."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    lineno = 0
-    try:
-        with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    yield lineno, raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {err.start}: "
-                                     f"{raw[err.start:err.start + 1]!r}); save the file as UTF-8") from None
-    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-        raise ValueError(f"{path}:{lineno + 1}: damaged gzip file ({type(err).__name__}: {err})") from None
-
-
 def read_lareqa(path, split="train", languages=None) -> ParallelPairs:
     """LAReQA folder: query = question, positive = candidate_text(answer sentence, paragraph).
 
@@ -265,16 +246,8 @@ def read_jsonl(files, languages=None) -> ParallelPairs:
     keep = set(languages) if languages is not None else None
     seen_langs = set()
     for file in files:
-        for lineno, line in read_lines(Path(file)):
-            if not line.strip():
-                continue
+        for lineno, obj in json_objects(Path(file)):
             where = f"{file}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             for key in ("id", "lang", "query", "positive"):
                 if key not in obj:
                     raise ValueError(f"{where}: missing key {key!r} (need id, lang, query, positive)")

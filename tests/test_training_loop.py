@@ -287,6 +287,10 @@ def test_two_process_ddp_equals_one_process_doubled_batch(toy, tmp_path, chunk):
     ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "tpu"}, ValueError, "device"),
     ({"mode": "cross", "languages": ["en"]}, ValueError, "needs at least two languages"),
     ({"split": "test"}, ValueError, "split"),
+    ({"eval_split": "dev"}, ValueError, "eval_split must be one of"),  # benchmarks have no dev split
+    ({"bf16": 1}, TypeError, "bf16 must be True or False"),
+    ({"batch_size": True}, TypeError, "batch_size must be an int"),
+    ({"resume": True, "overwrite": True}, ValueError, "resume and overwrite are both set"),
 ])
 def test_bad_configs_fail_before_training(toy, tmp_path, monkeypatch, change, error, message):
     def no_model(*a, **k):

@@ -12,7 +12,6 @@ the newest intact one is used instead.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -69,20 +68,12 @@ def list_checkpoints(output) -> List[Path]:
     return [d for _, d in sorted(found)]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files(folder: Path) -> List[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
 def write_manifest(folder: Path):
-    files = {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+    files = {name: {"size": (folder / name).stat().st_size, "sha256": rules.sha256_file(folder / name)}
              for name in _files(folder)}
     rules.atomic_write_json(folder / MANIFEST, {"files": files})
 
@@ -99,7 +90,7 @@ def verify(folder: Path) -> Optional[str]:
             return f"{path} is missing"
         if path.stat().st_size != meta["size"]:
             return f"{path} has {path.stat().st_size} bytes, the manifest says {meta['size']}"
-        if _sha256(path) != meta["sha256"]:
+        if rules.sha256_file(path) != meta["sha256"]:
             return f"{path} does not match its sha256 in the manifest"
     return None
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import time
 import warnings
@@ -164,8 +165,6 @@ class RunFolder:
             if name.startswith(TMP_PREFIX) and (self.path / name).exists():
                 target = self.path / name
                 if target.is_dir():
-                    import shutil
-
                     shutil.rmtree(target, ignore_errors=True)
                 else:
                     target.unlink()
