@@ -264,14 +264,16 @@ def _chunk_rows_kernel(
     else:
         a_grp = a_pos
         a_key = a_pos
-    offs = tl.arange(0, BLOCK_N).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)  # int32 columns (n_b < 2**31) keep the loads vectorisable
+    s_row = S + r * stride_s  # int64 row offsets: C * n_b may exceed 2**31
+    g_row = G + r * stride_g
     m = tl.full((BLOCK_N,), _NEG_BIG, dtype=tl.float32)  # per-lane online max and sum
     l = tl.zeros((BLOCK_N,), dtype=tl.float32)
     pos = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for start in range(0, n_b, BLOCK_N):
         cols = start + offs
         ok = cols < n_b
-        z = tl.load(S + r * stride_s + cols, mask=ok, other=0.0).to(tl.float32) * s
+        z = tl.load(s_row + cols, mask=ok, other=0.0).to(tl.float32) * s
         pos += tl.where(cols == a_pos, z, 0.0)
         keep = ok
         if HAS_GROUPS:
@@ -290,14 +292,14 @@ def _chunk_rows_kernel(
         for start in range(0, n_b, BLOCK_N):
             cols = start + offs
             ok = cols < n_b
-            raw = tl.load(S + r * stride_s + cols, mask=ok, other=0.0).to(tl.float32)
+            raw = tl.load(s_row + cols, mask=ok, other=0.0).to(tl.float32)
             keep = ok
             if HAS_GROUPS:
                 keep = keep & (_row_kill(cols, ok, a_grp, a_key, B_GRP, B_KEY, HAS_BKEY) == 0)
             prob = tl.where(keep, tl.exp(raw * s - lse), 0.0)
             g = w * (prob - (cols == a_pos).to(tl.float32))
             ds += g * raw
-            tl.store(G + r * stride_g + cols, (g * s).to(G.dtype.element_ty), mask=ok)
+            tl.store(g_row + cols, (g * s).to(G.dtype.element_ty), mask=ok)
         tl.store(DS_ROW + r, tl.sum(ds, axis=0))
 
 
@@ -455,7 +457,9 @@ def contrastive_grads(A, B, scale, lse, w, dA, dB, a_pos, a_idx=None, a_key=None
 def rows_config(n_b):
     """(BLOCK_N, num_warps) of the row kernel: memory-bound, so a heuristic (as
     Liger-Kernel's calculate_settings) instead of timing runs, which would have to
-    restore a chunk of S that the kernel overwrites in place."""
+    restore a chunk of S that the kernel overwrites in place. Its loads and stores are
+    128-bit when N is a multiple of 16 (the JIT specialises such sizes; the sm90 test
+    checks the PTX), 32-bit otherwise."""
     block = min(4096, max(16, triton.next_power_of_2(n_b)))
     return block, 4 if block <= 1024 else 8 if block <= 2048 else 16
 

@@ -52,11 +52,12 @@ def signature(kernel, elt, consts):
     return sig
 
 
-def compile_one(kernel, elt, consts, warps, stages):
+def compile_one(kernel, elt, consts, warps, stages, sizes_divisible=False):
     sig = signature(kernel, elt, consts)
-    # what the JIT assumes at run time for 16-aligned pointers, strides and D
+    # what the JIT assumes at run time for 16-aligned pointers, strides and D; the row counts
+    # too with sizes_divisible (the JIT specialises sizes that are multiples of 16)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-             if sig[n] != "constexpr" and n not in ("n_a", "n_b")}
+             if sig[n] != "constexpr" and (sizes_divisible or n not in ("n_a", "n_b"))}
     src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()},
                     attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -76,6 +77,8 @@ def compile_one(kernel, elt, consts, warps, stages):
     atomics = re.findall(r"\b(?:atom|red)\.global\.[\w.]*", ptx)
     return dict(spill_bytes=sum(int(n) for n in SPILL.findall(report)), shared_bytes=compiled.metadata.shared,
                 wgmma="wgmma.mma_async" in ptx, atomics=len(atomics),
+                vector_loads=len(re.findall(r"\bld\.global\.v[24]\.", ptx)),
+                vector_stores=len(re.findall(r"\bst\.global\.v[24]\.", ptx)),
                 relaxed_atomics=sum(".relaxed." in a for a in atomics),
                 acq_rel=bool(re.search(r"\b(?:atom|red)\.[\w.]*acq_rel", ptx)),
                 # memory-ordering fences only: wgmma's own fence.proxy.async / wgmma.fence are not
@@ -103,9 +106,10 @@ def main() -> int:
         for dtype in ELT:
             for flags in (False, True):
                 consts = dict(HAS_BKEY=flags, HAS_GROUPS=flags, HAS_W=True, BLOCK_N=block)
-                row = compile_one(K._chunk_rows_kernel, ELT[dtype], consts, warps, 1)
-                print(json.dumps(dict(kernel="rows", dtype=ELT[dtype], config=[block, warps], flags=flags, **row)),
-                      flush=True)
+                for divisible in (False, True):
+                    row = compile_one(K._chunk_rows_kernel, ELT[dtype], consts, warps, 1, sizes_divisible=divisible)
+                    print(json.dumps(dict(kernel="rows", dtype=ELT[dtype], config=[block, warps], flags=flags,
+                                          n_b_divisible_by_16=divisible, **row)), flush=True)
     return 0
 
 
