@@ -56,6 +56,7 @@ def _train(config, device, rank, world, on_step):
     run_dir = RunFolder(config.output)
     run_dir.check_model(config.model)
     action, found = run_dir.plan(config.resume, config.overwrite)
+    seen = run_dir.snapshot()
     fingerprint = pairs.fingerprint()
     if action == "finished":
         check_finished(config, found, fingerprint, world)
@@ -66,7 +67,7 @@ def _train(config, device, rank, world, on_step):
     encoder = load_encoder(config, found, device)  # may fail (hub, max_length): nothing is written yet
     with run_dir.lock() if rank == 0 else nullcontext():
         if rank == 0:
-            if run_dir.plan(config.resume, config.overwrite) != (action, found):
+            if run_dir.snapshot() != seen:  # another run got in between: decide again
                 raise RuntimeError(f"{config.output} changed while the model loaded; run again")
             run_dir.clear_own() if action == "fresh" else run_dir.clean_temporaries()
         distributed.barrier(world)

@@ -143,6 +143,16 @@ class RunFolder:
                                     "--overwrite to write beside them (they are left untouched)")
         return "fresh", None
 
+    def snapshot(self):
+        """What plan() decided on, cheaply comparable: the entries, the run record and the
+        checkpoints' manifests (names and sizes), ignoring the lock."""
+        if not self.path.is_dir():
+            return [], None, {}
+        entries = sorted(p.name for p in self.path.iterdir() if p.name != LOCK_FILE)
+        manifests = {c.name: (c / "manifest.json").stat().st_size for c in self.path.iterdir()
+                     if CHECKPOINT_RE.match(c.name) and (c / "manifest.json").is_file()}
+        return entries, self.record(), manifests
+
     def clear_own(self):
         """--overwrite / a fresh start: remove every entry a run wrote (never the user's)."""
         for name in self.own_names():
