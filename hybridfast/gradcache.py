@@ -24,6 +24,7 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator, List, Mapp
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 
 def ddp_sync(model, last: bool) -> ContextManager:
@@ -110,8 +111,6 @@ class GradCache:
     def embed(self, columns: Sequence[Mapping[str, Any]], requires_grad: bool = True) -> List[Tensor]:
         """Pass 1: each column's embeddings (at least float32), computed without a graph; leaves
         with requires_grad (when `requires_grad`) so a loss's backward fills their .grad."""
-        from tqdm.auto import tqdm
-
         self._plan = [row_chunks(f, self.chunk_size, self.trim_padding) for f in columns]
         self._states = []
         bar = tqdm(total=sum(len(c) for c in self._plan), desc="Embed chunks", disable=not self.show_progress)

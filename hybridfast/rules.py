@@ -18,6 +18,7 @@ import math
 import numbers
 import os
 import re
+import sys
 import tempfile
 import zlib
 from pathlib import Path
@@ -166,8 +167,6 @@ def check_optional_str(name: str, value):
 
 
 def _numpy():
-    import sys
-
     return sys.modules.get("numpy")
 
 

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from hybridfast.data import candidate_text, lareqa_examples, resolve_dataset
 from hybridfast.rules import (TRAIN_SPLITS, check_language_code, check_languages, is_language_code, json_objects,
                               read_lines)
 
@@ -189,8 +190,6 @@ def load_training_pairs(spec, data_dir=None, split="train", languages=None) -> P
     if path.suffix in (".jsonl", ".gz", ".json", ".tsv") or "/" in str(spec):
         raise FileNotFoundError(f"training data {str(spec)!r} not found")
     # a data set name: the data module knows where benchmarks live
-    from hybridfast.data import resolve_dataset
-
     return read_lareqa(resolve_dataset(str(spec), data_dir=data_dir), split=split, languages=languages)
 
 
@@ -213,8 +212,6 @@ def read_lareqa(path, split="train", languages=None) -> ParallelPairs:
     Hard negatives: the other answer sentences of the same paragraph (same
     paragraph, different sentence: the distractors LAReQA itself ranks against).
     """
-    from hybridfast.data import candidate_text, lareqa_examples
-
     # <lang>.json files only (a folder may also hold other JSON, e.g. metadata)
     available = sorted(f.stem for f in Path(path).glob("*.json") if is_language_code(f.stem))
     languages = select_languages(available, languages, name=str(path))

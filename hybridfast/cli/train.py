@@ -8,6 +8,9 @@ import typing
 import warnings
 from dataclasses import MISSING, fields
 
+from hybridfast.training import (CheckpointError, OutputFolderError, TrainConfig, TrainingDiverged,
+                                 train)
+
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
 
@@ -44,8 +47,6 @@ def _scalar_type(annotation):
 
 
 def add_arguments(parser):
-    from hybridfast.training.config import TrainConfig
-
     hints = typing.get_type_hints(TrainConfig)
     groups = {}
     for f in fields(TrainConfig):
@@ -74,16 +75,12 @@ def add_arguments(parser):
 
 
 def config_from_args(args):
-    from hybridfast.training.config import TrainConfig
-
     kw = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     kw["show_progress"] = not getattr(args, "no_progress", False)
     return TrainConfig(**kw)
 
 
 def run(args) -> int:
-    from hybridfast.training import CheckpointError, OutputFolderError, TrainingDiverged, train
-
     prog = "hybridfast train"
     try:
         with warnings.catch_warnings():

@@ -51,6 +51,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from hybridfast.gradcache import GradCache, ddp_sync  # noqa: E402
+from hybridfast.loss import MAX_SCALE, HybridContrastiveLoss  # noqa: E402
 from hybridfast.integrations.st_batching import (  # noqa: E402
     HybridBatching,
     HybridPairDataset,
@@ -105,8 +106,6 @@ def _make_fused_loss(scale, similarity, symmetric, gather_across_devices, backen
         raise ValueError(f"scale must be a positive number, got {scale!r}")
     if similarity not in _SIMILARITIES:
         raise ValueError(f"similarity must be one of {_SIMILARITIES}, got {similarity!r}")
-    from hybridfast.loss import MAX_SCALE, HybridContrastiveLoss
-
     if scale > MAX_SCALE:
         # ST applies any scale; HybridContrastiveLoss caps the logit scale (docs/architecture.md, README), so values differ
         warnings.warn(

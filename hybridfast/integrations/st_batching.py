@@ -20,6 +20,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("hybridfast.integrations.st_batching needs datasets: pip install 'hybridfast[st]'") from exc
 
 from hybridfast.rules import MODES as _MODES  # noqa: E402
+from hybridfast.sampler import HybridBatchSampler  # noqa: E402
 from hybridfast.rules import check_languages, check_number, language_weights  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------
@@ -324,8 +325,6 @@ class HybridSTBatchSampler:
         split_batches: bool = False,
         drop_last: bool = True,
     ) -> None:
-        from hybridfast.sampler import HybridBatchSampler
-
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
         if world_size > 1 and not drop_last:

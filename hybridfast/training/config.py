@@ -10,7 +10,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
 
+import torch
+
 from hybridfast import rules
+from hybridfast._backends import resolve_device
 
 
 def _f(default, help, **meta):
@@ -120,10 +123,6 @@ class TrainConfig:
             raise ValueError("lang_weights: at least one weight must be > 0")
 
     def _check_device(self):
-        import torch
-
-        from hybridfast._backends import resolve_device
-
         try:
             device = resolve_device(self.device)
         except (RuntimeError, ValueError) as err:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 def init(device: torch.device):
     """(rank, world_size, device, created): joins the torchrun process group when WORLD_SIZE > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, device, False
-    import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
@@ -33,14 +34,12 @@ def init(device: torch.device):
 
 def shutdown(created: bool):
     if created:
-        import torch.distributed as dist
 
         dist.destroy_process_group()
 
 
 def barrier(world):
     if world > 1:
-        import torch.distributed as dist
 
         dist.barrier()
 
@@ -49,8 +48,6 @@ def wrap(encoder, world, device):
     """The module to call for forward passes: DistributedDataParallel(encoder) under torchrun."""
     if world <= 1:
         return encoder
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None,
                                    find_unused_parameters=True, broadcast_buffers=False)
 
@@ -58,7 +55,6 @@ def wrap(encoder, world, device):
 def mean_over_ranks(value: float, world: int, device) -> float:
     if world <= 1:
         return value
-    import torch.distributed as dist
 
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -69,7 +65,6 @@ def any_rank(flag: bool, world: int, device) -> bool:
     """True on every rank when `flag` is true on some rank (all ranks stop together)."""
     if world <= 1:
         return flag
-    import torch.distributed as dist
 
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t)

@@ -22,8 +22,17 @@ from typing import Callable, List, Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
 
+from hybridfast import encoder as encoder_module
 from hybridfast import rules
+from hybridfast._backends import resolve_device
+from hybridfast.data import load_benchmark
+from hybridfast.evaluator import RetrievalEvaluator
+from hybridfast.loss import HybridContrastiveLoss
+from hybridfast.sampler import HybridBatchSampler
+from hybridfast.train_data import load_training_pairs
 from hybridfast.training import checkpoint as ckpt
 from hybridfast.training import distributed
 from hybridfast.training.batches import Collator, batch_kind, prefetch
@@ -42,8 +51,6 @@ def train(config: TrainConfig, on_step: StepCallback = None) -> Path:
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     config.validate()
-    from hybridfast._backends import resolve_device
-
     rank, world, device, created_group = distributed.init(resolve_device(config.device))
     try:
         return _train(config, device, rank, world, on_step)
@@ -84,9 +91,6 @@ def prepare(config: TrainConfig, rank=0, world=1):
 
 def load_data(config: TrainConfig, rank=0, world=1):
     """prepare() for a config that has been validated."""
-    from hybridfast.data import load_benchmark
-    from hybridfast.train_data import load_training_pairs
-
     languages = rules.check_languages(config.languages)
     pairs = load_training_pairs(config.train, data_dir=config.data_dir, split=config.split, languages=languages)
     if config.mode != "mono" and len(pairs.languages) < 2:
@@ -104,8 +108,6 @@ def load_data(config: TrainConfig, rank=0, world=1):
 
 
 def build_sampler(config, pairs, rank, world):
-    from hybridfast.sampler import HybridBatchSampler
-
     weights = config.lang_weights if config.lang_weights == "size" else None
     if isinstance(config.lang_weights, dict):
         weights = np.array(rules.language_weights(config.lang_weights, pairs.languages))
@@ -174,18 +176,16 @@ def check_finished(config, final: Path, fingerprint: str, world):
 def load_encoder(config, checkpoint: Optional[Path], device):
     """The Encoder from the checkpoint (resume) or config.model, with clear errors for a model
     that cannot be loaded and a max_length beyond its position table."""
-    from hybridfast.encoder import Encoder, default_model_path
-
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    path = str(checkpoint) if checkpoint is not None else (config.model or default_model_path())
+    path = str(checkpoint) if checkpoint is not None else (config.model or encoder_module.default_model_path())
     kwargs = dict(device=str(device), show_progress=False)
     for name in ("max_length", "query_prefix", "passage_prefix"):
         if getattr(config, name) is not None:
             kwargs[name] = getattr(config, name)
     try:
-        encoder = Encoder(path, **kwargs)
+        encoder = encoder_module.Encoder(path, **kwargs)
     except (OSError, ValueError) as err:
         where = "a local folder" if looks_local(path) else "a hub name: not in the local cache and the hub " \
                                                              "could not be reached or has no such model"
@@ -225,10 +225,6 @@ class _Run:
 
     def __init__(self, config, device, rank, world, run_dir, pairs, sampler, benchmark, encoder, checkpoint,
                  state, fingerprint):
-        from transformers import get_linear_schedule_with_warmup
-
-        from hybridfast.loss import HybridContrastiveLoss
-
         self.config, self.device, self.rank, self.world, self.run_dir = config, device, rank, world, run_dir
         self.output, self.sampler, self.encoder, self.fingerprint = Path(config.output), sampler, encoder, fingerprint
         self.evaluate = PeriodicEvaluator(benchmark) if benchmark is not None else None
@@ -261,8 +257,6 @@ class _Run:
             self._write_config(state["changes"], checkpoint is not None)
 
     def loop(self, on_step: StepCallback) -> Path:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.config.show_progress or self.rank != 0)
         try:
@@ -387,8 +381,6 @@ class PeriodicEvaluator:
         self.benchmark, self.evaluator = benchmark, None
 
     def __call__(self, encoder):
-        from hybridfast.evaluator import RetrievalEvaluator
-
         if self.evaluator is None:
             self.evaluator = RetrievalEvaluator(self.benchmark, device=encoder.device, show_progress=False)
         was_training = encoder.training
