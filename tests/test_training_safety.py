@@ -20,7 +20,7 @@ import torch
 
 from helpers import make_toy_jsonl, tiny_bert, toy_vocabulary
 from hybridfast.training import (CheckpointError, OutputFolderError, TrainConfig, TrainingDiverged,
-                                 list_checkpoints, train)
+                                 list_checkpoints, run_status, train)
 from hybridfast.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -75,11 +75,13 @@ def test_1_user_files_are_never_replaced(toy, tmp_path):
     (out / "final").mkdir(parents=True)
     (out / "final" / "notes.txt").write_text("my notes")
     (out / ".tmp-mine").mkdir()
+    (out / "train_config.json").write_text("{}")
     before = tree(out)
     for overwrite in (False, True):  # a user's final/ is never replaced, not even with --overwrite
-        with pytest.raises(OutputFolderError, match=r"holds \['.tmp-mine', 'final'\], which hybridfast did not write"):
+        with pytest.raises(OutputFolderError, match=r"holds \['.tmp-mine', 'final', 'train_config.json'\], "
+                                                    "which hybridfast did not write"):
             train(config(toy, out, overwrite=overwrite))
-    assert tree(out) == before
+    assert tree(out) == before and run_status(out) == "foreign"
 
 
 def test_1_foreign_files_need_overwrite_which_removes_only_own_files(toy, tmp_path):
@@ -97,6 +99,7 @@ def test_1_foreign_files_need_overwrite_which_removes_only_own_files(toy, tmp_pa
     with pytest.raises(OutputFolderError, match=r"\['checkpoint-99'\]"):
         train(config(toy, out, overwrite=True))
     (out / "checkpoint-99").rmdir()
+    assert run_status(out) == "finished"
     train(config(toy, out, overwrite=True, max_steps=2))
     assert [r["step"] for r in read_log(out)] == [1, 2]
     assert not list_checkpoints(out) and (out / "notes.txt").read_text() == "keep me"
@@ -120,9 +123,11 @@ def test_3_resume_without_checkpoint_is_an_error_naming_the_folder(toy, tmp_path
     with pytest.raises(OutputFolderError, match=f"--resume: {tmp_path / 'none'} holds no training run"):
         train(config(toy, tmp_path / "none", resume=True))
     assert not (tmp_path / "none").exists()
+    assert run_status(tmp_path / "none") == "empty"
     out = tmp_path / "killed"
     with pytest.raises(Killed):
         train(config(toy, out), on_step=kill_at(2))  # no --save-steps: no checkpoint
+    assert run_status(out) == "unfinished"
     before = tree(out)
     with pytest.raises(OutputFolderError, match=f"no intact checkpoint in {out}.*--overwrite"):
         train(config(toy, out, resume=True))
@@ -186,6 +191,7 @@ def test_7_resume_refuses_settings_that_change_the_result(toy, tmp_path, change,
     with pytest.raises(Killed):
         train(config(toy, out, max_steps=4, save_steps=1), on_step=kill_at(2))
     before = tree(out)
+    assert run_status(out) == "resumable"
     with pytest.raises(ValueError, match="cannot change on resume") as info:
         train(config(toy, out, max_steps=4, resume=True, **change))
     assert difference in str(info.value)

@@ -13,8 +13,8 @@ from hybridfast.training.batches import Collator, batch_kind, prefetch
 from hybridfast.training.checkpoint import CheckpointError, list_checkpoints
 from hybridfast.training.config import TrainConfig
 from hybridfast.training.loop import prepare, train
-from hybridfast.training.rundir import OutputFolderError
+from hybridfast.training.rundir import OutputFolderError, run_status
 from hybridfast.training.steps import TrainingDiverged, gradcache_step, plain_step
 
 __all__ = ["TrainConfig", "train", "prepare", "Collator", "batch_kind", "prefetch", "plain_step", "gradcache_step",
-           "list_checkpoints", "CheckpointError", "OutputFolderError", "TrainingDiverged"]
+           "list_checkpoints", "run_status", "CheckpointError", "OutputFolderError", "TrainingDiverged"]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from hybridfast import rules
-from hybridfast.training.checkpoint import CHECKPOINT_RE, TMP_PREFIX, newest_intact, remove
+from hybridfast.training.checkpoint import CHECKPOINT_RE, TMP_PREFIX, list_checkpoints, newest_intact, remove
 
 OWNER_FILE = ".hybridfast-run.json"
 LOCK_FILE = ".hybridfast.lock"
@@ -221,6 +221,22 @@ class RunFolder:
             return
         raise OutputFolderError(f"output: {self.path} is in use by another training run (pid {pid} on host {host}, "
                                 f"lock file {path}); wait for it, or delete the lock file if that run is gone")
+
+
+def run_status(output) -> str:
+    """What `output` holds, for callers that decide between resume and overwrite (the study):
+    "empty" (missing or empty), "foreign" (files no run wrote, no run), "finished",
+    "resumable" (an unfinished run with a complete checkpoint; verified on resume), or
+    "unfinished" (a run that stopped before its first checkpoint: start it again with overwrite)."""
+    folder = RunFolder(output)
+    if not folder.path.is_dir() or not any(p.name != LOCK_FILE for p in folder.path.iterdir()):
+        return "empty"
+    record = folder.record()
+    if record is None:
+        return "foreign"
+    if record.get("finished") and (folder.path / "final").is_dir():
+        return "finished"
+    return "resumable" if list_checkpoints(folder.path) else "unfinished"
 
 
 def _alive(pid: int) -> bool:
