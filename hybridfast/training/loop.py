@@ -72,6 +72,7 @@ def _train(config, device, rank, world, on_step):
         return found
     state = resume_state(config, found, fingerprint, world) if action == "resume" else None
     encoder = load_encoder(config, found, device)  # may fail (hub, max_length): nothing is written yet
+    distributed.barrier(world)  # every rank has read the folder before rank 0 changes it
     with run_dir.lock() if rank == 0 else nullcontext():
         if rank == 0:
             if run_dir.snapshot() != seen:  # another run got in between: decide again
