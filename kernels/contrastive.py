@@ -296,7 +296,7 @@ def _chunk_rows_kernel(
             keep = ok
             if HAS_GROUPS:
                 keep = keep & (_row_kill(cols, ok, a_grp, a_key, B_GRP, B_KEY, HAS_BKEY) == 0)
-            prob = tl.where(keep, tl.exp(raw * s - lse), 0.0)
+            prob = tl.exp(tl.where(keep, raw * s - lse, _NEG_BIG))  # masked columns may exceed lse: no exp overflow
             g = w * (prob - (cols == a_pos).to(tl.float32))
             ds += g * raw
             tl.store(g_row + cols, (g * s).to(G.dtype.element_ty), mask=ok)
