@@ -132,8 +132,11 @@ class ParallelPairs:
         compares it with its checkpoint's to refuse changed training data."""
         h = hashlib.sha256()
         h.update(json.dumps([self.languages, self.example_ids]).encode("utf-8"))
+        step = 1 << 14  # in slices: one JSON string of a whole large corpus would double its memory
         for j in range(len(self.languages)):
-            h.update(json.dumps([self._queries[j], self._positives[j], self._negatives[j]]).encode("utf-8"))
+            for texts in (self._queries[j], self._positives[j], self._negatives[j]):
+                for start in range(0, len(texts), step):
+                    h.update(json.dumps(texts[start:start + step]).encode("utf-8"))
         return h.hexdigest()
 
     def __repr__(self):

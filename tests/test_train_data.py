@@ -179,3 +179,13 @@ def test_xquad_r_by_name(xquad_dir):
     assert 0 < len(pairs) < 1190 and len(pairs) + len(test) == 1190
     assert not set(pairs.example_ids) & set(test.example_ids)
     assert pairs.groups is not None  # several questions share an answer sentence
+
+
+def test_fingerprint_follows_the_content(tmp_path):
+    a = load_training_pairs(write_jsonl(tmp_path / "a.jsonl", JSONL_ROWS))
+    b = load_training_pairs(write_jsonl(tmp_path / "b.jsonl", JSONL_ROWS))
+    assert a.fingerprint() == b.fingerprint() and len(a.fingerprint()) == 64
+    changed = [dict(r) for r in JSONL_ROWS]
+    changed[1]["positive"] += "!"
+    assert load_training_pairs(write_jsonl(tmp_path / "c.jsonl", changed)).fingerprint() != a.fingerprint()
+    assert load_training_pairs(tmp_path / "a.jsonl", languages=["en"]).fingerprint() != a.fingerprint()
