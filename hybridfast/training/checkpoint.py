@@ -8,6 +8,10 @@ disk) at any moment leaves the previous checkpoint intact. A checkpoint without 
 manifest is incomplete and ignored; one whose files do not match their manifest
 (truncated, corrupted) is skipped on resume with a warning naming it and the file, and
 the newest intact one is used instead.
+
+Hand-written rather than transformers.Trainer's checkpoints because resume must be
+bit-exact: the hybrid sampler's mid-epoch position and every RNG stream of every rank
+are part of the state.
 """
 from __future__ import annotations
 
