@@ -41,3 +41,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """Tiny BERTs (with and without dropout) and toy parallel JSONL data (tests/helpers.py),
+    built once for all training tests."""
+    from helpers import toy_training_files
+
+    return toy_training_files(tmp_path_factory.mktemp("toy"))

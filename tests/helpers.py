@@ -101,3 +101,47 @@ def write_lareqa(root: Path) -> Path:
                         for i, qid, s in qas]}]})
         (root / f"{lang}.json").write_text(json.dumps({"data": data, "version": "1.1"}), encoding="utf-8")
     return root
+
+
+# ----------------------------------------------------------------------------- training runs
+
+def toy_training_files(root: Path) -> dict:
+    """The tiny models and toy data the training tests share (conftest's `toy` fixture)."""
+    root = Path(root)
+    return {"model": tiny_bert(root / "model", toy_vocabulary()),
+            "model_nodrop": tiny_bert(root / "model_nodrop", toy_vocabulary(), dropout=0.0),
+            "data": make_toy_jsonl(root / "train.jsonl"),
+            "data_neg": make_toy_jsonl(root / "train_neg.jsonl", negatives=True)}
+
+
+def toy_config(toy: dict, out, **kw):
+    """A TrainConfig for the toy files: tiny batches, CPU, a log row per step."""
+    from hybridfast.training import TrainConfig
+
+    defaults = dict(model=str(toy["model"]), train=str(toy["data"]), batch_size=8, max_steps=6, lr=1e-3,
+                    warmup_ratio=0.0, max_length=16, device="cpu", log_steps=1, output=str(out),
+                    show_progress=False, seed=3)
+    defaults.update(kw)
+    return TrainConfig(**defaults)
+
+
+def load_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def read_log(out):
+    return [json.loads(l) for l in (Path(out) / "train_log.jsonl").read_text().splitlines() if l.strip()]
+
+
+class Killed(Exception):
+    """A simulated kill: not an OSError/RuntimeError, so no checkpoint write absorbs it."""
+
+
+def kill_at(n):
+    """An on_step callback that 'kills' the run after step n."""
+    def on_step(step):
+        if step == n:
+            raise Killed()
+    return on_step

@@ -18,39 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_toy_jsonl, tiny_bert, toy_vocabulary, write_lareqa
+from helpers import Killed, kill_at, load_weights, read_log, toy_config as base_config, write_lareqa
 from hybridfast import trainer
 from hybridfast.training import TrainConfig, list_checkpoints, train
 from hybridfast.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    return {"model": tiny_bert(root / "model", toy_vocabulary()),
-            "model_nodrop": tiny_bert(root / "model_nodrop", toy_vocabulary(), dropout=0.0),
-            "data": make_toy_jsonl(root / "train.jsonl"),
-            "data_neg": make_toy_jsonl(root / "train_neg.jsonl", negatives=True)}
-
-
-def base_config(toy, out, **kw):
-    defaults = dict(model=str(toy["model"]), train=str(toy["data"]), batch_size=8, max_steps=6, lr=1e-3,
-                    warmup_ratio=0.0, max_length=16, device="cpu", log_steps=1, output=str(out),
-                    show_progress=False, seed=3)
-    defaults.update(kw)
-    return TrainConfig(**defaults)
-
-
-def load_weights(folder):
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(folder) / "model.safetensors"))
-
-
-def read_log(out):
-    return [json.loads(l) for l in (Path(out) / "train_log.jsonl").read_text().splitlines() if l.strip()]
 
 
 # ----------------------------------------------------------------------------- training works
@@ -169,17 +142,6 @@ def test_training_with_chunking_matches_without(toy, tmp_path):
 
 
 # ----------------------------------------------------------------------------- resume
-
-class Killed(Exception):  # not an OSError/RuntimeError: a checkpoint write must not absorb it
-    pass
-
-
-def kill_at(n):
-    def on_step(step):
-        if step == n:
-            raise Killed()
-    return on_step
-
 
 def test_kill_and_resume_equals_uninterrupted(toy, tmp_path, monkeypatch):
     cfg = base_config(toy, tmp_path / "full", max_steps=9, save_steps=2, batch_size=6,

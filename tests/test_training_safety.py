@@ -18,26 +18,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_toy_jsonl, tiny_bert, toy_vocabulary
-from hybridfast.training import (CheckpointError, OutputFolderError, TrainConfig, TrainingDiverged,
+from helpers import Killed, kill_at, make_toy_jsonl, read_log, tiny_bert, toy_config, toy_vocabulary
+from helpers import load_weights as weights
+from hybridfast.training import (CheckpointError, OutputFolderError, TrainingDiverged,
                                  list_checkpoints, run_status, train)
 from hybridfast.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    return {"model": tiny_bert(root / "model", toy_vocabulary()), "data": make_toy_jsonl(root / "train.jsonl")}
-
-
 def config(toy, out, **kw):
-    defaults = dict(model=str(toy["model"]), train=str(toy["data"]), batch_size=8, max_steps=3, lr=1e-3,
-                    warmup_ratio=0.0, max_length=16, device="cpu", log_steps=1, output=str(out),
-                    show_progress=False, seed=3)
-    defaults.update(kw)
-    return TrainConfig(**defaults)
+    return toy_config(toy, out, **dict({"max_steps": 3}, **kw))
 
 
 def tree(folder):
@@ -45,27 +36,6 @@ def tree(folder):
     folder = Path(folder)
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def weights(folder):
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(folder) / "model.safetensors"))
-
-
-def read_log(out):
-    return [json.loads(l) for l in (Path(out) / "train_log.jsonl").read_text().splitlines() if l.strip()]
-
-
-class Killed(Exception):
-    pass
-
-
-def kill_at(n):
-    def on_step(step):
-        if step == n:
-            raise Killed()
-    return on_step
 
 
 # ----------------------------------------------------------------------------- 1: the output folder

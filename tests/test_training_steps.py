@@ -2,20 +2,10 @@
 import pytest
 import torch
 
-from helpers import make_toy_jsonl, tiny_bert, toy_vocabulary
 from hybridfast.gradcache import row_chunks
 from hybridfast.training import Collator, gradcache_step, plain_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    return {"model": tiny_bert(root / "model", toy_vocabulary()),
-            "model_nodrop": tiny_bert(root / "model_nodrop", toy_vocabulary(), dropout=0.0),
-            "data": make_toy_jsonl(root / "train.jsonl"),
-            "data_neg": make_toy_jsonl(root / "train_neg.jsonl", negatives=True)}
 
 
 def test_collator_layout_and_groups(toy):
