@@ -245,7 +245,8 @@ def test_two_process_ddp_equals_one_process_doubled_batch(toy, tmp_path, chunk):
     ({"train": "/nonexistent/train.jsonl"}, FileNotFoundError, "not found"),
     ({"model": "/nonexistent/model"}, FileNotFoundError, "model: '/nonexistent/model' does not exist"),
     ({"batch_size": 1000}, ValueError, "not even one batch of 1000"),
-    ({"lang_weights": "big"}, TypeError, "lang_weights must be"),
+    ({"lang_weights": "big"}, ValueError, "lang_weights must be"),
+    ({"lang_weights": "size^2"}, ValueError, "TAU must be in \\[0, 1\\]"),
     ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "tpu"}, ValueError, "device"),
     ({"mode": "cross", "languages": ["en"]}, ValueError, "needs at least two languages"),
     ({"split": "test"}, ValueError, "split"),
@@ -284,3 +285,24 @@ def test_cli(toy, tmp_path, capsys):
     assert rc == 2 and "chunk_size must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--train", str(toy["data"]), "--bf16", "--fp16"])
+
+
+def test_cli_smoothed_language_weights_reach_the_sampler(toy, tmp_path, monkeypatch):
+    # --lang-weights size^0.3 passes the config's check and arrives at the sampler as written
+    from hybridfast.cli import main
+    from hybridfast.training import loop
+
+    seen = []
+    real = loop.HybridBatchSampler
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["lang_weights"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "HybridBatchSampler", recording)
+    out = tmp_path / "smooth"
+    rc = main(["train", "--model", str(toy["model"]), "--train", str(toy["data"]), "--batch-size", "4",
+               "--max-steps", "1", "--lang-weights", "size^0.3", "--device", "cpu", "--output", str(out),
+               "--no-progress"])
+    assert rc == 0 and seen and seen[0] == "size^0.3"
+    assert json.loads((out / "train_config.json").read_text())["lang_weights"] == "size^0.3"

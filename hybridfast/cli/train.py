@@ -15,8 +15,8 @@ EXIT_USAGE, EXIT_FAILED = 2, 1
 
 
 def _lang_weights(text):
-    if text.strip() == "size":
-        return "size"
+    if text.strip().startswith("size"):  # "size" or "size^TAU", checked by the config
+        return text.strip()
     out = {}
     for item in text.split(","):
         if not item.strip():

@@ -14,6 +14,7 @@ import torch
 
 from hybridfast import rules
 from hybridfast._backends import resolve_device
+from hybridfast.sampler import parse_lang_weights
 
 
 def _f(default, help, **meta):
@@ -44,7 +45,8 @@ class TrainConfig:
     mode: str = _f("hybrid", "batch kind: mono, cross, or hybrid (paper, alpha=mono-prob)", choices=rules.MODES)
     mono_prob: float = _f(0.5, "probability of a monolingual batch in hybrid mode")
     lang_weights: Optional[Union[Dict[str, float], str]] = _f(
-        None, "mono-batch language weights, e.g. en=2,de=1, or 'size' (by examples per language)")
+        None, "mono-batch language weights, e.g. en=2,de=1, 'size' (by examples per language) or 'size^TAU' "
+              "(by examples^TAU, 0 <= TAU <= 1, e.g. size^0.3: smoothed, as in multilingual pre-training)")
     batch_size: int = _f(100, "examples per step per process (global batch = batch size x processes)")
     max_steps: Optional[int] = _f(None, "stop after this many steps (overrides --epochs; may grow on --resume)")
     epochs: int = _f(1, "epochs when --max-steps is not given")
@@ -110,11 +112,14 @@ class TrainConfig:
         self._check_paths()
 
     def _check_lang_weights(self):
-        if self.lang_weights is None or self.lang_weights == "size":
+        if self.lang_weights is None:
+            return
+        if isinstance(self.lang_weights, str):
+            parse_lang_weights(self.lang_weights)  # a ValueError naming lang_weights
             return
         if not isinstance(self.lang_weights, dict) or not self.lang_weights:
-            raise TypeError("lang_weights must be a non-empty dict {lang: weight} or 'size' (proportional to "
-                            f"the examples per language), got {self.lang_weights!r}")
+            raise TypeError("lang_weights must be a non-empty dict {lang: weight}, 'size' (proportional to "
+                            f"the examples per language) or 'size^TAU', got {self.lang_weights!r}")
         for lang, w in self.lang_weights.items():
             rules.check_language_code(lang, arg="lang_weights")
             if not rules.is_number(w) or not 0 <= w < float("inf"):

@@ -109,7 +109,7 @@ def load_data(config: TrainConfig, rank=0, world=1):
 
 
 def build_sampler(config, pairs, rank, world):
-    weights = config.lang_weights if config.lang_weights == "size" else None
+    weights = config.lang_weights if isinstance(config.lang_weights, str) else None  # "size" or "size^TAU"
     if isinstance(config.lang_weights, dict):
         weights = np.array(rules.language_weights(config.lang_weights, pairs.languages))
     return HybridBatchSampler(pairs.availability, config.batch_size, mode=config.mode, mono_prob=config.mono_prob,
