@@ -5,7 +5,7 @@
                  inside each candidate language and inside the pool of all languages
               --hybridfast.metrics--> per pair / per language / summary --> JSON, Markdown, PNG
 
-Settings (LAReQA conventions, see DESIGN.md):
+Settings (LAReQA conventions; README "Evaluation", docs/architecture.md):
 - ``mono``: the L pairs x -> x, macro-averaged over pairs;
 - ``cross``: the L(L-1) pairs x -> y (x != y), macro-averaged over pairs;
 - ``multi``: each query against the pool of all languages' candidates; mean per

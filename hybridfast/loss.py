@@ -1,6 +1,6 @@
 """HybridContrastiveLoss: InfoNCE with hard negatives, group masks and a symmetric term.
 
-Maths (DESIGN.md): s_ij = sim(q_i, p_j) * scale with scale = min(1/temperature, 100);
+Maths (docs/architecture.md, "The loss"): s_ij = sim(q_i, p_j) * scale with scale = min(1/temperature, 100);
 passage j is left out of query i's denominator when both group tensors are given,
 passage_groups[j] == query_groups[i] and j != labels[i];
 loss_i = logsumexp_{kept j} s_ij - s_{i,labels[i]}. The symmetric term scores the
@@ -395,7 +395,7 @@ def hybrid_contrastive_loss(q, p, labels=None, query_groups=None, passage_groups
 
 
 class HybridContrastiveLoss(nn.Module):
-    """InfoNCE for hybrid batches; see the module docstring and DESIGN.md.
+    """InfoNCE for hybrid batches; see the module docstring and docs/architecture.md.
 
     With learn_temperature=True the parameter is `log_scale` = log(1/temperature)
     (as in CLIP), so the temperature stays positive; the scale is capped at 100.
