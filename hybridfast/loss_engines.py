@@ -100,6 +100,8 @@ def rows_torch(S, s, term, start, stop, w):
 
 def rows_triton(S, s, term, start, stop, w):
     """Row function as one Triton kernel (kernels/contrastive.py `_chunk_rows_kernel`)."""
+    # imported here: `import hybridfast.loss` must not import Triton (slow, optional, and on a
+    # CUDA machine it would initialise the driver's tools before the user asked for a kernel)
     from hybridfast.kernels.contrastive import chunk_rows
 
     half = term.A.is_cuda and term.A.dtype in (torch.float16, torch.bfloat16)
@@ -157,7 +159,7 @@ def chunked_term(term, s, w, dA, dB, chunk_rows, compute_dtype, row_fn=rows_torc
 
 def fused_term(term, scale, w, dA, dB, chunk_rows, compute_dtype):
     """The fused Triton engine for one term (chunk_rows and compute_dtype unused: it tiles itself)."""
-    from hybridfast.kernels.contrastive import contrastive_grads, contrastive_lse
+    from hybridfast.kernels.contrastive import contrastive_grads, contrastive_lse  # lazy, as in rows_triton
 
     kw = dict(a_idx=term.a_idx, a_key=term.a_key, a_grp=term.a_grp, b_key=term.b_key, b_grp=term.b_grp)
     A, B = term.A.contiguous(), term.B.contiguous()
