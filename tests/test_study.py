@@ -224,7 +224,7 @@ def test_results_md_and_json_hold_means_and_intervals(grid):
     config, _, rows = grid
     out = Path(config.out)
     md = (out / "results.md").read_text()
-    assert "t-interval over training seeds" in md and "bootstrap over test questions" in md
+    assert "between-seed variance" in md and "bootstrap of test questions" in md
     assert "2 steps x batch 4" in md and "seeds 0, 1" in md
     js = json.loads((out / "results.json").read_text())
     assert len(js["cells"]) == 2 * 4 and len(js["hybrid_gain"]) == 2
@@ -406,7 +406,14 @@ def test_t_interval_adds_seed_and_question_variance():
     obs2, boots2 = _cell([0.5, 0.6, 0.7], question_sd=0.05)
     c2 = contrast_interval(obs2, boots2)
     assert c2["se"] ** 2 == pytest.approx(se ** 2 + 0.05 ** 2, rel=0.05)
-    assert c2["df"] == pytest.approx(2.0) and c2["ci_high"] - c2["ci_low"] > c["ci_high"] - c["ci_low"]
+    assert c2["se_questions"] == pytest.approx(0.05, rel=0.05) and c2["df"] == pytest.approx(2.0)
+    # each source at its own quantile, in quadrature: question noise can only widen the interval
+    half = np.hypot(st.t.ppf(0.975, 2) * se, st.norm.ppf(0.975) * c2["se_questions"])
+    assert c2["ci_high"] - 0.6 == pytest.approx(half)
+    assert c2["ci_high"] - c2["ci_low"] > c["ci_high"] - c["ci_low"]
+    # seeds that agree: the interval is the question noise's
+    c3 = contrast_interval(*_cell([0.6, 0.6, 0.6], question_sd=0.05))
+    assert c3["ci_high"] - 0.6 == pytest.approx(1.96 * 0.05, rel=0.05)
     # a difference: both cells' seed terms (Welch-Satterthwaite), question noise shared cancels
     a, ab = _cell([1.0, 1.1, 1.2])
     d = contrast_interval(a, ab, obs, boots)

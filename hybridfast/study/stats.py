@@ -13,13 +13,15 @@ Intervals (95%) include both sources of noise:
   queries (paired).
 - training seeds: the spread between the seeds of a cell.
 
-Method "t" (default): estimate = mean over seeds; SE^2 = sum over the cells in
-the contrast of s^2/S (between-seed variance of the per-seed values, S seeds)
-plus the bootstrap variance over questions of the seed-averaged contrast;
-interval = estimate +- t(0.975, df) SE with the Welch-Satterthwaite df of the seed
-terms alone (S-1 for one cell), so that question noise can only widen it. The seed
-variance measured on a fixed test set also carries some query noise, so this errs
-on the wide side.
+Method "t" (default): estimate = mean over seeds. Seed part: SE_s^2 = sum over the
+cells in the contrast of s^2/S (between-seed variance of the per-seed values, S
+seeds), at the t quantile with S-1 degrees of freedom (Welch-Satterthwaite for a
+difference of two cells). Question part: SE_q = the standard deviation of the
+seed-averaged contrast over the question resamples, at the normal quantile. The
+interval is estimate +- sqrt((t SE_s)^2 + (1.96 SE_q)^2): each source at its own
+quantile, so that a few seeds widen the seed part only, and adding noise can only
+widen the interval. The seed variance measured on a fixed test set also carries
+some query noise, so this errs on the wide side.
 Method "bootstrap": each replicate resamples questions (shared) and, independently
 per cell, its seeds with replacement; percentile interval. With few seeds it
 understates seed variance (a resample of 3 seeds has variance 2/3 of the sample's).
@@ -34,10 +36,11 @@ import numpy as np
 from hybridfast.study.config import LOWER_IS_BETTER, METRIC_KEYS
 
 METHOD_TEXT = {
-    "t": ("95% intervals: t-interval over training seeds whose standard error adds the between-seed "
-          "variance (s^2/S per cell) and the variance of a bootstrap over test questions (a question "
-          "resampled with all its translations, the same resample for every cell); degrees of freedom "
-          "of the seed terms alone (S-1 for one cell, Welch-Satterthwaite for a difference)"),
+    "t": ("95% intervals: mean over training seeds +- sqrt((t * SE_seeds)^2 + (1.96 * SE_questions)^2), "
+          "where SE_seeds^2 = s^2/S from the between-seed variance (t quantile with S-1 degrees of freedom, "
+          "Welch-Satterthwaite for a difference) and SE_questions is the standard deviation over a "
+          "bootstrap of test questions (a question resampled with all its translations, the same resample "
+          "for every cell and seed)"),
     "bootstrap": ("95% intervals: percentile bootstrap that resamples test questions (with all their "
                   "translations, shared by every cell) and, independently per cell, the training seeds"),
 }
@@ -171,15 +174,15 @@ def contrast_interval(a_obs, a_boots, b_obs=None, b_boots=None, method: str = "t
     if method == "t" and measured:
         seed_terms = [obs.var(ddof=1) / len(obs) for obs, _, _ in cells]
         q_series = sum(sign * boots.mean(0) for _, boots, sign in cells)
-        q_term = float(np.nanvar(q_series, ddof=1))
-        se2 = sum(seed_terms) + q_term
-        # df of the seed part alone (Welch-Satterthwaite); letting the question term raise it would
-        # let added question noise narrow the interval
+        se_q = float(np.nanstd(q_series, ddof=1))
+        se_s = float(np.sqrt(sum(seed_terms)))
         denom = sum(t * t / (len(obs) - 1) for t, (obs, _, _) in zip(seed_terms, cells))
-        df = float("inf") if denom == 0 else sum(seed_terms) ** 2 / denom
-        half = float(st.t.ppf(0.975, df) if np.isfinite(df) else st.norm.ppf(0.975)) * np.sqrt(se2)
-        out.update(ci_low=estimate - half, ci_high=estimate + half, se=float(np.sqrt(se2)), df=df,
-                   se_seeds=float(np.sqrt(sum(seed_terms))), se_questions=float(np.sqrt(q_term)))
+        df = float("inf") if denom == 0 else sum(seed_terms) ** 2 / denom  # Welch-Satterthwaite, seed terms
+        t_q = float(st.t.ppf(0.975, df)) if np.isfinite(df) else float(st.norm.ppf(0.975))
+        # each source at its own quantile, half-widths added in quadrature
+        half = float(np.hypot(t_q * se_s, st.norm.ppf(0.975) * se_q))
+        out.update(ci_low=estimate - half, ci_high=estimate + half, se=float(np.hypot(se_s, se_q)), df=df,
+                   se_seeds=se_s, se_questions=se_q)
     elif method in ("t", "bootstrap"):
         rng = np.random.default_rng(seed)
         n = cells[0][1].shape[1]
