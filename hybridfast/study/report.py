@@ -196,74 +196,84 @@ def study_markdown(config: StudyConfig, summaries: List[dict], gains: List[dict]
 # ---------------------------------------------------------------------------
 # plots
 
+STYLES = ("-", ":", "-.", (0, (5, 1)))  # one line style per model family
+
+
 def plot_study(summaries: List[dict], gains: List[dict], folder: Path) -> Dict[str, Path]:
+    """Per benchmark: metrics_vs_params-<eval>.png and hybrid_gain-<eval>.png (when gains exist)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
-    styles = ("-", ":", "-.", (0, (5, 1)))
     for name in dict.fromkeys(s["eval"] for s in summaries):
         sub = [s for s in summaries if s["eval"] == name]
         families = list(dict.fromkeys(s["family"] for s in sub))
-        fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
-        axes = axes.ravel()
-        axes[-1].axis("off")
-        for ax, key in zip(axes, METRIC_KEYS):
-            for mi, mode in enumerate([BASE] + list(MODES)):
-                for fi, fam in enumerate(families):
-                    pts = sorted((s["params_non_embedding"], s[key]) for s in sub
-                                 if s["mode"] == mode and s["family"] == fam)
-                    if not pts:
-                        continue
-                    x = [p * (1 + 0.03 * (mi - 1.5)) for p, _ in pts]  # side by side, not on top
-                    y = [c["estimate"] for _, c in pts]
-                    err = [[c["estimate"] - c["ci_low"] for _, c in pts], [c["ci_high"] - c["estimate"] for _, c in pts]]
-                    ax.errorbar(x, y, yerr=err, marker="o", markersize=4, capsize=3, color=f"C{mi}",
-                                linestyle="--" if mode == BASE else styles[fi % len(styles)],
-                                label=mode + (f" ({fam})" if len(families) > 1 else ""))
-            ax.set_xscale("log")
-            ax.set_xlabel("non-embedding parameters")
-            ax.set_title(HEADERS[key] + (" (lower better)" if key in LOWER_IS_BETTER else ""))
-            ax.grid(alpha=0.3)
-        axes[-1].legend(*axes[0].get_legend_handles_labels(), loc="center", title="batch mode", fontsize=8)
-        fig.suptitle(f"{name}: metrics vs non-embedding parameters per batch mode (mean over seeds, 95% interval)")
-        fig.tight_layout()
-        paths[f"metrics_{name}"] = folder / f"metrics_vs_params-{_slug(name)}.png"
-        fig.savefig(paths[f"metrics_{name}"], dpi=110)
-        plt.close(fig)
-
+        paths[f"metrics_{name}"] = _plot_metrics(name, sub, families, folder / f"metrics_vs_params-{_slug(name)}.png")
         g = [x for x in gains if x["eval"] == name]
-        if not g:
-            continue
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
-        for fi, fam in enumerate(families):
-            gf = sorted((x for x in g if x["family"] == fam), key=lambda x: x["params_non_embedding"])
-            if not gf:
-                continue
-            for ki, key in enumerate(GAIN_KEYS + ("rank_distance",)):
-                target = ax2 if key == "rank_distance" else ax
-                x = [v["params_non_embedding"] * (1 + 0.03 * (ki - 1)) for v in gf]
-                c = [v[key] for v in gf]
-                target.errorbar(x, [v["estimate"] for v in c],
-                                yerr=[[v["estimate"] - v["ci_low"] for v in c], [v["ci_high"] - v["estimate"] for v in c]],
-                                marker="o", capsize=4, color=f"C{ki}", linestyle=styles[fi % len(styles)],
-                                label=HEADERS[key] + (f" ({fam})" if len(families) > 1 else ""))
-        for a, title in ((ax, "hybrid - max(mono, cross), mAP"), (ax2, "min(mono, cross) - hybrid, rank distance")):
-            a.axhline(0.0, color="grey", linewidth=1)
-            a.set_xscale("log")
-            a.set_xlabel("non-embedding parameters")
-            a.set_title(title + "\n(positive: hybrid better)", fontsize=9)
-            a.legend(fontsize=7)
-            a.grid(alpha=0.3)
-        fig.suptitle(f"{name}: benefit of hybrid batches vs model size (mean over seeds, 95% interval)", fontsize=10)
-        fig.tight_layout()
-        paths[f"gain_{name}"] = folder / f"hybrid_gain-{_slug(name)}.png"
-        fig.savefig(paths[f"gain_{name}"], dpi=110)
-        plt.close(fig)
+        if g:
+            paths[f"gain_{name}"] = _plot_gains(name, g, families, folder / f"hybrid_gain-{_slug(name)}.png")
     return paths
+
+
+def _errorbar(ax, points, dx, **kw):
+    """points: [(x, interval dict)], drawn at x * (1 + dx) so that modes sit side by side."""
+    c = [p for _, p in points]
+    ax.errorbar([x * (1 + dx) for x, _ in points], [v["estimate"] for v in c],
+                yerr=[[v["estimate"] - v["ci_low"] for v in c], [v["ci_high"] - v["estimate"] for v in c]],
+                marker="o", **kw)
+
+
+def _plot_metrics(name, sub, families, path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+    axes = axes.ravel()
+    axes[-1].axis("off")
+    for ax, key in zip(axes, METRIC_KEYS):
+        for mi, mode in enumerate([BASE] + list(MODES)):
+            for fi, fam in enumerate(families):
+                pts = sorted(((s["params_non_embedding"], s[key]) for s in sub
+                              if s["mode"] == mode and s["family"] == fam), key=lambda p: p[0])
+                if pts:
+                    _errorbar(ax, pts, 0.03 * (mi - 1.5), markersize=4, capsize=3, color=f"C{mi}",
+                              linestyle="--" if mode == BASE else STYLES[fi % len(STYLES)],
+                              label=mode + (f" ({fam})" if len(families) > 1 else ""))
+        ax.set_xscale("log")
+        ax.set_xlabel("non-embedding parameters")
+        ax.set_title(HEADERS[key] + (" (lower better)" if key in LOWER_IS_BETTER else ""))
+        ax.grid(alpha=0.3)
+    axes[-1].legend(*axes[0].get_legend_handles_labels(), loc="center", title="batch mode", fontsize=8)
+    fig.suptitle(f"{name}: metrics vs non-embedding parameters per batch mode (mean over seeds, 95% interval)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_gains(name, gains, families, path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    for fi, fam in enumerate(families):
+        gf = sorted((x for x in gains if x["family"] == fam), key=lambda x: x["params_non_embedding"])
+        for ki, key in enumerate(GAIN_KEYS + ("rank_distance",)):
+            if gf:
+                _errorbar(ax2 if key == "rank_distance" else ax, [(v["params_non_embedding"], v[key]) for v in gf],
+                          0.03 * (ki - 1), capsize=4, color=f"C{ki}", linestyle=STYLES[fi % len(STYLES)],
+                          label=HEADERS[key] + (f" ({fam})" if len(families) > 1 else ""))
+    for a, title in ((ax, "hybrid - max(mono, cross), mAP"), (ax2, "min(mono, cross) - hybrid, rank distance")):
+        a.axhline(0.0, color="grey", linewidth=1)
+        a.set_xscale("log")
+        a.set_xlabel("non-embedding parameters")
+        a.set_title(title + "\n(positive: hybrid better)", fontsize=9)
+        a.legend(fontsize=7)
+        a.grid(alpha=0.3)
+    fig.suptitle(f"{name}: benefit of hybrid batches vs model size (mean over seeds, 95% interval)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_outputs(config: StudyConfig, results: List[dict]) -> Dict[str, Path]:
