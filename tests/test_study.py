@@ -253,6 +253,33 @@ def test_results_md_and_json_hold_means_and_intervals(grid):
         assert len(files) == 1 and files[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bootstrap_interval_method(grid):
+    from dataclasses import replace
+
+    config, _, _ = grid
+    results = study.run_cells(config, train_fn=CountingTrain(), log=quiet)
+    t_cells, _ = study.summarize(results, config)
+    b_cells, b_gains = study.summarize(results, replace(config, interval="bootstrap"))
+    for t, b in zip(t_cells, b_cells):
+        for key in METRIC_KEYS:
+            assert b[key]["method"] == "bootstrap" and b[key]["estimate"] == t[key]["estimate"]
+            assert b[key]["ci_low"] <= b[key]["estimate"] + 1e-12 and b[key]["estimate"] <= b[key]["ci_high"] + 1e-12
+    assert len(b_gains) == 2
+
+
+def test_keep_models_keeps_the_weights(tmp_path, synthetic, tiny_models):
+    config = tiny_config(tmp_path / "out", tiny_models[:1], synthetic, modes=("hybrid",), seeds=(0,),
+                         include_base=False, keep_models=True)
+    run_study(config, log=quiet)
+    cell = study.cell_dir(config, resolve_models(config.models)[0], "hybrid", 0)
+    assert (cell / "train" / "final" / "config.json").exists()
+
+
+def test_model_label():
+    assert study.model_label("multilingual-e5-small@3") == "multilingual-e5-small@L3"  # nothing fetched
+    assert study.model_label("some-org/some-model") == "some-org/some-model"
+
+
 def test_rerun_skips_finished_cells_and_weights_are_removed(grid):
     config, _, rows = grid
     again = CountingTrain()

@@ -17,6 +17,7 @@ parameter counts), cells (running and resuming the grid), stats (per-query value
 intervals), report (CSV, JSON, Markdown, plots), mpnet (all-mpnet-base-v2 from pip).
 The command line is hybridfast/cli/study.py.
 """
+import os
 from typing import Callable, Dict, List, Optional
 
 from hybridfast.study.cells import (build_evaluators, cell_dir, jsonable, plan, run_cell, run_cells,
@@ -35,9 +36,13 @@ _write_json = write_json  # TODO: demo.py imports this private name; it should u
 
 
 def model_label(name: str) -> str:
-    """Readable label of one model argument (the demo's header); the study itself labels
-    models with resolve_models, which keeps labels unique."""
-    return resolve_models([ModelSpec.parse(str(name))])[0].label
+    """Readable label of one model argument (the demo's header) without fetching anything: a folder
+    by its name (the bundled MiniLM as all-MiniLM-L6-v2), a named model as given. The study itself
+    labels models with resolve_models, which keeps labels unique."""
+    spec = ModelSpec.parse(str(name))
+    if spec.layers is None and os.path.isdir(spec.name):
+        return resolve_models([spec])[0].label
+    return str(spec)
 
 
 def run_study(config: StudyConfig, train_fn: Optional[Callable] = None, evaluators: Optional[Dict] = None,
