@@ -6,10 +6,6 @@ from pathlib import Path
 from hybridfast.study import (DEFAULT_MODELS, MODES, PROTOCOLS, StudyConfig, assemble_mpnet, configure_threads,
                               run_study)
 
-GPU_EXAMPLE = ("hybridfast study --seeds 0,1,2 --steps 1000 --batch-size 100 --max-length 256 "
-               "--out runs/study-gpu")
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=",".join(DEFAULT_MODELS),
                    help="comma-separated [FAMILY=]NAME_OR_FOLDER[@LAYERS]; NAME@K is the named model cut to "
