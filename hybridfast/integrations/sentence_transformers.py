@@ -148,8 +148,9 @@ class HybridMNRLoss(nn.Module):
         gather_across_devices: all-gather candidates (and anchors for ``symmetric``) with gradient, like ST's
             flag of the same name.
         similarity: "cos" (ST's ``cos_sim``) or "dot" (``dot_score``).
-        backend: "auto" | "triton" | "torch", passed to HybridContrastiveLoss.
-        **loss_kwargs: further HybridContrastiveLoss options (``learn_temperature``, ``chunk_size``). A learnt
+        backend: "auto" | "chunked" | "triton" | "torch", passed to HybridContrastiveLoss.
+        **loss_kwargs: further HybridContrastiveLoss options (``learn_temperature``, ``chunk_size``,
+            ``chunk_memory``). A learnt
             temperature is trained by SentenceTransformerTrainer (it optimises loss parameters too), but under
             DDP its gradient is not averaged across processes (DDP wraps only the model).
 
