@@ -107,6 +107,15 @@ def candidate_text(sentence: str, context: str) -> str:
     return f"{sentence} {context}" if context else sentence
 
 
+def lareqa_article(candidate_id: str) -> int:
+    """The article index of a LAReQA candidate id "<lang>:<article>:<paragraph>:<sentence>"
+    (load_lareqa's format; an article keeps its index across the translations of XQuAD-R)."""
+    parts = str(candidate_id).split(":")
+    if len(parts) != 4 or not parts[1].isdigit():
+        raise ValueError(f"candidate id {candidate_id!r} is not a LAReQA id <lang>:<article>:<paragraph>:<sentence>")
+    return int(parts[1])
+
+
 # ----------------------------------------------------------------------------- file reading
 
 class LAReQAFormatError(ValueError):
@@ -332,7 +341,8 @@ def load_lareqa(path, languages=None, split="all") -> RetrievalBenchmark:
     """Read a LAReQA folder (XQuAD-R, MLQA-R layout) into a RetrievalBenchmark.
 
     Query ids are the files' question ids (shared across languages); candidate ids
-    are "<lang>:<article>:<paragraph>:<sentence>" positions, unique over languages.
+    are "<lang>:<article>:<paragraph>:<sentence>" positions, unique over languages
+    (`lareqa_article` reads the article back).
     Every sentence span is a candidate (no de-duplication: this reproduces the
     published XQuAD-R counts). qrels[q] holds, for every loaded language that has
     question q, the sentences holding one of its answer starts.

@@ -18,7 +18,7 @@ def add_arguments(parser):
     from hybridfast.search import BACKENDS
 
     parser.add_argument("--model", default=None,
-                        help="model folder or name (default: the bundled all-MiniLM-L6-v2)")
+                        help="model folder or name (default: multilingual-e5-small, the project's multilingual encoder)")
     parser.add_argument("--dataset", required=True,
                         help="xquad-r, mlqa-r, a LAReQA folder, or a BEIR / MIRACL folder (one subfolder per "
                              "language, or one folder with a 'lang' field)")
@@ -120,14 +120,17 @@ def run(args) -> int:
         _remove_if_empty(created)
         return _error(e)
 
-    from hybridfast.encoder import Encoder, default_model_path
+    from hybridfast.encoder import Encoder
+    from hybridfast.models import ModelUnavailableError, default_model
 
-    model = args.model or default_model_path()
+    model = args.model or "multilingual-e5-small"
     try:
+        if not args.model:
+            model = default_model()  # fetched or rebuilt on first use
         encoder = Encoder(model, query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
                           max_length=args.max_length, device=args.device, batch_size=args.batch_size,
                           show_progress=not args.no_progress)
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, ModelUnavailableError) as e:
         _remove_if_empty(created)
         return _error(f"--model {model}: {e}")
     result = evaluator.evaluate(encoder, save_run=args.save_run, run_depth=args.run_depth)

@@ -32,7 +32,6 @@ from hybridfast.study.report import (CSV_COLUMNS, best_marks, result_rows, study
 from hybridfast.study.stats import (contrast_interval, macro_map, paired_bootstrap, per_query_values,
                                     question_weights)
 
-_write_json = write_json  # TODO: demo.py imports this private name; it should use write_json (or rules.atomic_write_json)
 
 
 def model_label(name: str) -> str:

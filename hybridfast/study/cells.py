@@ -162,27 +162,15 @@ def run_cell(config: StudyConfig, model: ResolvedModel, mode: str, seed: Optiona
 
 
 def subset_articles(benchmark, n_articles: int):
-    """The benchmark restricted to its first `n_articles` articles.
-
-    Relies on the LAReQA loader's candidate ids "<lang>:<article>:<paragraph>:<sentence>"
-    (the article index is shared by the translations of an article in XQuAD-R);
-    a query is kept only if a relevant candidate survives.
-    TODO(issue 14): the id format belongs to hybridfast.data; use its parser once it offers one.
-    """
-    from hybridfast.data import RetrievalBenchmark
+    """The benchmark restricted to its first `n_articles` articles (LAReQA candidate ids,
+    read by hybridfast.data.lareqa_article); a query is kept only if a relevant candidate survives."""
+    from hybridfast.data import RetrievalBenchmark, lareqa_article
 
     if not isinstance(n_articles, int) or isinstance(n_articles, bool) or n_articles < 1:
         raise ValueError(f"n_articles must be a positive int, got {n_articles!r}")
-
-    def article(cid):
-        parts = cid.split(":")
-        if len(parts) != 4:
-            raise ValueError(f"benchmark: candidate id {cid!r} is not <lang>:<article>:<paragraph>:<sentence>")
-        return int(parts[1])
-
-    articles = sorted({article(c) for cands in benchmark.candidates.values() for c in cands})
+    articles = sorted({lareqa_article(c) for cands in benchmark.candidates.values() for c in cands})
     keep = set(articles[:n_articles])
-    candidates = {l: {c: v for c, v in cands.items() if article(c) in keep}
+    candidates = {l: {c: v for c, v in cands.items() if lareqa_article(c) in keep}
                   for l, cands in benchmark.candidates.items()}
     kept = {c for cands in candidates.values() for c in cands}
     qrels = {q: rel & kept for q, rel in benchmark.qrels.items() if rel & kept}

@@ -35,7 +35,7 @@ INVOCATION_ONLY = ("output", "resume", "overwrite")
 class TrainConfig:
     """Everything `train` needs; defaults follow the paper (alpha 0.5, cos, AdamW 3e-5 / 0.01, batch 100)."""
 
-    model: Optional[str] = _f(None, "model folder or hub name (default: the bundled all-MiniLM-L6-v2)")
+    model: Optional[str] = _f(None, "model folder, name (hybridfast models list) or hub id (default: multilingual-e5-small)")
     train: Union[str, Path] = _f("", "training data: xquad-r, mlqa-r, a LAReQA folder, a .jsonl file or an "
                                      "mMARCO-style folder", required=True)
     data_dir: Optional[str] = _f(None, "where named data sets live (default: $HYBRIDFAST_DATA, then the cache)")

@@ -31,6 +31,7 @@ from hybridfast._backends import resolve_device
 from hybridfast.data import load_benchmark
 from hybridfast.evaluator import RetrievalEvaluator
 from hybridfast.loss import HybridContrastiveLoss
+from hybridfast.models import default_model
 from hybridfast.sampler import HybridBatchSampler
 from hybridfast.train_data import load_training_pairs
 from hybridfast.training import checkpoint as ckpt
@@ -180,7 +181,7 @@ def load_encoder(config, checkpoint: Optional[Path], device):
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    path = str(checkpoint) if checkpoint is not None else (config.model or encoder_module.default_model_path())
+    path = str(checkpoint) if checkpoint is not None else (config.model or default_model())
     kwargs = dict(device=str(device), show_progress=False)
     for name in ("max_length", "query_prefix", "passage_prefix"):
         if getattr(config, name) is not None:
