@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from hybridfast.data import RetrievalBenchmark
+from hybridfast.data import RetrievalBenchmark, check_languages
 from hybridfast.rules import is_language_code
 
 __all__ = ["GradedRetrievalBenchmark", "BEIRFormatError", "BEIRWarning", "load_beir", "detect_layout"]
@@ -253,20 +253,6 @@ def detect_layout(path) -> Optional[str]:
     return None
 
 
-def _select_languages(languages, available, path):
-    if languages is None:
-        return sorted(available)
-    if isinstance(languages, str) or not all(isinstance(l, str) for l in languages):
-        raise TypeError("languages must be a list of language codes (str), e.g. ['en', 'de']")
-    languages = list(dict.fromkeys(languages))
-    if not languages:
-        raise ValueError("languages is empty")
-    missing = [l for l in languages if l not in available]
-    if missing:
-        raise ValueError(f"languages: {missing} not in {path} (it has {sorted(available)})")
-    return languages
-
-
 def _qrels_file(folder: Path, split: str) -> Path:
     f = folder / "qrels" / f"{split}.tsv"
     if not f.is_file():
@@ -369,7 +355,7 @@ def load_beir(path, languages=None, split="test", shared_query_ids=None) -> Grad
                              "query ids are global")
         candidates = _read_corpus(path / "corpus.jsonl", "_id", "lang", {})
         queries = _read_queries_jsonl(path / "queries.jsonl", "lang")
-        langs = _select_languages(languages, set(candidates) | set(queries), path)
+        langs = check_languages(languages, set(candidates) | set(queries), where=path)
         elsewhere = {i for l, d in list(candidates.items()) + list(queries.items()) if l not in langs for i in d}
         candidates = {l: candidates.get(l, {}) for l in langs}
         queries = {l: queries.get(l, {}) for l in langs if queries.get(l)}
@@ -380,7 +366,7 @@ def load_beir(path, languages=None, split="test", shared_query_ids=None) -> Grad
     for p in sorted(path.iterdir()):
         if p.is_dir() and (_is_beir_folder(p) if layout == "beir" else _is_miracl_folder(p)):
             folders[_check_lang(_lang_of_folder(p.name), f"{p}")] = p
-    langs = _select_languages(languages, folders, path)
+    langs = check_languages(languages, folders, where=path)
     shared = bool(shared_query_ids)
     queries, candidates, lines = {}, {}, []
     for lang in langs:

@@ -253,7 +253,9 @@ def _language_files(path: Path) -> Dict[str, Path]:
     return files
 
 
-def _check_languages(languages, available):
+def check_languages(languages, available, where=None):
+    """The requested languages in order (all available, sorted, for None); errors name the
+    argument and, with `where`, the folder that lacks a language."""
     if languages is None:
         return sorted(available)
     if isinstance(languages, str) or not all(isinstance(l, str) for l in languages):
@@ -263,6 +265,8 @@ def _check_languages(languages, available):
         raise ValueError("languages is empty")
     missing = [l for l in languages if l not in available]
     if missing:
+        if where is not None:
+            raise ValueError(f"languages: {missing} not in {where} (it has {sorted(available)})")
         raise ValueError(f"languages: {missing} not found (available: {sorted(available)})")
     return languages
 
@@ -350,7 +354,7 @@ def load_lareqa(path, languages=None, split="all") -> RetrievalBenchmark:
     path = Path(path)
     _check_split(split)
     files = _language_files(path)
-    languages = _check_languages(languages, files)
+    languages = check_languages(languages, files)
     queries = {lang: {} for lang in languages}
     candidates = {lang: {} for lang in languages}
     qrels: Dict[str, Set[str]] = {}
@@ -391,7 +395,7 @@ def lareqa_examples(path, languages=None, split="all") -> List[dict]:
     path = Path(path)
     _check_split(split)
     files = _language_files(path)
-    languages = _check_languages(languages, files)
+    languages = check_languages(languages, files)
     out, unmatched, dropped, done = [], {}, 0, set()
     for lang, _, art in _selected(files, languages, split):
         for para in art.paragraphs:
