@@ -31,8 +31,6 @@ Layouts (`load_beir` detects them):
 
 Every format error names the file and the line.
 """
-import gzip
-import json
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -40,7 +38,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from hybridfast.data import RetrievalBenchmark, check_languages
-from hybridfast.rules import is_language_code
+from hybridfast.rules import is_language_code, json_objects, read_lines
 
 __all__ = ["GradedRetrievalBenchmark", "BEIRFormatError", "BEIRWarning", "load_beir", "detect_layout"]
 
@@ -84,30 +82,18 @@ class GradedRetrievalBenchmark(RetrievalBenchmark):
 
 def _lines(path: Path) -> Iterator[Tuple[int, str]]:
     """(line number, line without its end) for the non-blank lines of a text file (.gz too);
-    decoded line by line so that an encoding error names its line."""
-    n = 0
+    a line that is not UTF-8 or a damaged file is a BEIRFormatError naming its line."""
     try:
-        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8").rstrip("\r\n")
-                except UnicodeDecodeError as e:
-                    raise BEIRFormatError(f"{path}:{n}: not UTF-8 text ({e.reason})") from None
-                if line.strip():
-                    yield n, line
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-        raise BEIRFormatError(f"{path}:{n + 1}: cannot be read ({e})") from None
+        for n, line in read_lines(path, BEIRFormatError):
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield n, line
+    except OSError as e:  # unreadable file (permissions, I/O)
+        raise BEIRFormatError(f"{path}: cannot be read ({e})") from None
 
 
 def _jsonl(path: Path) -> Iterator[Tuple[int, dict]]:
-    for n, line in _lines(path):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BEIRFormatError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise BEIRFormatError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-        yield n, obj
+    return json_objects(path, BEIRFormatError)
 
 
 def _field(path, n, obj, key, kinds=(str,), required=True, what=None):

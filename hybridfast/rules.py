@@ -231,9 +231,9 @@ def sha256_file(path: Union[str, Path]) -> str:
     return h.hexdigest()
 
 
-def read_lines(path: Union[str, Path]) -> Iterator[Tuple[int, str]]:
+def read_lines(path: Union[str, Path], error: type = ValueError) -> Iterator[Tuple[int, str]]:
     """(line number, text) of a UTF-8 text file, gzip-compressed when it ends in .gz. A line
-    that is not UTF-8, or a damaged .gz, is a ValueError naming file:line."""
+    that is not UTF-8, or a damaged .gz, raises `error` (a ValueError subclass) naming file:line."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     lineno = 0
@@ -243,22 +243,22 @@ def read_lines(path: Union[str, Path]) -> Iterator[Tuple[int, str]]:
                 try:
                     yield lineno, raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {err.start}: "
+                    raise error(f"{path}:{lineno}: not UTF-8 text (byte {err.start}: "
                                      f"{raw[err.start:err.start + 1]!r}); save the file as UTF-8") from None
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-        raise ValueError(f"{path}:{lineno + 1}: damaged gzip file ({type(err).__name__}: {err})") from None
+        raise error(f"{path}:{lineno + 1}: damaged gzip file ({type(err).__name__}: {err})") from None
 
 
-def json_objects(path: Union[str, Path]) -> Iterator[Tuple[int, dict]]:
+def json_objects(path: Union[str, Path], error: type = ValueError) -> Iterator[Tuple[int, dict]]:
     """(line number, object) of a JSONL file (blank lines skipped); a line that is not a JSON
-    object is a ValueError naming file:line."""
-    for lineno, line in read_lines(path):
+    object raises `error` (a ValueError subclass) naming file:line."""
+    for lineno, line in read_lines(path, error):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            raise error(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
         if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            raise error(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         yield lineno, obj
