@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hybridfast import data
+from hybridfast import data, downloads
 from hybridfast.cli import main as cli_main
 from hybridfast.data import (DownloadError, LAReQAFormatError, LAReQAWarning, RetrievalBenchmark,
                              candidate_text, lareqa_examples, load_benchmark, load_lareqa, resolve_dataset)
@@ -272,7 +272,7 @@ def test_resolve_dataset_lookup_order(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- download (no network)
 
 def _serve_from(monkeypatch, folder):
-    monkeypatch.setattr(data, "URL_TEMPLATE", Path(folder).as_uri() + "/{commit}/{folder}/{file}")
+    monkeypatch.setattr(downloads, "URL_TEMPLATE", Path(folder).as_uri() + "/{commit}/{folder}/{file}")
 
 
 def _fake_source(tmp_path, monkeypatch, pinned=True):
@@ -280,9 +280,9 @@ def _fake_source(tmp_path, monkeypatch, pinned=True):
     served = tmp_path / "served" / "c0ffee" / "fake-r"
     for lang in ("en", "de"):
         _write(served, lang, [("T", [_para(["S."], [("q", "q?", [(0, 0)])])])])
-    sums = {f"{l}.json": data._sha256((served / f"{l}.json").read_bytes()) if pinned else None
+    sums = {f"{l}.json": downloads._sha256((served / f"{l}.json").read_bytes()) if pinned else None
             for l in ("en", "de")}
-    monkeypatch.setitem(data.DATASETS, "fake-r", data._Source("c0ffee", "fake-r", sums, "test"))
+    monkeypatch.setitem(downloads.DATASETS, "fake-r", downloads._Source("c0ffee", "fake-r", sums, "test"))
     _serve_from(monkeypatch, tmp_path / "served")
     return served, sums
 
@@ -295,22 +295,22 @@ def test_download_fetches_and_verifies(tmp_path, monkeypatch):
     assert (dest / "en.json").read_bytes() == (served / "en.json").read_bytes()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fake-r"]  # staging folder gone
     # present and verified files are not fetched again
-    monkeypatch.setattr(data, "_fetch", lambda url: pytest.fail(f"refetched {url}"))
+    monkeypatch.setattr(downloads, "_fetch", lambda url: pytest.fail(f"refetched {url}"))
     data.download("fake-r", to=tmp_path / "out", show_progress=False)
 
 
 def test_download_unpinned_records_checksums(tmp_path, monkeypatch):
     served, _ = _fake_source(tmp_path, monkeypatch, pinned=False)
     dest = data.download("fake-r", to=tmp_path / "out", show_progress=False)
-    sums = data._read_sums(dest / "SHA256SUMS")
-    assert sums == {f: data._sha256((served / f).read_bytes()) for f in ("de.json", "en.json")}
+    sums = downloads._read_sums(dest / "SHA256SUMS")
+    assert sums == {f: downloads._sha256((served / f).read_bytes()) for f in ("de.json", "en.json")}
     (dest / "de.json").write_text("truncated")  # a damaged file is fetched again, the intact one kept
     fetched = []
-    real_fetch = data._fetch
-    monkeypatch.setattr(data, "_fetch", lambda url: fetched.append(url) or real_fetch(url))
+    real_fetch = downloads._fetch
+    monkeypatch.setattr(downloads, "_fetch", lambda url: fetched.append(url) or real_fetch(url))
     data.download("fake-r", to=tmp_path / "out", show_progress=False)
     assert [u.rsplit("/", 1)[1] for u in fetched] == ["de.json"]
-    assert data._read_sums(dest / "SHA256SUMS") == sums
+    assert downloads._read_sums(dest / "SHA256SUMS") == sums
 
 
 def test_download_checksum_failure_writes_nothing(tmp_path, monkeypatch):
@@ -333,7 +333,7 @@ def test_download_offline_message(tmp_path, monkeypatch, capsys):
     def offline(url):
         raise urllib.error.URLError("Temporary failure in name resolution")
 
-    monkeypatch.setattr(data, "_fetch", offline)
+    monkeypatch.setattr(downloads, "_fetch", offline)
     monkeypatch.setenv("HYBRIDFAST_DATA", str(tmp_path / "env"))
     with pytest.raises(DownloadError, match="--data-dir DIR or set HYBRIDFAST_DATA"):
         data.download("xquad-r", show_progress=False)
@@ -373,7 +373,7 @@ def test_download_real_mlqa_checksums_are_pinned(tmp_path, monkeypatch, xquad_di
         pytest.skip(f"MLQA-R not found under {mlqa_dir}")
     src = data.DATASETS["mlqa-r"]
     assert all(src.files.values()) and "non-commercial" in src.license
-    assert data._read_sums(mlqa_dir / "SHA256SUMS") == src.files
+    assert downloads._read_sums(mlqa_dir / "SHA256SUMS") == src.files
     served = tmp_path / "served" / src.commit
     served.mkdir(parents=True)
     os.symlink(mlqa_dir, served / "mlqa-r")
@@ -399,7 +399,7 @@ def test_ensure_dataset_downloads_on_first_use(tmp_path, monkeypatch):
     got = data.ensure_dataset("fake-r", show_progress=False, log=lines.append)
     assert got == tmp_path / "cache" / "hybridfast" / "fake-r" and (got / "en.json").is_file()
     assert len(lines) == 1 and "downloading" in lines[0]
-    monkeypatch.setattr(data, "_fetch", lambda url: pytest.fail("fetched again"))
+    monkeypatch.setattr(downloads, "_fetch", lambda url: pytest.fail("fetched again"))
     assert data.ensure_dataset("fake-r", show_progress=False) == got  # found now: no download
     # into --data-dir when one is given
     monkeypatch.undo()
@@ -411,7 +411,7 @@ def test_ensure_dataset_offline_keeps_the_clear_message(tmp_path, monkeypatch):
     def offline(url):
         raise urllib.error.URLError("Temporary failure in name resolution")
 
-    monkeypatch.setattr(data, "_fetch", offline)
+    monkeypatch.setattr(downloads, "_fetch", offline)
     monkeypatch.delenv("HYBRIDFAST_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match=r"(?s)xquad-r not found.*hybridfast data download xquad-r.*"
@@ -424,4 +424,4 @@ def test_ensure_dataset_offline_keeps_the_clear_message(tmp_path, monkeypatch):
 def test_malformed_sha256sums_is_ignored_with_a_warning(tmp_path):
     (tmp_path / "SHA256SUMS").write_text("garbage line\n" + "a" * 64 + "  en.json\n")
     with pytest.warns(UserWarning, match="lines \\[1\\]"):
-        assert data._read_sums(tmp_path / "SHA256SUMS") == {"en.json": "a" * 64}
+        assert downloads._read_sums(tmp_path / "SHA256SUMS") == {"en.json": "a" * 64}

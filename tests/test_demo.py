@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hybridfast import data as data_module
+from hybridfast import downloads as data_module  # where download and _fetch live
 from hybridfast import demo, models
 from hybridfast.demo import choose_budget, format_table, run_demo, verdict
 from helpers import tiny_bert
