@@ -189,6 +189,11 @@ def format_table(rows: List[dict], markdown=False) -> str:
         for i, (v, best) in enumerate(zip(vals, best_marks(vals, m))):
             s = f"{v:.2f}" if m in LOWER_IS_BETTER else f"{v:.4f}"
             body[i].append((f"**{s}**" if markdown else s + "*") if best else (s if markdown else s + " "))
+    return _render(heads, body, markdown)
+
+
+def _render(heads, body, markdown) -> str:
+    """A Markdown table, or aligned plain text for the terminal."""
     if markdown:
         return "\n".join(["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
                          + ["| " + " | ".join(b) + " |" for b in body])
@@ -455,9 +460,4 @@ def per_language_table(runs: Dict[str, dict], langs: Sequence[str], markdown=Fal
         for i, (v, best) in enumerate(zip(vals, best_marks(vals, "map"))):
             s = f"{v:.3f}"
             body[i].append((f"**{s}**" if markdown else s + "*") if best else (s if markdown else s + " "))
-    if markdown:
-        return "\n".join(["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-                         + ["| " + " | ".join(b) + " |" for b in body])
-    widths = [max(len(x) for x in col) for col in zip(heads, *body)]
-    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(heads), line(["-" * w for w in widths])] + [line(b) for b in body])
+    return _render(heads, body, markdown)

@@ -199,23 +199,21 @@ def write_runs(evaluator, query_embeddings, candidate_embeddings, found, folder,
 
 def read_run(path):
     """{qid: {docid: score}} from a TREC run file (for checks; pytrec_eval.parse_run does the same)."""
-    out = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            parts = line.split()
-            if len(parts) != 6:
-                raise ValueError(f"{path}:{n}: expected 'qid Q0 docid rank score tag'")
-            out.setdefault(parts[0], {})[parts[2]] = float(parts[4])
-    return out
+    return _read_table(path, 6, "qid Q0 docid rank score tag", lambda p: (p[0], p[2], float(p[4])))
 
 
 def read_qrels(path):
     """{qid: {docid: grade}} from a TREC qrels file."""
+    return _read_table(path, 4, "qid 0 docid grade", lambda p: (p[0], p[2], int(p[3])))
+
+
+def _read_table(path, n_columns, layout, pick):
     out = {}
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             parts = line.split()
-            if len(parts) != 4:
-                raise ValueError(f"{path}:{n}: expected 'qid 0 docid grade'")
-            out.setdefault(parts[0], {})[parts[2]] = int(parts[3])
+            if len(parts) != n_columns:
+                raise ValueError(f"{path}:{n}: expected '{layout}'")
+            qid, docid, value = pick(parts)
+            out.setdefault(qid, {})[docid] = value
     return out
