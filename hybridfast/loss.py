@@ -438,4 +438,6 @@ class HybridContrastiveLoss(nn.Module):
     def extra_repr(self):
         return (f"temperature={self.temperature:g}, learn_temperature={self.learn_temperature}, "
                 f"similarity={self.similarity!r}, symmetric={self.symmetric}, reduction={self.reduction!r}, "
-                f"gather_across_devices={self.gather_across_devices}, backend={self.backend!r}")
+                f"gather_across_devices={self.gather_across_devices}, backend={self.backend!r}"
+                + (f", chunk_size={self.chunk_size}" if self.chunk_size else "")
+                + (f", chunk_memory={self.chunk_memory}" if self.chunk_memory else ""))
