@@ -145,3 +145,50 @@ def kill_at(n):
         if step == n:
             raise Killed()
     return on_step
+
+
+SYNTHETIC_CONCEPTS = 48
+
+
+def synthetic_word(lang, concept):
+    """The word form of a shared concept in one synthetic language: de + c7 -> 'dec7'."""
+    return f"{lang}{concept}"
+
+
+def write_synthetic_lareqa(root: Path, langs=("de", "en", "es"), n_articles=8, paragraphs=2, sentences=3,
+                           questions=2, seed=0, tag=None) -> Path:
+    """A fully parallel LAReQA folder (one SQuAD-format JSON per language with sentence_breaks):
+    every language uses its own word forms of shared concepts, a question repeats two words of
+    its answer sentence. `tag` (e.g. the seed) goes into question ids and article titles, so that
+    two folders made with different seeds share neither."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    plan = []  # language-independent: [article][paragraph] -> (sentences as concept lists, questions)
+    for a in range(n_articles):
+        paras = []
+        for p in range(paragraphs):
+            sents = [[f"c{rng.randrange(SYNTHETIC_CONCEPTS)}" for _ in range(4)] for _ in range(sentences)]
+            qs = []
+            for k in range(questions):
+                s = rng.randrange(sentences)
+                qs.append((f"{'' if tag is None else f's{tag}-'}q{a}-{p}-{k}", s, rng.sample(sents[s], 2)))
+            paras.append((sents, qs))
+        plan.append(paras)
+    for lang in langs:
+        articles = []
+        for a, paras in enumerate(plan):
+            out = []
+            for sents, qs in paras:
+                texts = [" ".join(synthetic_word(lang, c) for c in s) + " ." for s in sents]
+                context, breaks = "", []
+                for t in texts:
+                    start = len(context) + (1 if context else 0)
+                    context = (context + " " + t) if context else t
+                    breaks.append([start, start + len(t)])
+                qas = [{"id": qid, "question": " ".join(synthetic_word(lang, c) for c in words) + " ?",
+                        "answers": [{"answer_start": breaks[s][0], "text": texts[s][:5]}]} for qid, s, words in qs]
+                out.append({"context": context, "qas": qas, "sentence_breaks": breaks, "sentences": texts})
+            title = f"article {a}" if tag is None else f"article {tag}-{a}"
+            articles.append({"title": title, "paragraphs": out})
+        (root / f"{lang}.json").write_text(json.dumps({"data": articles, "version": "synthetic"}))
+    return root

@@ -2,7 +2,6 @@
 protocols, through the library and the command line; the budget presets, the default model, the
 verdict, download on first use and the offline message."""
 import json
-import random
 import urllib.error
 from pathlib import Path
 
@@ -11,55 +10,23 @@ import pytest
 from hybridfast import downloads as data_module  # where download and _fetch live
 from hybridfast import demo, models
 from hybridfast.demo import choose_budget, format_table, run_demo, verdict
-from helpers import tiny_bert
+import helpers
+from helpers import SYNTHETIC_CONCEPTS as N_CONCEPTS, synthetic_word, tiny_bert
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LANGS = ("de", "en", "es")
-N_CONCEPTS = 48
 
-
-def _word(lang, concept):
-    return f"{lang}{concept}"
 
 
 def write_synthetic_lareqa(root: Path, langs=LANGS, n_articles=8, paragraphs=2, sentences=3, questions=2,
                            seed=0) -> Path:
-    """A fully parallel LAReQA folder: every language has its own word forms of shared concepts,
-    a question repeats two words of its answer sentence."""
-    rng = random.Random(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    plan = []
-    for a in range(n_articles):
-        paras = []
-        for p in range(paragraphs):
-            sents = [[f"c{rng.randrange(N_CONCEPTS)}" for _ in range(4)] for _ in range(sentences)]
-            qs = [(f"s{seed}-q{a}-{p}-{k}", s, rng.sample(sents[s], 2))
-                  for k, s in ((k, rng.randrange(sentences)) for k in range(questions))]
-            paras.append((sents, qs))
-        plan.append(paras)
-    for lang in langs:
-        articles = []
-        for a, paras in enumerate(plan):
-            out = []
-            for sents, qs in paras:
-                texts = [" ".join(_word(lang, c) for c in s) + " ." for s in sents]
-                context, breaks = "", []
-                for t in texts:
-                    start = len(context) + (1 if context else 0)
-                    context = (context + " " + t) if context else t
-                    breaks.append([start, start + len(t)])
-                qas = [{"id": qid, "question": " ".join(_word(lang, c) for c in words) + " ?",
-                        "answers": [{"answer_start": breaks[s][0], "text": texts[s][:5]}]} for qid, s, words in qs]
-                out.append({"context": context, "qas": qas, "sentence_breaks": breaks, "sentences": texts})
-            articles.append({"title": f"article {seed}-{a}", "paragraphs": out})
-        (root / f"{lang}.json").write_text(json.dumps({"data": articles, "version": "synthetic"}))
-    return root
+    return helpers.write_synthetic_lareqa(root, langs, n_articles, paragraphs, sentences, questions, seed, tag=seed)
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    words = [".", "?", ":", "query", "passage"] + [_word(l, f"c{i}") for l in LANGS for i in range(N_CONCEPTS)]
+    words = [".", "?", ":", "query", "passage"] + [synthetic_word(l, f"c{i}") for l in LANGS for i in range(N_CONCEPTS)]
     return tiny_bert(tmp_path_factory.mktemp("tiny") / "model", words, hidden=16, layers=1)
 
 

@@ -4,7 +4,6 @@ model identity, resumption, per-query values, intervals, and the mpnet helper.""
 import csv
 import io
 import json
-import random
 import sys
 import types
 import zipfile
@@ -18,55 +17,20 @@ from hybridfast.study import (CSV_COLUMNS, METRIC_KEYS, ModelSpec, StudyConfig, 
                               macro_map, paired_bootstrap, run_study)
 from hybridfast.study.identity import content_hash, resolve_models
 
+import helpers
+from helpers import SYNTHETIC_CONCEPTS as N_CONCEPTS, synthetic_word
+
 
 
 LANGS = ("de", "en", "es")
-N_CONCEPTS = 48
 
 
 # ---------------------------------------------------------------------------
 # fixtures: a synthetic LAReQA folder and tiny BERTs whose vocabulary covers it
 
-def _word(lang, concept):
-    return f"{lang}{concept}"
-
 
 def write_synthetic_lareqa(root: Path, n_articles=8, paragraphs=2, sentences=3, questions=2, seed=0) -> Path:
-    """A fully parallel LAReQA folder (one SQuAD-format JSON per language with
-    sentence_breaks): every language uses its own word forms of shared concepts,
-    a question repeats two words of its answer sentence."""
-    rng = random.Random(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    plan = []  # language-independent: [article][paragraph] -> (sentences as concept lists, questions)
-    for a in range(n_articles):
-        paras = []
-        for p in range(paragraphs):
-            sents = [[f"c{rng.randrange(N_CONCEPTS)}" for _ in range(4)] for _ in range(sentences)]
-            qs = []
-            for k in range(questions):
-                s = rng.randrange(sentences)
-                qs.append((f"q{a}-{p}-{k}", s, rng.sample(sents[s], 2)))
-            paras.append((sents, qs))
-        plan.append(paras)
-    for lang in LANGS:
-        data = []
-        for a, paras in enumerate(plan):
-            out_paras = []
-            for sents, qs in paras:
-                texts = [" ".join(_word(lang, c) for c in s) + " ." for s in sents]
-                context, breaks = "", []
-                for t in texts:
-                    start = len(context) + (1 if context else 0)
-                    context = (context + " " + t) if context else t
-                    breaks.append([start, start + len(t)])
-                qas = [{"id": qid, "question": " ".join(_word(lang, c) for c in words) + " ?",
-                        "answers": [{"answer_start": breaks[s][0], "text": texts[s][:5]}]}
-                       for qid, s, words in qs]
-                out_paras.append({"context": context, "qas": qas, "sentence_breaks": breaks,
-                                  "sentences": texts})
-            data.append({"title": f"article {a}", "paragraphs": out_paras})
-        (root / f"{lang}.json").write_text(json.dumps({"data": data, "version": "synthetic"}))
-    return root
+    return helpers.write_synthetic_lareqa(root, LANGS, n_articles, paragraphs, sentences, questions, seed)
 
 
 def write_tiny_bert(folder: Path, hidden=16, layers=1, seed=0) -> Path:
@@ -76,11 +40,11 @@ def write_tiny_bert(folder: Path, hidden=16, layers=1, seed=0) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?", ":", "query", "passage"]
-    vocab += [_word(l, f"c{i}") for l in LANGS for i in range(N_CONCEPTS)]
+    vocab += [synthetic_word(l, f"c{i}") for l in LANGS for i in range(N_CONCEPTS)]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     # (transformers 5 ignores vocab_file= in the constructor; from_pretrained reads vocab.txt)
     tok = BertTokenizerFast.from_pretrained(str(folder), do_lower_case=True, model_max_length=64)
-    assert tok.tokenize(f"{_word('en', 'c1')} ?") == [_word("en", "c1"), "?"]
+    assert tok.tokenize(f"{synthetic_word('en', 'c1')} ?") == [synthetic_word("en", "c1"), "?"]
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
                      num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64)
