@@ -63,10 +63,15 @@ def test_jsonl_without_duplicates_has_no_groups(tmp_path):
     ('{"id": 1, "lang": "en", "query": "q", "positive": "p", "negatives": "n"}', "'negatives' must be a list"),
     ('{"id": 1, "lang": "en", "query": "q", "positive": "p"', "not valid JSON"),
     ('[1, 2]', "expected a JSON object"),
+    # issue 13 item 14: ISO 639-1 codes only; a null id must not merge with the real id "None"
+    ('{"id": 1, "lang": "xx", "query": "q", "positive": "p"}', "'xx' is not a language code"),
+    ('{"id": 1, "lang": "zzz", "query": "q", "positive": "p"}', "'zzz' is not a language code"),
+    ('{"id": null, "lang": "en", "query": "q", "positive": "p"}', "'id' must be a non-empty string or an integer"),
+    ('{"id": true, "lang": "en", "query": "q", "positive": "p"}', "'id' must be a non-empty string or an integer"),
 ])
 def test_jsonl_malformed_lines_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"id": 0, "lang": "en", "query": "q", "positive": "p"}\n' + line + "\n")
+    path.write_text('{"id": "None", "lang": "en", "query": "q", "positive": "p"}\n' + line + "\n")
     with pytest.raises(ValueError, match=message) as info:
         load_training_pairs(path)
     assert f"{path}:2" in str(info.value)
