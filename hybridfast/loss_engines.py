@@ -226,7 +226,7 @@ def time_candidates(candidates: Iterable[str], run: Callable[[str], None], sync:
     return seconds
 
 
-def estimated_extra_bytes(name, B, N, D, elt, symmetric, chunk_memory) -> int:
+def estimated_extra_bytes(name, B, N, D, symmetric, chunk_memory) -> int:
     """Extra memory of an engine beyond its inputs and outputs (the cost model's column)."""
     terms = 2 if symmetric else 1
     grads = (B + N) * D * 4  # fp32 accumulators, both engines
@@ -261,12 +261,12 @@ def _agree_across_ranks(choice: str) -> str:
     return choice
 
 
-def fits(name: str, B: int, N: int, D: int, elt: int, symmetric: bool, chunk_memory: int, device) -> bool:
+def fits(name: str, B: int, N: int, D: int, symmetric: bool, chunk_memory: int, device) -> bool:
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else math.inf
-    return estimated_extra_bytes(name, B, N, D, elt, symmetric, chunk_memory) < 0.9 * free
+    return estimated_extra_bytes(name, B, N, D, symmetric, chunk_memory) < 0.9 * free
 
 
 def available_candidates(q, p, symmetric, chunk_memory, triton_ok) -> Tuple[str, ...]:
     names = ("chunked", "triton", "torch") if triton_ok else ("torch",)
     B, N, D = q.shape[0], p.shape[0], q.shape[1]
-    return tuple(n for n in names if fits(n, B, N, D, q.element_size(), symmetric, chunk_memory, q.device))
+    return tuple(n for n in names if fits(n, B, N, D, symmetric, chunk_memory, q.device))
