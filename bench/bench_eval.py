@@ -30,9 +30,9 @@ import torch
 
 from bench.utils import peak_memory_bytes, save_results
 from hybridfast.data import RetrievalBenchmark
-from hybridfast.evaluator import RetrievalEvaluator
-from hybridfast.metrics import METRICS, per_query_metrics, tie_priority
-from hybridfast.search import search
+from hybridfast.evaluation.evaluator import RetrievalEvaluator
+from hybridfast.evaluation.metrics import METRICS, per_query_metrics, tie_priority
+from hybridfast.evaluation.search import search
 
 CANDIDATES = {"ar": 1222, "de": 1276, "el": 1234, "en": 1180, "es": 1215, "hi": 1244, "ru": 1219,
               "th": 852, "tr": 1167, "vi": 1209, "zh": 1196}

@@ -33,7 +33,7 @@ from hybridfast.training import Collator, gradcache_step, plain_step
 from hybridfast.training.steps import MAX_GRAD_NORM, enable_checkpointing, param_groups
 from hybridfast.encoder import Encoder, default_model_path
 from hybridfast.loss import HybridContrastiveLoss
-from hybridfast.train_data import load_training_pairs
+from hybridfast.data.pairs import load_training_pairs
 
 BATCH = 32
 MAX_LENGTH = 256

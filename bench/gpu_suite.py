@@ -208,7 +208,7 @@ def _loss_case(name, B, N, D, dtype, device, rounds, state):
 
 def section_autotune(cfg, device, state):
     from hybridfast.kernels.contrastive import chosen_configs
-    from hybridfast.loss_engines import backend_choices
+    from hybridfast.loss.engines import backend_choices
 
     if device.type == "cuda":  # let "auto" measure on the middle shape so its choice is recorded
         B, N = cfg["shapes"][min(1, len(cfg["shapes"]) - 1)]
@@ -220,7 +220,7 @@ def section_autotune(cfg, device, state):
 
 def section_eval(cfg, device, state):
     from hybridfast.data import RetrievalBenchmark
-    from hybridfast.evaluator import RetrievalEvaluator
+    from hybridfast.evaluation.evaluator import RetrievalEvaluator
 
     langs = [f"l{i}" for i in range(cfg["eval_langs"])]
     nq, nc = cfg["eval_queries"], cfg["eval_cands"]

@@ -5,7 +5,9 @@ transformers import) and never touches a GPU.
 """
 import os
 import sys
+import warnings
 from importlib import import_module
+from importlib.abc import Loader, MetaPathFinder
 from importlib.machinery import ModuleSpec
 from importlib.util import module_from_spec
 
@@ -16,7 +18,7 @@ _EXPORTS = {
     "hybrid_contrastive_loss": "hybridfast.loss",
     "HybridBatchSampler": "hybridfast.sampler",
     "Encoder": "hybridfast.encoder",
-    "RetrievalEvaluator": "hybridfast.evaluator",
+    "RetrievalEvaluator": "hybridfast.evaluation",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -45,6 +47,43 @@ def _mount_checkout_kernels():
 
 
 _mount_checkout_kernels()
+
+# Old module paths (before the subpackages), kept for one release (removed in 0.3). The old
+# name resolves to the *same* module object as the new one, so monkeypatching either patches
+# both; importing it warns with the new path. Library code imports none of them.
+MOVED_MODULES = {
+    "hybridfast.evaluator": "hybridfast.evaluation.evaluator",
+    "hybridfast.search": "hybridfast.evaluation.search",
+    "hybridfast.metrics": "hybridfast.evaluation.metrics",
+    "hybridfast.trec": "hybridfast.evaluation.trec",
+    "hybridfast.plots": "hybridfast.evaluation.plots",
+    "hybridfast.train_data": "hybridfast.data.pairs",
+    "hybridfast.beir": "hybridfast.data.beir",
+    "hybridfast.demo": "hybridfast.study.demo",
+    "hybridfast.trainer": "hybridfast.training.legacy",
+}
+
+
+class _MovedModuleFinder(MetaPathFinder, Loader):
+    """Resolves the old paths of MOVED_MODULES to their new modules, with a DeprecationWarning."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in MOVED_MODULES:
+            return None
+        return ModuleSpec(fullname, self)
+
+    def create_module(self, spec):
+        new = MOVED_MODULES[spec.name]
+        warnings.warn(f"{spec.name} is deprecated and will be removed in hybridfast 0.3; import {new} instead",
+                      DeprecationWarning, stacklevel=2)
+        return import_module(new)
+
+    def exec_module(self, module):
+        pass  # the new module is already executed
+
+
+if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
+    sys.meta_path.append(_MovedModuleFinder())
 
 
 def __getattr__(name):

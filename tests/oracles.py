@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from hybridfast.data import RetrievalBenchmark
-from hybridfast.metrics import METRICS, macro_average
+from hybridfast.evaluation.metrics import METRICS, macro_average
 
 Relevance = Union[Iterable[str], Mapping[str, int]]
 

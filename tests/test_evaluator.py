@@ -1,4 +1,4 @@
-"""RetrievalEvaluator and hybridfast.search: hand-computed values, pytrec_eval equality
+"""RetrievalEvaluator and hybridfast.evaluation.search: hand-computed values, pytrec_eval equality
 (ties, partly parallel data), backend agreement, outputs and bad inputs."""
 import hashlib
 import json
@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridfast.data import RetrievalBenchmark, candidate_text
-from hybridfast.evaluator import EvaluationResult, RetrievalEvaluator
-from hybridfast.metrics import METRICS, tie_priority
+from hybridfast.evaluation.evaluator import EvaluationResult, RetrievalEvaluator
+from hybridfast.evaluation.metrics import METRICS, tie_priority
 from oracles import partly_parallel_benchmark, pytrec_eval_metrics, reference_ranks, trec_order
-from hybridfast.search import search
+from hybridfast.evaluation.search import search
 
 
 class LookupEncoder:
@@ -226,7 +226,7 @@ def test_search_property_ranks_equal_sorting(Q, C, D, R, chunk, seed):
 
 
 def test_signed_zero_scores_tie_like_trec_eval():
-    from hybridfast.search import _count_numpy
+    from hybridfast.evaluation.search import _count_numpy
 
     # -0.0 == +0.0 for trec_eval (doubles compare equal): a tie, broken by priority
     scores = np.array([[-0.0, 0.0, 1.0, -1.0]], dtype=np.float32)
@@ -280,7 +280,7 @@ def test_torch_and_faiss_backends_agree():
 def test_torch_counting_equals_numpy_counting(B, C, R, seed):
     """The GPU counting path (_count_torch) against the CPU one on the same tied scores
     (run here on CPU tensors; search() picks the path by device, no test hook)."""
-    from hybridfast.search import _count_numpy, _count_torch
+    from hybridfast.evaluation.search import _count_numpy, _count_torch
 
     rng = np.random.default_rng(seed)
     scores = rng.integers(-2, 3, (B, C)).astype(np.float32)
@@ -465,8 +465,8 @@ def test_empty_language_file_is_not_silently_dropped(tmp_path, xquad_dir):
 
 
 def test_library_evaluator_has_no_argparse_and_no_dead_code():
-    import hybridfast.evaluator as evaluator
-    import hybridfast.search as search_mod
+    import hybridfast.evaluation.evaluator as evaluator
+    import hybridfast.evaluation.search as search_mod
     import inspect
 
     assert not hasattr(evaluator, "add_arguments") and not hasattr(evaluator, "run")

@@ -333,7 +333,7 @@ def test_bad_batching_options():
 
 
 def test_languages_without_data_are_refused_or_warned():
-    """Issue 13 item 14: as in hybridfast.train_data, a language named in languages= needs data; one found
+    """Issue 13 item 14: as in hybridfast.data.pairs, a language named in languages= needs data; one found
     only in a language column (no example has both texts in it) is warned about."""
     ds = datasets.Dataset.from_dict(_parallel_rows(6))
     with pytest.raises(ValueError, match=r"languages: \['es'\] have no example"):
@@ -349,7 +349,7 @@ def test_languages_without_data_are_refused_or_warned():
 
 def test_parallel_pairs_dataset_round_trip():
     """hybridfast's training data -> per-language rows whose index has the same availability and texts."""
-    from hybridfast.train_data import ParallelPairs
+    from hybridfast.data.pairs import ParallelPairs
 
     rows = {
         f"q{i}": {lang: (f"what {i} {lang}", f"the {i} {lang}", [f"old {i} {lang}", f"new {i} {lang}"])

@@ -293,7 +293,7 @@ def test_auto_backend_on_cpu_is_torch_and_matches():
     q, p, labels, _, _ = make_inputs(B=10, D=12, seed=11)
     torch.testing.assert_close(hybrid_contrastive_loss(q, p, labels),
                                hybrid_contrastive_loss(q, p, labels, backend="torch"))
-    from hybridfast.loss import _pick_backend
+    from hybridfast.loss.module import _pick_backend
 
     assert _pick_backend("auto", q) == "torch"
 
@@ -424,7 +424,7 @@ def test_forward_splits_fill_two_waves():
 def test_time_candidates_picks_fastest_and_skips_out_of_memory():
     import time
 
-    from hybridfast import loss_engines
+    from hybridfast.loss import engines as loss_engines
 
     calls = []
 
@@ -454,8 +454,8 @@ def test_time_candidates_picks_fastest_and_skips_out_of_memory():
 def test_measured_choice_times_the_real_engines():
     # the code path "auto" takes on CUDA, run on CPU tensors (Triton interpreted): every engine
     # runs forward+backward on detached copies, the fastest is cached for the bucket
-    from hybridfast import loss_engines
-    from hybridfast.loss import _measured_backend
+    from hybridfast.loss import engines as loss_engines
+    from hybridfast.loss.module import _measured_backend
 
     q, p, labels, qg, pg = make_inputs(B=8, negatives=1, D=16, seed=23, groups=2)
     scale = torch.tensor(20.0)
@@ -472,7 +472,7 @@ def test_measured_choice_times_the_real_engines():
 
 
 def test_shape_key_buckets_powers_of_two():
-    from hybridfast.loss_engines import shape_key
+    from hybridfast.loss.engines import shape_key
 
     a = shape_key(torch.empty(1000, 768), torch.empty(3000, 768), True, False)
     b = shape_key(torch.empty(1024, 768), torch.empty(4096, 768), True, False)
@@ -482,7 +482,7 @@ def test_shape_key_buckets_powers_of_two():
 
 
 def test_env_forces_backend_and_rejects_unknown(monkeypatch):
-    from hybridfast.loss import _pick_backend
+    from hybridfast.loss.module import _pick_backend
 
     q, p, labels, _, _ = make_inputs(B=10, D=12, seed=11)
     monkeypatch.setenv("HYBRIDFAST_LOSS_BACKEND", "chunked")
@@ -496,7 +496,7 @@ def test_env_forces_backend_and_rejects_unknown(monkeypatch):
 
 
 def test_chunk_memory_sets_the_chunk_rows():
-    from hybridfast.loss import _chunk_rows
+    from hybridfast.loss.module import _chunk_rows
 
     q = torch.empty(100, 8)
     assert _chunk_rows("torch", q, n_cols=1000, compute_dtype=torch.float32, chunk_size=None,
@@ -598,6 +598,6 @@ def test_gpu_large_batch_triton_equals_torch_backend():
         for a, b in zip(grads[0], other):
             torch.testing.assert_close(a, b, rtol=3e-2, atol=1e-4)
     assert hybrid_contrastive_loss(q, p, labels).dtype == torch.float32  # auto: timed choice on CUDA
-    from hybridfast.loss_engines import backend_choices
+    from hybridfast.loss.engines import backend_choices
 
     assert backend_choices()  # the first auto call per bucket measured and recorded a choice

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from hybridfast.metrics import METRICS, macro_average, mean_metrics, per_query_metrics, tie_priority
+from hybridfast.evaluation.metrics import METRICS, macro_average, mean_metrics, per_query_metrics, tie_priority
 from oracles import pytrec_eval_metrics, reference_metrics, reference_ranks
 
 
@@ -143,7 +143,7 @@ def test_unit_gains_equal_binary_and_bad_gains():
 
 
 def test_library_carries_no_test_oracles():
-    import hybridfast.metrics as metrics
+    import hybridfast.evaluation.metrics as metrics
 
     for name in ("pytrec_eval_metrics", "reference_metrics", "reference_ranks", "trec_order"):
         assert not hasattr(metrics, name), name

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybridfast import models
+from hybridfast.models import fetch as models
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

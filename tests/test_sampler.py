@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import hybridfast._backends as backends
-import hybridfast.sampler as sampler_mod
+import hybridfast.sampler.hybrid as sampler_mod
 from hybridfast import HybridBatchSampler
-import hybridfast.sampler_reference as sampler_twin
+import hybridfast.sampler.reference as sampler_twin
 from hybridfast.sampler import reference_plan
-from hybridfast.sampler_reference import _Rng, _stream_base, splitmix64
+from hybridfast.sampler.reference import _Rng, _stream_base, splitmix64
 
 _C = backends.cpp_extension()
 needs_cpp = pytest.mark.skipif(_C is None, reason="hybridfast._C is not built")

@@ -9,7 +9,7 @@ datasets = pytest.importorskip("datasets")
 pytest.importorskip("accelerate")
 
 from hybridfast.data import RetrievalBenchmark  # noqa: E402
-from hybridfast.evaluator import RetrievalEvaluator  # noqa: E402
+from hybridfast.evaluation.evaluator import RetrievalEvaluator  # noqa: E402
 from hybridfast.integrations.sentence_transformers import HybridRetrievalEvaluator  # noqa: E402
 from helpers import tiny_bert  # noqa: E402
 

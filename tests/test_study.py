@@ -83,7 +83,7 @@ class CountingTrain:
     """Wraps the real trainer and records the configs it was called with."""
 
     def __init__(self):
-        from hybridfast.trainer import train
+        from hybridfast.training import train
 
         self.train = train
         self.configs = []
@@ -112,7 +112,7 @@ def expected_counts(folder):
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory, synthetic, tiny_models):
-    import hybridfast.trainer as trainer
+    import hybridfast.training as trainer
     from hybridfast.cli import main
 
     out = tmp_path_factory.mktemp("study") / "run"
@@ -276,7 +276,7 @@ def test_interrupted_cell_resumes_from_checkpoint(tmp_path, synthetic, tiny_mode
     import shutil
     from dataclasses import replace
 
-    from hybridfast.trainer import train
+    from hybridfast.training import train
 
     config = tiny_config(tmp_path / "study", tiny_models[:1], synthetic, modes=("hybrid",), steps=3, seeds=(0,),
                          save_steps=1, include_base=False)
@@ -305,7 +305,7 @@ def test_interrupted_cell_resumes_from_checkpoint(tmp_path, synthetic, tiny_mode
 def test_models_with_the_same_folder_name_get_separate_correct_rows(tmp_path, synthetic):
     """a/model and b/model: two rows, each with its own parameter count and metrics."""
     from hybridfast.encoder import Encoder
-    from hybridfast.evaluator import RetrievalEvaluator
+    from hybridfast.evaluation.evaluator import RetrievalEvaluator
 
     a = write_tiny_bert(tmp_path / "a" / "model", hidden=16, layers=1, seed=3)
     b = write_tiny_bert(tmp_path / "b" / "model", hidden=32, layers=2, seed=4)

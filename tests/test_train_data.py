@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from hybridfast.train_data import ParallelPairs, load_training_pairs
+from hybridfast.data.pairs import ParallelPairs, load_training_pairs
 from helpers import write_lareqa
 
 

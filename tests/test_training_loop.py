@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from helpers import Killed, kill_at, load_weights, read_log, toy_config as base_config, write_lareqa
-from hybridfast import trainer
+from hybridfast.training import legacy as trainer
 from hybridfast.training import TrainConfig, list_checkpoints, train
 from hybridfast.training import checkpoint as ckpt
 
@@ -111,7 +111,7 @@ def test_lareqa_training_with_periodic_evaluation(toy, tmp_path):
 
 def test_epochs_gradient_checkpointing_and_bf16(toy, tmp_path):
     from hybridfast.sampler import HybridBatchSampler
-    from hybridfast.train_data import load_training_pairs
+    from hybridfast.data.pairs import load_training_pairs
 
     cfg = base_config(toy, tmp_path / "a", max_steps=None, epochs=2, lang_weights="size")
     a = load_weights(train(cfg))
@@ -177,7 +177,7 @@ def test_kill_and_resume_equals_uninterrupted(toy, tmp_path, monkeypatch):
 
 
 def test_old_import_path_and_after_step_hook(toy, tmp_path, monkeypatch):
-    """hybridfast.trainer keeps working for older callers (study, demo): its train calls _after_step."""
+    """The old trainer module (hybridfast.trainer) keeps working for older callers: its train calls _after_step."""
     seen = []
     monkeypatch.setattr(trainer, "_after_step", seen.append)
     assert trainer.TrainConfig is TrainConfig

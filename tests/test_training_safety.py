@@ -279,7 +279,7 @@ def test_12_damaged_middle_log_line_is_an_error(toy, tmp_path):
 # ----------------------------------------------------------------------------- 13: clear messages
 
 def test_13_non_utf8_and_corrupt_gzip_name_the_file(toy, tmp_path):
-    from hybridfast.train_data import load_training_pairs
+    from hybridfast.data.pairs import load_training_pairs
 
     bad = tmp_path / "latin1.jsonl"
     bad.write_bytes(b'{"id": 1, "lang": "en", "query": "q", "positive": "p"}\n'
@@ -347,7 +347,7 @@ def test_13_models_that_cannot_be_loaded(toy, tmp_path, monkeypatch, capsys):
 def test_14_region_codes_are_read_alike_by_train_data(tmp_path):
     """data.py loads a pt-BR.json benchmark file; train_data reads the same language files."""
     from helpers import write_lareqa
-    from hybridfast.train_data import load_training_pairs
+    from hybridfast.data.pairs import load_training_pairs
 
     root = write_lareqa(tmp_path / "lareqa")
     (root / "de.json").rename(root / "pt-BR.json")
@@ -356,7 +356,7 @@ def test_14_region_codes_are_read_alike_by_train_data(tmp_path):
 
 
 def test_14_mmarco_language_without_positives_is_refused(tmp_path):
-    from hybridfast.train_data import load_training_pairs
+    from hybridfast.data.pairs import load_training_pairs
 
     mm = tmp_path / "mm"
     for lang, pids in (("english", "p1"), ("german", "p7")):

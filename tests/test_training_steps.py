@@ -9,7 +9,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_collator_layout_and_groups(toy):
-    from hybridfast.train_data import load_training_pairs
+    from hybridfast.data.pairs import load_training_pairs
 
     pairs = load_training_pairs(toy["data_neg"])
     calls = []
@@ -50,7 +50,7 @@ def _chunked_reference_step(encoder, loss_fn, q_in, p_in, qg, pg, chunk):
 def test_gradcache_equals_full_batch_with_dropout(toy, chunk):
     from hybridfast.encoder import Encoder
     from hybridfast.loss import HybridContrastiveLoss
-    from hybridfast.train_data import load_training_pairs
+    from hybridfast.data.pairs import load_training_pairs
 
     pairs = load_training_pairs(toy["data_neg"])
     enc = Encoder(str(toy["model"]), device="cpu", max_length=16, show_progress=False)
@@ -86,7 +86,7 @@ def test_gradcache_equals_full_batch_with_dropout(toy, chunk):
 def test_gradcache_without_dropout_matches_plain_for_any_chunking(toy):
     from hybridfast.encoder import Encoder
     from hybridfast.loss import HybridContrastiveLoss
-    from hybridfast.train_data import load_training_pairs
+    from hybridfast.data.pairs import load_training_pairs
 
     pairs = load_training_pairs(toy["data"])
     enc = Encoder(str(toy["model_nodrop"]), device="cpu", max_length=16, show_progress=False)

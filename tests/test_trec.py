@@ -1,11 +1,11 @@
-"""TREC run and qrels files (hybridfast.trec): pytrec_eval on the written files equals the summary."""
+"""TREC run and qrels files (hybridfast.evaluation.trec): pytrec_eval on the written files equals the summary."""
 import pytest
 
 pytrec_eval = pytest.importorskip("pytrec_eval")
 
-from hybridfast.beir import load_beir  # noqa: E402
-from hybridfast.evaluator import RetrievalEvaluator  # noqa: E402
-from hybridfast.trec import read_qrels, read_run  # noqa: E402
+from hybridfast.data.beir import load_beir  # noqa: E402
+from hybridfast.evaluation.evaluator import RetrievalEvaluator  # noqa: E402
+from hybridfast.evaluation.trec import read_qrels, read_run  # noqa: E402
 from oracles import BeirHashEncoder as HashEncoder  # noqa: E402
 from oracles import check_files_reproduce, partly_parallel_benchmark  # noqa: E402
 from oracles import synthetic_beir as synthetic, write_beir_per_language as write_per_language  # noqa: E402
@@ -63,7 +63,7 @@ def test_bad_save_run_arguments(tmp_path):
 def test_large_run_files_are_announced(tmp_path, monkeypatch):
     import functools
 
-    import hybridfast.trec as trec
+    import hybridfast.evaluation.trec as trec
 
     monkeypatch.setattr(trec, "write_runs", functools.partial(trec.write_runs, warn_lines=50))
     bench = partly_parallel_benchmark(1)

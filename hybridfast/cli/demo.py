@@ -32,7 +32,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import warnings
 
-    from hybridfast.demo import run_demo
+    from hybridfast.study.demo import run_demo
     from hybridfast.models import ModelUnavailableError
     from hybridfast.study import configure_threads
 

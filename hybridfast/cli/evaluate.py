@@ -1,5 +1,5 @@
 """`hybridfast evaluate`: an encoder on XQuAD-R / MLQA-R, a LAReQA folder, or a BEIR / MIRACL
-folder (hybridfast.beir); results.json, results.md, map_heatmap.png, optionally TREC runs.
+folder (hybridfast.data.beir); results.json, results.md, map_heatmap.png, optionally TREC runs.
 
 Mistakes a user can make (an unknown dataset or language, a broken data file, an output
 folder that cannot be written, a model that cannot be loaded) end with one line naming
@@ -15,7 +15,7 @@ EXIT_USAGE = 2
 
 
 def add_arguments(parser):
-    from hybridfast.search import BACKENDS
+    from hybridfast.evaluation.search import BACKENDS
 
     parser.add_argument("--model", default=None,
                         help="model folder or name (default: multilingual-e5-small, the project's multilingual encoder)")
@@ -77,7 +77,7 @@ def _remove_if_empty(folders):
 
 def load_dataset(dataset, data_dir=None, languages=None, split=None, shared_query_ids=False):
     """A RetrievalBenchmark from a known name, a LAReQA folder or a BEIR / MIRACL folder."""
-    from hybridfast.beir import detect_layout, load_beir
+    from hybridfast.data.beir import detect_layout, load_beir
     from hybridfast.data import DATASETS, load_benchmark
 
     if str(dataset) not in DATASETS and Path(dataset).is_dir() and detect_layout(dataset) is not None:
@@ -92,16 +92,16 @@ def load_dataset(dataset, data_dir=None, languages=None, split=None, shared_quer
 
 
 def run(args) -> int:
-    from hybridfast.beir import BEIRFormatError
+    from hybridfast.data.beir import BEIRFormatError
     from hybridfast.data import LAReQAFormatError
-    from hybridfast.evaluator import RetrievalEvaluator
+    from hybridfast.evaluation.evaluator import RetrievalEvaluator
 
     out = Path(args.out)
     created = [p for p in (out, Path(args.save_run) if args.save_run else None) if p is not None and not p.exists()]
     try:
         _check_writable(out, "--out")
         if args.save_run is not None:
-            from hybridfast.trec import check_run_folder
+            from hybridfast.evaluation.trec import check_run_folder
 
             check_run_folder(args.save_run)
             _check_writable(Path(args.save_run), "--save-run")

@@ -1,2 +1,52 @@
-"""`hybridfast info`."""
-from hybridfast.info import add_arguments, run  # noqa: F401  (argparse moves here from the library module)
+"""`hybridfast info`: versions and which optional parts are active."""
+import json
+
+
+def add_arguments(parser):
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _auto_backend(info) -> str:
+    import os
+
+    from hybridfast.loss.engines import ENV_BACKEND, backend_choices
+
+    forced = os.environ.get(ENV_BACKEND)
+    if forced:
+        return f"{forced} (forced by ${ENV_BACKEND})"
+    if not info["triton"]:
+        return "torch (chunked engine, PyTorch rows; Triton absent)"
+    text = ("on CUDA: the fastest of chunked / triton / torch, timed on the first call per shape bucket; "
+            "elsewhere: torch (chunked engine, PyTorch rows)")
+    made = backend_choices()  # only what this process measured
+    if made:
+        text += "; chosen here: " + ", ".join(f"{k} -> {v['backend']}" for k, v in made.items())
+    return text
+
+
+def run(args) -> int:
+    from hybridfast._backends import report
+
+    info = report()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    triton = info["triton"] or "not installed"
+    if info["triton"]:
+        triton += " (interpreted on CPU: TRITON_INTERPRET=1)" if info["triton_interpreted"] else ""
+    rows = [
+        ("hybridfast", info["hybridfast"]),
+        ("python", info["python"]),
+        ("torch", info["torch"]),
+        ("transformers", info["transformers"] or "not installed"),
+        ("numpy", info["numpy"]),
+        ("CUDA device", info["cuda_device"] or "none (CPU only)"),
+        ("Triton", triton),
+        ("loss backend (auto)", _auto_backend(info)),
+        ("C++ sampler (hybridfast._C)", "built" if info["cpp_extension"] else "MISSING: reinstall with a C++17 compiler"),
+        ("faiss", (info["faiss"] + (" (GPU)" if info["faiss_gpu"] else " (CPU)")) if info["faiss"] else "not installed (pip install hybridfast[faiss])"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0

@@ -123,7 +123,7 @@ class HybridPairIndex:
                 f"{languages} (language columns {lang_of[anchor_col]!r}, {lang_of[positive_col]!r})"
             )
         empty = [lang for lang, has in zip(languages, self.availability.any(axis=0)) if not has]
-        if empty:  # as hybridfast.train_data: a language needs data
+        if empty:  # as hybridfast.data.pairs: a language needs data
             message = (f"languages: {empty} have no example with both its {anchor_col!r} and its {positive_col!r} "
                        f"in that language; leave them out (languages={[l for l in languages if l not in empty]})")
             if config.languages is not None:  # named by the user: refused
@@ -234,7 +234,7 @@ class HybridPairIndex:
 
 
 def parallel_pairs_dataset(pairs: Any, hard_negatives: int = 0) -> "datasets.Dataset":
-    """hybridfast training data (``hybridfast.train_data.ParallelPairs``, e.g. from
+    """hybridfast training data (``hybridfast.data.pairs.ParallelPairs``, e.g. from
     ``load_training_pairs("xquad-r")``) as a per-language-rows ``datasets.Dataset`` for
     :class:`HybridSentenceTransformerTrainer`: columns ``id, lang, group, anchor, positive[, negative_1..k]``.
 
@@ -244,7 +244,7 @@ def parallel_pairs_dataset(pairs: Any, hard_negatives: int = 0) -> "datasets.Dat
     """
     for name in ("example_ids", "languages", "availability", "query", "positive", "negatives"):
         if not hasattr(pairs, name):
-            raise TypeError(f"pairs must be a hybridfast.train_data.ParallelPairs, got {type(pairs).__name__}")
+            raise TypeError(f"pairs must be a hybridfast.data.pairs.ParallelPairs, got {type(pairs).__name__}")
     if isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or hard_negatives < 0:
         raise ValueError(f"hard_negatives must be an int >= 0, got {hard_negatives!r}")
     columns: dict[str, list] = {"id": [], "lang": [], "group": [], "anchor": [], "positive": []}

@@ -8,7 +8,7 @@ and ``greater_is_better``. So it works as ``evaluator=`` of ``SentenceTransforme
 (and of ``HybridSentenceTransformerTrainer``): the trainer logs every metric as
 ``eval_<name>_<setting>_<metric>`` and can keep the best checkpoint by it.
 
-Inside, a `hybridfast.evaluator.RetrievalEvaluator` built once on the benchmark does
+Inside, a `hybridfast.evaluation.evaluator.RetrievalEvaluator` built once on the benchmark does
 the work (exact search, trec_eval-equal metrics); the model encodes queries with
 ``encode_query`` and candidates with ``encode_document`` (ST >= 5; plain ``encode``
 before), with the given prompts. Embeddings are L2-normalised when the model's
@@ -25,8 +25,8 @@ try:  # sentence-transformers >= 6
 except ImportError:  # pragma: no cover - older sentence-transformers
     from sentence_transformers.evaluation import SentenceEvaluator
 
-from hybridfast.evaluator import SETTINGS, RetrievalEvaluator
-from hybridfast.metrics import LOWER_IS_BETTER, METRICS, MULTI_METRICS
+from hybridfast.evaluation.evaluator import SETTINGS, RetrievalEvaluator
+from hybridfast.evaluation.metrics import LOWER_IS_BETTER, METRICS, MULTI_METRICS
 
 __all__ = ["HybridRetrievalEvaluator"]
 

@@ -26,7 +26,7 @@ from hybridfast.study.config import (BASE, DEFAULT_MODELS, LOWER_IS_BETTER, METR
                                      TABLE_COLUMNS, ModelSpec, StudyConfig, configure_threads, eval_split_for,
                                      prefix_kwargs, train_split_for)
 from hybridfast.study.identity import (ResolvedModel, content_hash, parameter_counts, resolve_models)
-from hybridfast.study.mpnet import assemble_mpnet
+from hybridfast.models.mpnet import assemble_mpnet
 from hybridfast.study.report import (CSV_COLUMNS, best_marks, result_rows, study_markdown, summarize,
                                      write_outputs)
 from hybridfast.study.stats import (contrast_interval, macro_map, paired_bootstrap, per_query_values,

@@ -64,7 +64,7 @@ def cell_dir(config: StudyConfig, model: ResolvedModel, mode: str, seed: Optiona
 
 
 def train_config(config: StudyConfig, model_path: str, mode: str, seed: int, output: Path, resume: bool):
-    from hybridfast.trainer import TrainConfig
+    from hybridfast.training import TrainConfig
 
     if config.save_steps is None:
         save_steps = max(1, math.ceil(config.steps / 4))
@@ -181,7 +181,7 @@ def subset_articles(benchmark, n_articles: int):
 def build_evaluators(config: StudyConfig, benchmarks: Optional[Dict] = None) -> Dict:
     """{eval name: (benchmark, RetrievalEvaluator(keep_per_query=True))}; benchmarks from config.evals unless given."""
     from hybridfast.data import load_benchmark
-    from hybridfast.evaluator import RetrievalEvaluator
+    from hybridfast.evaluation.evaluator import RetrievalEvaluator
 
     if benchmarks is None:
         benchmarks = {name: load_benchmark(name, data_dir=config.data_dir, languages=config.languages,
@@ -204,13 +204,13 @@ def run_cells(config: StudyConfig, train_fn: Optional[Callable] = None, evaluato
               log=print) -> List[dict]:
     """Run (or resume) every cell of the grid; returns the cell results (no tables).
 
-    train_fn: defaults to hybridfast.trainer.train. evaluators: {eval name:
+    train_fn: defaults to hybridfast.training.train. evaluators: {eval name:
     (benchmark, RetrievalEvaluator(keep_per_query=True))} instead of building them from config.evals.
     """
     if train_fn is None:
-        from hybridfast import trainer
+        from hybridfast import training
 
-        train_fn = trainer.train
+        train_fn = training.train
     Path(config.out).mkdir(parents=True, exist_ok=True)
     models = resolve_models(config.models)
     if evaluators is None:

@@ -29,11 +29,11 @@ from hybridfast import encoder as encoder_module
 from hybridfast import rules
 from hybridfast._backends import resolve_device
 from hybridfast.data import load_benchmark
-from hybridfast.evaluator import RetrievalEvaluator
+from hybridfast.evaluation.evaluator import RetrievalEvaluator
 from hybridfast.loss import HybridContrastiveLoss
 from hybridfast.models import default_model
 from hybridfast.sampler import HybridBatchSampler
-from hybridfast.train_data import load_training_pairs
+from hybridfast.data.pairs import load_training_pairs
 from hybridfast.training import checkpoint as ckpt
 from hybridfast.training import distributed
 from hybridfast.training.batches import Collator, batch_kind, prefetch

@@ -3,7 +3,7 @@
     benchmark --encode once--> query [Q, D] and candidate [C, D] embeddings
               --search (one scoring pass per query chunk)--> exact ranks of relevant candidates,
                  inside each candidate language and inside the pool of all languages
-              --hybridfast.metrics--> per pair / per language / summary --> JSON, Markdown, PNG
+              --hybridfast.evaluation.metrics--> per pair / per language / summary --> JSON, Markdown, PNG
 
 Settings (LAReQA conventions; README "Evaluation", docs/architecture.md):
 - ``mono``: the L pairs x -> x, macro-averaged over pairs;
@@ -17,7 +17,7 @@ candidate in the pair's candidate language is left out of that pair, and only
 queries whose id has relevant candidates are evaluated at all.
 
 Metrics equal trec_eval's (pytrec_eval) on the same float32 scores, ties
-included (see hybridfast.metrics for the tie policy). With ``ivf_lists`` the
+included (see hybridfast.evaluation.metrics for the tie policy). With ``ivf_lists`` the
 search is approximate (faiss IVF): metrics are then those of the top-k run
 (relevant candidates beyond k count as not retrieved) and rank distance is nan.
 """
@@ -32,11 +32,11 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from hybridfast.metrics import METRICS, MULTI_METRICS, macro_average, mean_metrics, per_query_metrics, tie_priority
+from hybridfast.evaluation.metrics import METRICS, MULTI_METRICS, macro_average, mean_metrics, per_query_metrics, tie_priority
 from hybridfast import rules
 from hybridfast._backends import resolve_device
 from hybridfast.data import candidate_text
-from hybridfast.search import BACKENDS, resolve_backend, search
+from hybridfast.evaluation.search import BACKENDS, resolve_backend, search
 
 SETTINGS = ("mono", "cross", "multi")
 
@@ -167,7 +167,7 @@ class EvaluationResult:
 
     def plot(self, path) -> Path:
         """PNG heatmap of the L x L mAP matrix, the multilingual mAP and rank distance beside it."""
-        from hybridfast.plots import map_heatmap
+        from hybridfast.evaluation.plots import map_heatmap
 
         multi = [self.per_language.get(q, {}).get("map", float("nan")) for q in self.query_languages] \
             if self.per_language else None
@@ -221,7 +221,7 @@ class RetrievalEvaluator:
 
     settings: subset of ("mono", "cross", "multi"). k: depth of the top-k lists for
     approximate (IVF) search; exact search counts ranks and needs no lists.
-    search: "auto" | "torch" | "faiss" (see hybridfast.search). device: for the search.
+    search: "auto" | "torch" | "faiss" (see hybridfast.evaluation.search). device: for the search.
     batch_size: passed to the encoder's encode_* when they accept it. languages:
     evaluate only these (queries and candidates); ivf_lists / nprobe: approximate faiss IVF.
     keep_per_query: also return every query's metric values (EvaluationResult.per_query).
@@ -260,7 +260,7 @@ class RetrievalEvaluator:
             benchmark = benchmark.subset(list(languages))
         self.benchmark = benchmark
         # A benchmark whose query ids are per language (BEIR / MIRACL folders read without
-        # shared ids, hybridfast.beir) has no cross-lingual qrels: mono only, and say so.
+        # shared ids, hybridfast.data.beir) has no cross-lingual qrels: mono only, and say so.
         self.notes = list(getattr(benchmark, "notes", []) or [])
         if getattr(benchmark, "shared_query_ids", True) is False:
             dropped = [s for s in settings if s != "mono"]
@@ -333,7 +333,7 @@ class RetrievalEvaluator:
         self._prio = tie_priority(cand_ids)
 
     def _check_save_run(self, save_run, run_depth):
-        from hybridfast.trec import DEPTHS, check_run_folder
+        from hybridfast.evaluation.trec import DEPTHS, check_run_folder
 
         if run_depth not in DEPTHS:
             raise ValueError(f"run_depth must be one of {DEPTHS}, got {run_depth!r}")
@@ -395,7 +395,7 @@ class RetrievalEvaluator:
 
     def evaluate(self, encoder, save_run=None, run_depth="full") -> EvaluationResult:
         """Encode, search, score. save_run: a folder for TREC run and qrels files of this
-        evaluation (hybridfast.trec; run_depth "full" or "k")."""
+        evaluation (hybridfast.evaluation.trec; run_depth "full" or "k")."""
         if save_run is not None:  # before the encoding, not after
             self._check_save_run(save_run, run_depth)
         t0 = time.perf_counter()
@@ -427,7 +427,7 @@ class RetrievalEvaluator:
         result = self._metrics(found)
         result.timings.update(search_s=t1 - t0, metrics_s=time.perf_counter() - t1)
         if save_run is not None:
-            from hybridfast.trec import write_runs
+            from hybridfast.evaluation.trec import write_runs
 
             write_runs(self, q, c, found, save_run, depth=run_depth)
             result.config.update(run_dir=str(save_run), run_depth=run_depth)

@@ -9,7 +9,7 @@ candidate r of a query,
     rank(r) = 1 + #{c : s_c > s_r} + #{c : s_c == s_r and id_c > id_r}
 
 is counted (trec_eval's order: score descending, then id descending, see
-hybridfast.metrics). Candidates are grouped in contiguous column blocks (one
+hybridfast.evaluation.metrics). Candidates are grouped in contiguous column blocks (one
 per language); the counts are kept per block, so ONE scoring pass gives both
 the rank of r inside its own block (the pair x -> lang(r)) and inside the pool
 of all blocks (the multilingual setting). Memory is bounded by the chunk size,
@@ -17,7 +17,7 @@ independent of Q x C.
 
 Ties: on CPU a second compare counts candidates with exactly s_r; the rare rows
 where one besides r exists are resolved with the tie priority
-(hybridfast.metrics.tie_priority); on CUDA the compare is directly
+(hybridfast.evaluation.metrics.tie_priority); on CUDA the compare is directly
 ``s_c > s_r or (s_c == s_r and prio_c > prio_r)``. Comparisons are on the float32
 scores, so -0.0 == +0.0 as for trec_eval's doubles.
 

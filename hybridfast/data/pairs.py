@@ -25,7 +25,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from hybridfast.data import candidate_text, lareqa_examples, resolve_dataset
+from hybridfast.data.downloads import resolve_dataset
+from hybridfast.data.lareqa import candidate_text, lareqa_examples
 from hybridfast.rules import (TRAIN_SPLITS, check_language_code, check_languages, is_language_code, json_objects,
                               read_lines)
 

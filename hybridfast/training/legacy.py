@@ -1,7 +1,6 @@
-"""Compatibility names for `hybridfast.training` (the trainer's home since the package split).
-
-New code: `from hybridfast.training import TrainConfig, train`. This module keeps the
-old import path working; `train` here also calls the module-level `_after_step(step)`
+"""The old module `hybridfast.trainer` (an alias to this file, see hybridfast/__init__.py), kept for
+one release. New code: `from hybridfast.training import TrainConfig, train`; nothing inside
+the library imports this module. `train` here also calls the module-level `_after_step(step)`
 after every step, which older callers and tests replace to interrupt a run.
 """
 from hybridfast.training import (Collator, TrainConfig, batch_kind, gradcache_step, list_checkpoints,  # noqa: F401

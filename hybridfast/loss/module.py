@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridfast import loss_engines as engines
+from hybridfast.loss import engines
 from hybridfast._backends import fallback_warning, triton_available_for, triton_version
 
 MAX_SCALE = 100.0

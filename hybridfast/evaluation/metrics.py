@@ -2,7 +2,7 @@
 
 Every metric the evaluator reports is a function of where the relevant
 candidates of a query land in its ranking, so there is no need to keep
-(or sort) whole rankings: `hybridfast.search` counts, per query, the ranks of
+(or sort) whole rankings: `hybridfast.evaluation.search` counts, per query, the ranks of
 its relevant candidates and this module turns those ranks into
 
 - ``map``        average precision over the FULL ranking (not cut at k):

@@ -100,7 +100,7 @@ def rows_torch(S, s, term, start, stop, w):
 
 def rows_triton(S, s, term, start, stop, w):
     """Row function as one Triton kernel (kernels/contrastive.py `_chunk_rows_kernel`)."""
-    # imported here: `import hybridfast.loss` must not import Triton (slow, optional, and on a
+    # imported here: `import hybridfast.loss.module` must not import Triton (slow, optional, and on a
     # CUDA machine it would initialise the driver's tools before the user asked for a kernel)
     from hybridfast.kernels.contrastive import chunk_rows
 

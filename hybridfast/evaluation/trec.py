@@ -13,7 +13,7 @@
 Run lines are ``qid Q0 docid rank score tag``, best first, in trec_eval's own order
 (score descending, ties by docid descending), so trec_eval ranks every line where the
 file puts it. Scores are the evaluator's float32 scores (same device, chunking and
-matmul as its search: `hybridfast.search.chunk_scores`), written as the exact decimal
+matmul as its search: `hybridfast.evaluation.search.chunk_scores`), written as the exact decimal
 of the value. Qrels lines are ``qid 0 docid grade``.
 
 Depth: ``depth="k"`` writes the top k of every ranking (k = the evaluator's k).
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hybridfast.search import _trec_topk, chunk_scores
+from hybridfast.evaluation.search import _trec_topk, chunk_scores
 
 DEPTHS = ("full", "k")
 
