@@ -208,7 +208,7 @@ def test_two_process_ddp_equals_one_process_doubled_batch(toy, tmp_path, chunk):
     common = ["--model", str(toy["model_nodrop"]), "--train", str(toy["data_neg"]), "--max-steps", "3",
               "--lr", "1e-3", "--warmup-ratio", "0", "--max-length", "16", "--device", "cpu",
               "--log-steps", "1", "--seed", "5", "--hard-negatives", "1", "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
          "--master_port", str(_free_port()), "-m", "hybridfast", "train", *common, "--batch-size", "4",

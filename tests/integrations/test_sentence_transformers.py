@@ -548,7 +548,7 @@ def test_torchrun_two_processes(tmp_path):
 
     script = tmp_path / "run.py"
     script.write_text(_TORCHRUN_SCRIPT)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")]))
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
                     str(tmp_path)], check=True, env=env, cwd=root, timeout=600)
