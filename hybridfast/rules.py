@@ -2,8 +2,9 @@
 
 * the batch modes and the data splits;
 * what a language code is (ISO 639-1, optionally with a region such as ``pt-BR``);
-* atomic file writes (a reader sees the old file or the new one, never half of one), file
-  hashes, and reading text files: UTF-8 (optionally .gz), errors naming file:line;
+* atomic file writes (a reader sees the old file or the new one, never half of one; several
+  files replaced as one result; permissions follow the umask), one-line messages for failed
+  writes that name a full disk even where torch does not say so, file hashes, and reading text files: UTF-8 (optionally .gz), errors naming file:line;
 * argument checks with one answer on bools: ``True`` is not an int or a number here,
   and only ``True``/``False`` (or numpy bools) are bools.
 
@@ -11,6 +12,7 @@ Import-light on purpose (no torch, no transformers): any module may import it.
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
@@ -18,6 +20,7 @@ import math
 import numbers
 import os
 import re
+import shutil
 import sys
 import tempfile
 import zlib
@@ -83,6 +86,16 @@ def split_list(value) -> List[str]:
     return list(value)
 
 
+def flatten_languages(values) -> list:
+    """['en,de', 'es'] -> ['en', 'de', 'es']: a command line may give `--languages en,de` or
+    `--languages en de` (argparse nargs='+'); both mean the same list. Non-strings pass through
+    untouched so that the checks that follow can name them."""
+    out = []
+    for value in values:
+        out.extend(split_list(value) if isinstance(value, str) else [value])
+    return out
+
+
 def check_languages(languages, arg: str = "languages") -> Optional[List[str]]:
     """None (all) or a non-empty list of distinct language codes; a comma string is split."""
     if languages is None:
@@ -90,7 +103,7 @@ def check_languages(languages, arg: str = "languages") -> Optional[List[str]]:
     if not isinstance(languages, (str, list, tuple)):
         raise TypeError(f"{arg} must be a list of language codes, a comma-separated string or None, "
                         f"got {languages!r}")
-    langs = split_list(languages)
+    langs = flatten_languages(split_list(languages))
     if not langs:
         raise ValueError(f"{arg}: empty; give language codes or None for all")
     for lang in langs:
@@ -186,26 +199,128 @@ def fsync_dir(folder: Union[str, Path]) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Union[str, Path], data: bytes) -> Path:
-    """Write `data` to `path` atomically: a temporary file in the same folder, fsync, rename.
-    A kill or a full disk leaves the previous file (if any) untouched; the temporary is removed
-    on failure."""
-    path = Path(path)
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (/proc/self/status);
+    elsewhere set and restored at once (a brief window other threads could see)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Union[str, Path], mode: int = 0o666) -> Path:
+    """Give `path` the permissions an ordinary new file gets (mode & ~umask). tempfile.mkstemp
+    creates 0600 files and safetensors writes its own way: without this, results and models
+    written through a temporary are unreadable by the user's group (reliability probe 2, #14)."""
+    os.chmod(path, mode & ~current_umask())
+    return Path(path)
+
+
+def _write_temporary(path: Path, data: bytes) -> str:
+    """`data` in a fsynced temporary beside `path`, with ordinary-file permissions -> its name."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        follow_umask(tmp)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return tmp
+
+
+def _unlink_quietly(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> Path:
+    """Write `data` to `path` atomically: a temporary file in the same folder, fsync, rename.
+    A kill or a full disk leaves the previous file (if any) untouched; the temporary is removed
+    on failure. The file gets the permissions of an ordinary new file (umask), not mkstemp's 0600."""
+    path = Path(path)
+    tmp = _write_temporary(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         raise
     fsync_dir(path.parent)
     return path
+
+
+def atomic_write_many(files) -> List[Path]:
+    """Replace several files as one result: {path: bytes}. Every temporary is written and fsynced
+    before the first rename, so a full disk or any other write error leaves all previous files
+    byte-identical (the temporaries are removed). Only the renames, which need no space, come
+    after; a kill during them can leave some files new and some old (a rename is atomic, a
+    group of renames is not)."""
+    staged = []
+    try:
+        for path, data in files.items():
+            staged.append((_write_temporary(Path(path), data), Path(path)))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            _unlink_quietly(tmp)
+        raise
+    for folder in {path.parent for _, path in staged}:
+        fsync_dir(folder)
+    return [path for _, path in staged]
+
+
+# ----------------------------------------------------------------------------- write errors
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _free_bytes(path: Union[str, Path]) -> Optional[int]:
+    """Free bytes on the file system of `path` (or of its nearest existing parent)."""
+    p = Path(path).absolute()
+    for candidate in (p, *p.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+def is_disk_full(error: BaseException, path: Union[str, Path], margin: int = 1 << 20) -> bool:
+    """Whether `error`, raised while writing `path`, comes from a full disk (or quota).
+
+    An OSError says so with its errno; torch.save and safetensors do not (torch raises a
+    RuntimeError such as "unexpected pos ..."), so for any error the free space where `path`
+    lives is measured: under `margin` bytes counts as full. Call it before removing the
+    partial file, whose blocks would otherwise be free again."""
+    if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+        return True
+    if "No space left on device" in str(error) or "os error 28" in str(error):
+        return True
+    free = _free_bytes(path)
+    return free is not None and free < margin
+
+
+def write_error_message(error: BaseException, path: Union[str, Path]) -> str:
+    """One line for a failed write of `path`: "no space left on device" with the path and the
+    free space when the disk is full (see is_disk_full), else the error's own text."""
+    if is_disk_full(error, path):
+        free = _free_bytes(path)
+        left = f" ({free:,} bytes free)" if free is not None else ""
+        return f"{path}: no space left on device{left}; free some space and run again"
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return f"{path}: {reason}"
 
 
 def atomic_write_text(path: Union[str, Path], text: str) -> Path:

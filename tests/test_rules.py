@@ -63,3 +63,69 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
         rules.atomic_write_json(path, {"v": 2})
     assert json.loads(path.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary left
+
+
+def test_languages_comma_and_space_forms_are_one_list():
+    """Reliability probe 2 #23: `--languages en,de` (argparse gives ['en,de']) and `en de` agree."""
+    assert rules.check_languages(["en,de"]) == ["en", "de"]
+    assert rules.check_languages(["en,de", "es"]) == ["en", "de", "es"]
+    assert rules.flatten_languages(["en, de", "es"]) == ["en", "de", "es"]
+    with pytest.raises(ValueError, match="duplicates"):
+        rules.check_languages(["en,de", "de"])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_atomic_writes_follow_the_umask(tmp_path, umask):
+    """Reliability probe 2 #14: mkstemp creates 0600; written files must look like ordinary ones."""
+    old = os.umask(umask)
+    try:
+        assert rules.current_umask() == umask
+        a = rules.atomic_write_text(tmp_path / "a.txt", "x")
+        (b, c) = rules.atomic_write_many({tmp_path / "b.txt": b"1", tmp_path / "c.txt": b"2"})
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(old)
+    want = plain.stat().st_mode & 0o777
+    assert want == 0o666 & ~umask
+    for path in (a, b, c):
+        assert path.stat().st_mode & 0o777 == want, path
+
+
+def test_atomic_write_many_is_all_or_nothing_on_a_full_disk(tmp_path, monkeypatch):
+    first = {tmp_path / "r.json": b'{"v": 1}', tmp_path / "r.md": b"old"}
+    rules.atomic_write_many(first)
+    real_fdopen = os.fdopen
+    calls = []
+
+    def second_write_fails(fd, *a, **k):  # the 2nd temporary hits a full disk
+        calls.append(fd)
+        if len(calls) == 2:
+            os.close(fd)
+            raise OSError(28, "No space left on device")
+        return real_fdopen(fd, *a, **k)
+
+    monkeypatch.setattr(os, "fdopen", second_write_fails)
+    with pytest.raises(OSError, match="No space"):
+        rules.atomic_write_many({tmp_path / "r.json": b'{"v": 2}', tmp_path / "r.md": b"new"})
+    assert {p: p.read_bytes() for p in first} == first  # the first file was not replaced either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]  # no temporary left
+
+
+def test_write_error_message_names_a_full_disk_without_errno(tmp_path, monkeypatch):
+    """torch.save on a full disk raises RuntimeError('... unexpected pos ...') with no errno:
+    the free space decides (reliability probe 2 #9)."""
+    target = tmp_path / "ckpt" / "model.pt"
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 112960 vs 112848")
+    usage = type("U", (), {"free": 4096})
+    monkeypatch.setattr(rules.shutil, "disk_usage", lambda p: usage)
+    assert rules.is_disk_full(torch_error, target)
+    msg = rules.write_error_message(torch_error, target)
+    assert "no space left on device" in msg and str(target) in msg and "4,096 bytes free" in msg
+    usage.free = 10 << 30
+    assert not rules.is_disk_full(torch_error, target)
+    assert "unexpected pos" in rules.write_error_message(torch_error, target)
+    assert rules.is_disk_full(OSError(28, "No space left on device"), target)  # errno alone suffices
+    assert "no space left on device" in rules.write_error_message(OSError(28, "x"), target)
+    assert rules.write_error_message(PermissionError(13, "Permission denied"), target).endswith(
+        "Permission denied")
