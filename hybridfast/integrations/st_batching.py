@@ -21,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from hybridfast.rules import MODES as _MODES  # noqa: E402
 from hybridfast.sampler import HybridBatchSampler  # noqa: E402
-from hybridfast.rules import check_languages, check_number, language_weights  # noqa: E402
+from hybridfast.rules import check_languages, check_number, is_language_code, language_weights  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------
 # Hybrid batches over a datasets.Dataset
@@ -34,7 +34,7 @@ _LABEL_COLUMNS = ("label", "labels", "score", "scores")  # what ST's collator tr
 class HybridBatching:
     """How :class:`HybridSentenceTransformerTrainer` batches its train dataset.
 
-    mode, mono_prob, lang_weights: as :class:`hybridfast.HybridBatchSampler` (``lang_weights``: None, "size",
+    mode, mono_prob, lang_weights: as :class:`hybridfast.HybridBatchSampler` (``lang_weights``: "size" (default, the paper), None (uniform), "size^TAU",
         a sequence in ``languages`` order or a dict keyed by language code, missing languages weigh 0).
     id_column: rows sharing this value are translations of one example.
     lang_columns: None (auto: ``{column}_lang`` for the anchor and positive columns if present, else a
@@ -49,7 +49,7 @@ class HybridBatching:
 
     mode: str = "hybrid"
     mono_prob: float = 0.5
-    lang_weights: str | Mapping[str, float] | Sequence[float] | None = None
+    lang_weights: str | Mapping[str, float] | Sequence[float] | None = "size"
     id_column: str = "id"
     lang_columns: str | Mapping[str, str] | None = None
     text_columns: Sequence[str] | None = None
@@ -66,8 +66,31 @@ class HybridBatching:
             raise TypeError(f"id_column must be a column name (str), got {type(self.id_column).__name__}")
 
 
+_LANG_NAMES = ("lang", "language", "locale")  # one column naming the language of the whole row
+
+
 def _is_lang_column(name: str) -> bool:
-    return name in ("lang", "language") or name.endswith("_lang")
+    return name in _LANG_NAMES or name.endswith("_lang")
+
+
+def _is_negative_column(name: str) -> bool:
+    return name.lower().startswith(("neg", "hard_neg"))
+
+
+def _holds_language_codes(dataset: Any, column: str, sample: int = 100) -> bool:
+    values = dataset[column][:sample]
+    return bool(values) and all(isinstance(v, str) and is_language_code(v) for v in values)
+
+
+def _warn_extra_negatives(text_columns: list[str]) -> None:
+    """sentence-transformers' convention: every input column after anchor and positive is a hard
+    negative. Said out loud when such a column is not named like one (a `title`, say)."""
+    odd = [c for c in text_columns[2:] if not _is_negative_column(c)]
+    if odd:
+        warnings.warn(f"columns {odd} are used as hard negatives (every text column after the anchor "
+                      f"{text_columns[0]!r} and the positive {text_columns[1]!r} is one, as in sentence-transformers); "
+                      "pass HybridBatching(text_columns=[...]) or remove the columns if they are not negatives",
+                      UserWarning, stacklevel=4)
 
 
 class HybridPairIndex:
@@ -93,7 +116,9 @@ class HybridPairIndex:
 
         text_columns = self._text_columns(names, config)
         anchor_col, positive_col = text_columns[0], text_columns[1]
-        lang_of = self._lang_columns(names, text_columns, config)
+        lang_of = self._lang_columns(names, text_columns, config, dataset)
+        if config.text_columns is None:
+            _warn_extra_negatives(text_columns)
         for column in text_columns:
             self._check_string_column(dataset, column, "text_columns")
         self.text_columns = text_columns
@@ -156,18 +181,23 @@ class HybridPairIndex:
         return text_columns
 
     @staticmethod
-    def _lang_columns(names: list[str], text_columns: list[str], config: HybridBatching) -> dict[str, str]:
+    def _lang_columns(names: list[str], text_columns: list[str], config: HybridBatching,
+                      dataset: Any) -> dict[str, str]:
         anchor_col, positive_col = text_columns[:2]
         spec = config.lang_columns
         if spec is None:
             if all(f"{c}_lang" in names for c in (anchor_col, positive_col)):
                 spec = {c: f"{c}_lang" for c in text_columns if f"{c}_lang" in names}
-            elif "lang" in names or "language" in names:
-                spec = "lang" if "lang" in names else "language"
+            elif any(n in names for n in _LANG_NAMES):
+                spec = next(n for n in _LANG_NAMES if n in names)
             else:
+                # a language column under another name was taken for text: name it in the hint
+                codes = [c for c in text_columns if _holds_language_codes(dataset, c)]
+                hint = (f"; column(s) {codes} hold language codes, not text: pass lang_columns={codes[0]!r}"
+                        if codes else "; pass lang_columns=...")
                 raise ValueError(
                     f"no language column found: expected {anchor_col + '_lang'!r} and {positive_col + '_lang'!r}, "
-                    f"or a 'lang' column (dataset columns: {names}); pass lang_columns=..."
+                    f"or one of the columns {list(_LANG_NAMES)} (dataset columns: {names}){hint}"
                 )
         if isinstance(spec, str):
             if spec not in names:

@@ -641,3 +641,17 @@ def collect_from(avail, groups, epoch):
     s = HybridBatchSampler(avail, 5, groups=groups, seed=3)
     s.set_epoch(epoch)
     return collect(s)
+
+
+def test_default_lang_weights_sample_by_size_as_the_paper():
+    # 3 languages with 300 / 60 / 60 examples: "size" puts most mono batches on the first
+    avail = np.zeros((300, 3), dtype=bool)
+    avail[:, 0] = True
+    avail[:60, 1] = avail[60:120, 2] = True
+    default = HybridBatchSampler(avail, 10, mode="mono", seed=1).plan()
+    np.testing.assert_array_equal(default, HybridBatchSampler(avail, 10, mode="mono", lang_weights="size",
+                                                              seed=1).plan())
+    uniform = HybridBatchSampler(avail, 10, mode="mono", lang_weights=None, seed=1).plan()
+    assert not np.array_equal(default, uniform)
+    first_lang = [int(step[0, 1]) for step in default[:12]]
+    assert first_lang.count(0) >= 8  # 300 of 420 examples: the large language dominates the early steps
