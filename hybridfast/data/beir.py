@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from hybridfast.data.lareqa import RetrievalBenchmark, check_languages
+from hybridfast.data.benchmark import RetrievalBenchmark, check_languages
 from hybridfast.rules import is_language_code, json_objects, read_lines
 
 __all__ = ["GradedRetrievalBenchmark", "BEIRFormatError", "BEIRWarning", "load_beir", "detect_layout"]

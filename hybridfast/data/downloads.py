@@ -2,7 +2,9 @@
 
 XQuAD-R and MLQA-R come from google-research-datasets/lareqa on GitHub at pinned
 commits, every file checked against a pinned sha256; `--data-dir`, $HYBRIDFAST_DATA
-and the cache are searched first. Re-exported by hybridfast.data (docs/architecture.md).
+and the cache are searched first. A named set found locally is checked against the same
+pins when it is loaded (`verify_dataset`, hybridfast.data.checksums). Re-exported by
+hybridfast.data (docs/data.md).
 """
 import hashlib
 import os
@@ -13,7 +15,11 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
-from hybridfast.data.lareqa import _LANG_FILE, LAReQAFormatError, RetrievalBenchmark, _parse_file, load_lareqa
+from hybridfast import rules
+from hybridfast.data.benchmark import is_language_file
+from hybridfast.data.checksums import verify_files
+from hybridfast.data.lareqa import LAReQAFormatError, check_file
+
 
 class _Source(NamedTuple):
     commit: str
@@ -72,7 +78,7 @@ def _search_roots(data_dir=None) -> List[Path]:
 
 
 def _has_lang_files(path: Path) -> bool:
-    return path.is_dir() and any(_LANG_FILE.match(p.stem) for p in path.glob("*.json"))
+    return path.is_dir() and any(is_language_file(p) for p in path.glob("*.json"))
 
 
 def resolve_dataset(name_or_path, data_dir=None) -> Path:
@@ -108,9 +114,16 @@ def resolve_dataset(name_or_path, data_dir=None) -> Path:
         f"holding {name}/")
 
 
-def load_benchmark(name_or_path, data_dir=None, languages=None, split="all") -> RetrievalBenchmark:
-    """resolve_dataset, then load_lareqa."""
-    return load_lareqa(resolve_dataset(name_or_path, data_dir), languages=languages, split=split)
+def verify_dataset(name: str, folder, allow_modified: bool = False) -> Path:
+    """Check the language files in `folder` of named data set `name` against their pinned sha256
+    (hybridfast.data.checksums: ModifiedDataError naming the file, or a loud warning when
+    allow_modified). Stamps in the cache folder keep repeated loads from hashing again."""
+    if name not in DATASETS:
+        raise ValueError(f"name must be one of {list(DATASETS)}, got {name!r}")
+    folder = Path(folder)
+    present = sorted(p.name for p in folder.glob("*.json") if is_language_file(p))
+    verify_files(name, folder, DATASETS[name].files, present, allow_modified=allow_modified, cache=cache_dir())
+    return folder
 
 
 def ensure_dataset(name_or_path, data_dir=None, show_progress: bool = True, log=None) -> Path:
@@ -138,7 +151,7 @@ def ensure_dataset(name_or_path, data_dir=None, show_progress: bool = True, log=
 # ----------------------------------------------------------------------------- download
 
 class DownloadError(RuntimeError):
-    pass
+    """A download failed; the message is one line naming the URL or folder, and nothing is left."""
 
 
 def _fetch(url: str, timeout: float = 60.0) -> bytes:
@@ -172,26 +185,89 @@ def _read_sums(path: Path) -> Dict[str, str]:
     return sums
 
 
+def _make_folders(root: Path) -> List[Path]:
+    """Create `root` and its missing parents -> the folders created, deepest first, so that a
+    failed download removes every one of them (reliability probe 2, #27). A destination that
+    is a file or cannot be written is a DownloadError naming it (#13)."""
+    missing = [p for p in (root, *root.parents) if not p.exists()]
+    blocker = next((p for p in (root, *root.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise DownloadError(f"destination {root}: {blocker} exists and is not a folder; choose another folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _remove_empty(missing)
+        raise DownloadError(f"destination {root}: cannot be created ({rules.write_error_message(e, root)})") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        _remove_empty(missing)
+        raise DownloadError(f"destination {root}: not writable; choose another --to folder or HYBRIDFAST_DATA")
+    return missing
+
+
+def _remove_empty(folders: List[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (or gone): its parents hold something too
+
+
+def _fetch_checked(name: str, fname: str, stage: Path) -> str:
+    """One file of data set `name` fetched into `stage` and checked against its pin and LAReQA's
+    structure -> its sha256."""
+    import urllib.error
+
+    src = DATASETS[name]
+    url = URL_TEMPLATE.format(repo=_REPO, commit=src.commit, folder=src.folder, file=fname)
+    try:
+        data = _fetch(url)
+    except (urllib.error.URLError, OSError) as e:
+        raise DownloadError(
+            f"could not download {url} ({getattr(e, 'reason', e)}). Without internet access, "
+            f"copy the {name} files ({', '.join(src.files)}) into a folder DIR/{name}/ and pass "
+            f"--data-dir DIR or set HYBRIDFAST_DATA=DIR.") from None
+    got, want = _sha256(data), src.files[fname]
+    if want is not None and got != want:
+        raise DownloadError(f"{url}: sha256 {got} does not match the pinned {want}; nothing was written")
+    (stage / fname).write_bytes(data)
+    try:
+        check_file(stage / fname)
+    except LAReQAFormatError as e:
+        raise DownloadError(f"{url}: downloaded file is not LAReQA data ({e})") from None
+    return got
+
+
 def download(name: str, to=None, show_progress: bool = True) -> Path:
     """Fetch dataset `name` into <to>/<name>/ (default: $HYBRIDFAST_DATA, else the cache folder).
 
     Every file is fetched into a staging folder and checked (sha256 where pinned,
     LAReQA structure always) before any is moved into place with os.replace, so a
-    failure leaves the destination as it was. Files already present with the
-    pinned checksum are kept.
+    failure leaves the destination as it was, and removes every folder it created.
+    Files already present with the pinned checksum are kept. Every failure (offline, a
+    checksum, a read-only or full destination, a file in the way) is a one-line DownloadError.
     """
-    import urllib.error
-
     if name not in DATASETS:
         raise ValueError(f"name must be one of {list(DATASETS)}, got {name!r}")
-    src = DATASETS[name]
     if to is not None:
         root = Path(to)
     else:
         root = Path(os.environ["HYBRIDFAST_DATA"]) if os.environ.get("HYBRIDFAST_DATA") else cache_dir()
+    created = _make_folders(root)
+    try:
+        return _download_into(name, root, show_progress)
+    except OSError as e:  # a full or read-only disk while staging or moving into place
+        raise DownloadError(f"could not write {name} into {root}: {rules.write_error_message(e, root)}") from None
+    finally:
+        _remove_empty(created)
+
+
+def _download_into(name: str, root: Path, show_progress: bool) -> Path:
+    from tqdm.auto import tqdm
+
+    src = DATASETS[name]
     dest = root / name
-    created = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and not dest.is_dir():
+        raise DownloadError(f"destination {dest} exists and is not a folder; choose another folder")
     recorded = _read_sums(dest / "SHA256SUMS")
     present = {f: _sha256((dest / f).read_bytes()) for f in src.files if (dest / f).is_file()}
     # keep a present file whose checksum is the pinned one (or, unpinned, the one recorded at download)
@@ -199,39 +275,16 @@ def download(name: str, to=None, show_progress: bool = True) -> Path:
     todo = [f for f in src.files if f not in kept]
     stage = Path(tempfile.mkdtemp(prefix=f".{name}-download-", dir=root))
     try:
-        from tqdm.auto import tqdm
-
         sums = {}
         for fname in tqdm(todo, desc=f"download {name}", disable=not show_progress or not todo):
-            url = URL_TEMPLATE.format(repo=_REPO, commit=src.commit, folder=src.folder, file=fname)
-            try:
-                data = _fetch(url)
-            except (urllib.error.URLError, OSError) as e:
-                raise DownloadError(
-                    f"could not download {url} ({getattr(e, 'reason', e)}). Without internet access, "
-                    f"copy the {name} files ({', '.join(src.files)}) into a folder DIR/{name}/ and pass "
-                    f"--data-dir DIR or set HYBRIDFAST_DATA=DIR.") from None
-            got, want = _sha256(data), src.files[fname]
-            if want is not None and got != want:
-                raise DownloadError(f"{url}: sha256 {got} does not match the pinned {want}; "
-                                    "nothing was written")
-            (stage / fname).write_bytes(data)
-            try:
-                _parse_file(stage / fname)
-            except LAReQAFormatError as e:
-                raise DownloadError(f"{url}: downloaded file is not LAReQA data ({e})") from None
-            sums[fname] = got
-        dest.mkdir(parents=True, exist_ok=True)
+            sums[fname] = _fetch_checked(name, fname, stage)
+        dest.mkdir(exist_ok=True)
         for fname in todo:  # all fetched and checked: move into place
+            rules.follow_umask(stage / fname)
             os.replace(stage / fname, dest / fname)
         if todo:
             sums.update(kept)
-            lines = "".join(f"{sums[f]}  {f}\n" for f in sorted(sums))
-            tmp = stage / "SHA256SUMS"
-            tmp.write_text(lines)
-            os.replace(tmp, dest / "SHA256SUMS")
+            rules.atomic_write_text(dest / "SHA256SUMS", "".join(f"{sums[f]}  {f}\n" for f in sorted(sums)))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-        if created and not any(root.iterdir()):  # a failed first download leaves no empty folder behind
-            root.rmdir()
     return dest

@@ -21,87 +21,13 @@ machine and for every `languages` selection.
 """
 import hashlib
 import json
-import re
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Set, Tuple
 
+from hybridfast.data.benchmark import RetrievalBenchmark, check_languages, check_split, language_files
+
 TEST_FRACTION = 0.5  # share of article groups in the "test" split (XQuAD-R: 24 of 48 articles)
-SPLITS = ("all", "train", "test")
-_LANG_FILE = re.compile(r"^[a-z]{2,3}(?:[-_][A-Za-z0-9]+)?$")  # en, zh, pt-BR: language-named JSONs only
-
-
-@dataclass
-class RetrievalBenchmark:
-    """A multilingual retrieval benchmark held in plain dicts.
-
-    queries:    {lang: {query_id: text}}; a question keeps its id across languages.
-    candidates: {lang: {candidate_id: (sentence, context)}}; ids unique over all languages.
-    qrels:      {query_id: set(candidate_ids)}: relevant candidates, in any language.
-    """
-
-    queries: Dict[str, Dict[str, str]]
-    candidates: Dict[str, Dict[str, Tuple[str, str]]]
-    qrels: Dict[str, Set[str]]
-    name: str = field(default="benchmark")
-
-    def __post_init__(self):
-        for arg in ("queries", "candidates", "qrels"):
-            if not isinstance(getattr(self, arg), dict):
-                raise TypeError(f"{arg} must be a dict, got {type(getattr(self, arg)).__name__}")
-        if not self.queries or not any(self.queries.values()):
-            raise ValueError("queries is empty: a benchmark needs at least one query")
-        if not self.candidates or not any(self.candidates.values()):
-            raise ValueError("candidates is empty: a benchmark needs at least one candidate")
-        seen = {}
-        for lang, cands in self.candidates.items():
-            for cid in cands:
-                if cid in seen:
-                    raise ValueError(
-                        f"candidates: id {cid!r} appears in both {seen[cid]!r} and {lang!r}; "
-                        "candidate ids must be unique over all languages")
-                seen[cid] = lang
-        self.qrels = {qid: set(rel) for qid, rel in self.qrels.items()}
-        for qid, rel in self.qrels.items():
-            unknown = [c for c in rel if c not in seen]
-            if unknown:
-                raise ValueError(f"qrels[{qid!r}] names unknown candidate ids {unknown[:3]}")
-
-    @property
-    def languages(self):
-        """Languages with queries or candidates, sorted."""
-        return sorted(set(self.queries) | set(self.candidates))
-
-    def subset(self, languages):
-        """The benchmark restricted to `languages` (qrels restricted to their candidates)."""
-        unknown = sorted(set(languages) - set(self.languages))
-        if unknown:
-            raise ValueError(f"languages: {unknown} not in this benchmark (has {self.languages})")
-        queries = {l: self.queries[l] for l in languages if l in self.queries}
-        candidates = {l: self.candidates[l] for l in languages if l in self.candidates}
-        kept = {cid for cands in candidates.values() for cid in cands}
-        qrels = {q: rel & kept for q, rel in self.qrels.items()}
-        return RetrievalBenchmark(queries, candidates, qrels, name=self.name)
-
-    def __repr__(self):
-        nq = sum(len(v) for v in self.queries.values())
-        nc = sum(len(v) for v in self.candidates.values())
-        return (f"RetrievalBenchmark(name={self.name!r}, languages={self.languages}, "
-                f"queries={nq}, candidates={nc})")
-
-
-def candidate_text(sentence: str, context: str) -> str:
-    """The one way a candidate becomes encoder input: the sentence, then its paragraph.
-
-    The sentence comes first so that truncation to the encoder's max_length cuts
-    the context, never the answer sentence itself.
-    """
-    if not isinstance(sentence, str):
-        raise TypeError(f"sentence must be a str, got {type(sentence).__name__}")
-    if not isinstance(context, str):
-        raise TypeError(f"context must be a str, got {type(context).__name__}")
-    return f"{sentence} {context}" if context else sentence
 
 
 def lareqa_article(candidate_id: str) -> int:
@@ -227,6 +153,11 @@ def _parse_file(path: Path) -> Tuple[_Article, ...]:
     return tuple(articles)
 
 
+def check_file(path) -> None:
+    """Raise LAReQAFormatError (naming file and place) unless `path` is a LAReQA JSON file."""
+    _parse_file(Path(path))
+
+
 _parsed_cache: Dict[tuple, Tuple[_Article, ...]] = {}
 
 
@@ -239,38 +170,6 @@ def _read(path: Path) -> Tuple[_Article, ...]:
             _parsed_cache.clear()
         _parsed_cache[key] = _parse_file(path)
     return _parsed_cache[key]
-
-
-def _language_files(path: Path) -> Dict[str, Path]:
-    if not path.is_dir():
-        raise FileNotFoundError(f"path: {path} is not a folder (expected a LAReQA folder of <lang>.json files)")
-    files = {p.stem: p for p in sorted(path.glob("*.json")) if _LANG_FILE.match(p.stem)}
-    if not files:
-        raise FileNotFoundError(f"path: no <lang>.json files in {path}")
-    return files
-
-
-def check_languages(languages, available, where=None):
-    """The requested languages in order (all available, sorted, for None); errors name the
-    argument and, with `where`, the folder that lacks a language."""
-    if languages is None:
-        return sorted(available)
-    if isinstance(languages, str) or not all(isinstance(l, str) for l in languages):
-        raise TypeError("languages must be a list of language codes (str), e.g. ['en', 'de']")
-    languages = list(dict.fromkeys(languages))
-    if not languages:
-        raise ValueError("languages is empty")
-    missing = [l for l in languages if l not in available]
-    if missing:
-        if where is not None:
-            raise ValueError(f"languages: {missing} not in {where} (it has {sorted(available)})")
-        raise ValueError(f"languages: {missing} not found (available: {sorted(available)})")
-    return languages
-
-
-def _check_split(split):
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
 # ----------------------------------------------------------------------------- split
@@ -349,9 +248,9 @@ def load_lareqa(path, languages=None, split="all") -> RetrievalBenchmark:
     question q, the sentences holding one of its answer starts.
     """
     path = Path(path)
-    _check_split(split)
-    files = _language_files(path)
-    languages = check_languages(languages, files)
+    check_split(split)
+    files = language_files(path)
+    languages = check_languages(languages, files, where=path)
     queries = {lang: {} for lang in languages}
     candidates = {lang: {} for lang in languages}
     qrels: Dict[str, Set[str]] = {}
@@ -389,10 +288,16 @@ def lareqa_examples(path, languages=None, split="all") -> List[dict]:
     "context" (its paragraph), "article" (the article title)}. Questions whose
     answers all fall outside the sentences are skipped (one warning).
     """
+    return examples_with_languages(path, languages, split)[1]
+
+
+def examples_with_languages(path, languages=None, split="all") -> Tuple[List[str], List[dict]]:
+    """(the languages selected, lareqa_examples): the folder is listed and the languages
+    checked once, for readers that need both (hybridfast.data.pairs)."""
     path = Path(path)
-    _check_split(split)
-    files = _language_files(path)
-    languages = check_languages(languages, files)
+    check_split(split)
+    files = language_files(path)
+    languages = check_languages(languages, files, where=path)
     out, unmatched, dropped, done = [], {}, 0, set()
     for lang, _, art in _selected(files, languages, split):
         for para in art.paragraphs:
@@ -412,4 +317,4 @@ def lareqa_examples(path, languages=None, split="all") -> List[dict]:
                             "sentence": para.sentences[hit], "context": para.context,
                             "article": art.title})
     _warn_unmatched(path, unmatched, dropped)
-    return out
+    return languages, out

@@ -25,10 +25,11 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from hybridfast.data.downloads import resolve_dataset
-from hybridfast.data.lareqa import candidate_text, lareqa_examples
-from hybridfast.rules import (TRAIN_SPLITS, check_language_code, check_languages, is_language_code, json_objects,
-                              read_lines)
+from hybridfast import rules
+from hybridfast.data.benchmark import candidate_text, check_languages
+from hybridfast.data.downloads import DATASETS, resolve_dataset, verify_dataset
+from hybridfast.data.lareqa import examples_with_languages
+from hybridfast.rules import TRAIN_SPLITS, check_language_code, json_objects, read_lines
 
 # mMARCO names its language folders in English words; map them to ISO 639-1.
 MMARCO_LANGUAGES = {
@@ -147,19 +148,16 @@ class ParallelPairs:
 
 
 def select_languages(available, languages, name="data"):
-    """Validate a languages argument against what a data set has."""
-    if languages is None:
-        return list(available)
-    languages = check_languages(languages)
-    missing = [l for l in languages if l not in available]
-    if missing:
-        raise ValueError(f"languages: {missing} not in {name} (it has {sorted(available)})")
-    return languages
+    """`languages` checked against what a data set has: hybridfast.data.benchmark.check_languages
+    (the one selector), which also takes a comma string here (training configs carry 'en,de')."""
+    if isinstance(languages, str):
+        languages = [languages]
+    return check_languages(languages, available, where=name)
 
 
 # ----------------------------------------------------------------------------- readers
 
-def load_training_pairs(spec, data_dir=None, split="train", languages=None) -> ParallelPairs:
+def load_training_pairs(spec, data_dir=None, split="train", languages=None, allow_modified=False) -> ParallelPairs:
     """Read a training set into ParallelPairs.
 
     spec: a LAReQA name ("xquad-r", "mlqa-r") or folder (one SQuAD-format JSON per
@@ -168,13 +166,20 @@ def load_training_pairs(spec, data_dir=None, split="train", languages=None) -> P
     mMARCO-style folders it picks `queries.<split>.tsv`; JSONL has no splits and
     only accepts "train" or "all".
     languages: ISO 639-1 codes to keep (default: all the data has).
+    allow_modified: use a named set whose files differ from their pinned sha256, with a warning
+    (hybridfast.data.checksums); without it such a set is refused naming the file.
     """
     if not isinstance(spec, (str, Path)) or not str(spec):
         raise TypeError(f"spec must be a path or data set name, got {spec!r}")
     if split not in TRAIN_SPLITS:
         raise ValueError(f"split must be 'train', 'test', 'all' (or 'dev' for mMARCO), got {split!r}")
-    if languages is not None:
-        languages = select_languages(languages, languages)  # format check before any I/O
+    if languages is not None:  # format check before any I/O; the data set check comes with the data
+        languages = rules.check_languages(languages if isinstance(languages, str) else
+                                          list(dict.fromkeys(rules.flatten_languages(languages))))
+    if str(spec) in DATASETS:  # a data set name: found where benchmarks live, checked against its pins
+        folder = resolve_dataset(str(spec), data_dir=data_dir)
+        verify_dataset(str(spec), folder, allow_modified=allow_modified)
+        return read_lareqa(folder, split=split, languages=languages)
     path = Path(spec).expanduser()
     if not path.exists() and data_dir is not None and (Path(data_dir) / str(spec)).exists():
         path = Path(data_dir) / str(spec)
@@ -193,7 +198,6 @@ def load_training_pairs(spec, data_dir=None, split="train", languages=None) -> P
         return read_lareqa(path, split=split, languages=languages)
     if path.suffix in (".jsonl", ".gz", ".json", ".tsv") or "/" in str(spec):
         raise FileNotFoundError(f"training data {str(spec)!r} not found")
-    # a data set name: the data module knows where benchmarks live
     return read_lareqa(resolve_dataset(str(spec), data_dir=data_dir), split=split, languages=languages)
 
 
@@ -216,10 +220,8 @@ def read_lareqa(path, split="train", languages=None) -> ParallelPairs:
     Hard negatives: the other answer sentences of the same paragraph (same
     paragraph, different sentence: the distractors LAReQA itself ranks against).
     """
-    # <lang>.json files only (a folder may also hold other JSON, e.g. metadata)
-    available = sorted(f.stem for f in Path(path).glob("*.json") if is_language_code(f.stem))
-    languages = select_languages(available, languages, name=str(path))
-    records = lareqa_examples(path, languages=languages, split=split)
+    # lareqa_examples lists the folder and checks the languages: once (the one selector)
+    languages, records = examples_with_languages(path, languages=languages, split=split)
     if not records:
         raise ValueError(f"{path}: no questions in split {split!r} for languages {languages}")
     empty = sorted(set(languages) - {r["lang"] for r in records})

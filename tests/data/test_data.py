@@ -263,7 +263,10 @@ def test_resolve_dataset_lookup_order(tmp_path, monkeypatch):
     assert resolve_dataset(str(explicit)) == explicit                 # a folder, as given
     monkeypatch.chdir(tmp_path / "dd")  # a same-named folder in the working directory comes last
     assert resolve_dataset("xquad-r") == env
-    assert load_benchmark("xquad-r", data_dir=tmp_path / "dd").qrels == {"q": {"en:0:0:0"}}
+    # a toy folder under a known name is not the pinned data: used only when allowed, loudly
+    with pytest.warns(data.ModifiedDataWarning, match="USING MODIFIED DATA.*en.json"):
+        bench = load_benchmark("xquad-r", data_dir=tmp_path / "dd", allow_modified=True)
+    assert bench.qrels == {"q": {"en:0:0:0"}}
     with pytest.raises(FileNotFoundError, match="mlqa-r not found.*--data-dir / HYBRIDFAST_DATA"):
         resolve_dataset("mlqa-r")
     with pytest.raises(FileNotFoundError, match="neither a folder nor a known dataset"):
@@ -426,3 +429,86 @@ def test_malformed_sha256sums_is_ignored_with_a_warning(tmp_path):
     (tmp_path / "SHA256SUMS").write_text("garbage line\n" + "a" * 64 + "  en.json\n")
     with pytest.warns(UserWarning, match="lines \\[1\\]"):
         assert downloads._read_sums(tmp_path / "SHA256SUMS") == {"en.json": "a" * 64}
+
+
+# ----------------------------------------------------------------------------- front door, destinations
+
+def test_load_benchmark_reads_every_format_and_data_info_too(tmp_path, capsys):
+    """One front door (issue 20): a BEIR folder through load_benchmark and `hybridfast data info`,
+    languages given as 'en,de' or 'en de' (reliability probe 2, #23)."""
+    from oracles import synthetic_beir, write_beir_per_language, write_beir_single
+
+    per_lang = write_beir_per_language(tmp_path / "beir", synthetic_beir(langs=("de", "en", "es")))
+    single = write_beir_single(tmp_path / "single", synthetic_beir(langs=("de", "en")))
+    bench = load_benchmark(per_lang, languages=["de,en"], shared_query_ids=True)
+    assert isinstance(bench, data.GradedRetrievalBenchmark) and bench.languages == ["de", "en"]
+    assert load_benchmark(single).languages == ["de", "en"]
+    with pytest.raises(ValueError, match="shared_query_ids applies to BEIR"):
+        load_benchmark(write_lareqa_toy(tmp_path / "lq"), shared_query_ids=True)
+    for langs in (["de,en"], ["de", "en"]):
+        assert cli_main(["data", "info", str(per_lang), "--languages", *langs]) == 0
+        out = capsys.readouterr().out
+        assert out.splitlines()[0].startswith("beir") and "\nde " in out and "\nes " not in out
+    assert cli_main(["data", "info", str(per_lang), "--split", "dev"]) == 1
+    assert "qrels/dev.tsv not found" in capsys.readouterr().err
+
+
+def write_lareqa_toy(root):
+    _write(root, "en", [("T", [_para(["S."], [("q", "q?", [(0, 0)])])])])
+    return root
+
+
+def test_only_iso_language_files_are_data(tmp_path):
+    """One rule for "which JSON is a language" (benchmark.is_language_file): metadata is not a language."""
+    root = write_lareqa_toy(tmp_path / "lq")
+    (root / "zzz.json").write_text("{}")
+    (root / "dataset_info.json").write_text("{}")
+    assert sorted(data.language_files(root)) == ["en"]
+    assert load_lareqa(root).languages == ["en"]
+    assert resolve_dataset(root) == root
+
+
+def test_download_to_a_file_read_only_or_missing_parents_is_one_clean_error(tmp_path, monkeypatch, capsys):
+    """Reliability probe 2 #13, #27: one line, no traceback, no folder left behind."""
+    _fake_source(tmp_path, monkeypatch)
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(DownloadError, match="afile exists and is not a folder"):
+        data.download("fake-r", to=tmp_path / "afile", show_progress=False)
+    assert (tmp_path / "afile").read_text() == "mine"
+    with pytest.raises(DownloadError, match="is not a folder"):
+        data.download("fake-r", to=tmp_path / "afile" / "below", show_progress=False)
+
+    def read_only(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(downloads.tempfile, "mkdtemp", read_only)
+    with pytest.raises(DownloadError, match="Read-only file system"):
+        data.download("fake-r", to=tmp_path / "ro" / "x", show_progress=False)
+    assert not (tmp_path / "ro").exists()  # every folder it created is gone
+    monkeypatch.undo()
+    _fake_source(tmp_path, monkeypatch)
+    monkeypatch.setattr(downloads, "_fetch", lambda url, timeout=60.0: (_ for _ in ()).throw(
+        urllib.error.URLError("offline")))
+    monkeypatch.setenv("HYBRIDFAST_DATA", str(tmp_path / "missing" / "deeper" / "data"))
+    with pytest.raises(DownloadError, match="could not download"):
+        data.download("fake-r", show_progress=False)
+    assert not (tmp_path / "missing").exists()
+    monkeypatch.setitem(downloads.DATASETS, "xquad-r", downloads.DATASETS["fake-r"])
+    assert cli_main(["data", "download", "xquad-r", "--to", str(tmp_path / "afile")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a folder" in err and "Traceback" not in err
+
+
+def test_download_on_a_full_disk_says_so_and_leaves_nothing(tmp_path, monkeypatch):
+    _fake_source(tmp_path, monkeypatch)
+    real = Path.write_bytes
+
+    def full(self, payload):
+        if ".fake-r-download-" in str(self):
+            raise OSError(28, "No space left on device")
+        return real(self, payload)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(DownloadError, match="no space left on device"):
+        data.download("fake-r", to=tmp_path / "new", show_progress=False)
+    assert not (tmp_path / "new").exists()
