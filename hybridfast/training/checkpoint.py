@@ -15,13 +15,13 @@ are part of the state.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
 import re
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
@@ -114,9 +114,24 @@ def newest_intact(output) -> Tuple[Optional[Path], List[str]]:
 
 # ----------------------------------------------------------------------------- writing
 
-def save_checkpoint(output: Path, step, encoder, optimizer, scheduler, scaler, sampler, state, rank, world,
-                    own: Callable[[str], None] = lambda name: None,
-                    disown: Callable[[str], None] = lambda name: None) -> Path:
+@dataclass
+class TrainingObjects:
+    """What a checkpoint saves and restores besides the step counters: the model and the
+    objects whose state continues the run exactly."""
+
+    encoder: object
+    optimizer: object
+    scheduler: object
+    scaler: Optional[object]
+    sampler: object
+
+
+def _no_record(name: str) -> None:
+    """Default for own/disown when no run folder records names (direct library use)."""
+
+
+def save_checkpoint(output: Path, step, objects: TrainingObjects, state, rank, world,
+                    own: Callable[[str], None] = _no_record, disown: Callable[[str], None] = _no_record) -> Path:
     """Write OUT/checkpoint-<step> atomically (temp folder, manifest last, rename) and keep the
     newest KEEP_CHECKPOINTS. `own`/`disown` record the names in the run folder's ownership list.
     On a failed write (e.g. no space left) the temp folder is removed and the previous
@@ -130,23 +145,17 @@ def save_checkpoint(output: Path, step, encoder, optimizer, scheduler, scaler, s
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         distributed.barrier(world)
-        torch.save({"sampler": sampler.state_dict(step=state["batch_in_epoch"]), "rng": all_rng_states()},
+        torch.save({"sampler": objects.sampler.state_dict(step=state["batch_in_epoch"]), "rng": all_rng_states()},
                    tmp / f"rank{rank}.pt")
         distributed.barrier(world)
         if rank == 0:
-            encoder.save_pretrained(tmp)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            if scaler is not None:
-                torch.save(scaler.state_dict(), tmp / "scaler.pt")
-            rules.atomic_write_json(tmp / STATE_FILE, state)
-            write_manifest(tmp)
+            _write_rank0_files(tmp, objects, state)
     except (OSError, RuntimeError) as err:
+        full = rules.is_disk_full(err, tmp)  # measured before the partial files are removed
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             disown(tmp.name)
         previous = list_checkpoints(output)
-        full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
         raise CheckpointError(
             f"could not write {final}: {'no space left on device' if full else err}; it was discarded and "
             + (f"the previous checkpoint {previous[-1]} is kept" if previous else "no earlier checkpoint exists")
@@ -165,7 +174,29 @@ def save_checkpoint(output: Path, step, encoder, optimizer, scheduler, scaler, s
     return final
 
 
-def remove(folder: Path, own=lambda name: None, disown=lambda name: None):
+def _write_rank0_files(tmp: Path, objects: TrainingObjects, state: dict):
+    objects.encoder.save_pretrained(tmp)
+    torch.save(objects.optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(objects.scheduler.state_dict(), tmp / "scheduler.pt")
+    if objects.scaler is not None:
+        torch.save(objects.scaler.state_dict(), tmp / "scaler.pt")
+    rules.atomic_write_json(tmp / STATE_FILE, state)
+    follow_umask_tree(tmp)
+    write_manifest(tmp)
+
+
+def follow_umask_tree(folder: Path):
+    """Ordinary permissions (the umask's) for a folder written through safetensors and
+    temporaries, which create owner-only files: colleagues in the group can load the model."""
+    rules.follow_umask(folder, 0o777)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            rules.follow_umask(os.path.join(root, name), 0o777)
+        for name in files:
+            rules.follow_umask(os.path.join(root, name))
+
+
+def remove(folder: Path, own=_no_record, disown=_no_record):
     """Delete one of our folders. Renamed first: a kill during rmtree must not leave a
     half-deleted folder under a name that looks complete."""
     doomed = folder.with_name(f"{TMP_PREFIX}delete-{folder.name}")
@@ -193,12 +224,46 @@ def read_state(folder: Path) -> dict:
         raise CheckpointError(f"cannot read {folder / STATE_FILE}: {err}") from err
 
 
-def restore(folder: Path, optimizer, scheduler, scaler, sampler, rank, device):
-    """Optimizer, schedule, loss scaler, this rank's sampler position and RNG streams."""
-    optimizer.load_state_dict(load(folder / "optimizer.pt", device))
-    scheduler.load_state_dict(load(folder / "scheduler.pt"))
-    if scaler is not None and (folder / "scaler.pt").exists():
-        scaler.load_state_dict(load(folder / "scaler.pt"))
+def restore(folder: Path, objects: TrainingObjects, rank, device):
+    """Optimizer, schedule, loss scaler, this rank's sampler position and RNG streams (the
+    weights were loaded with the model)."""
+    objects.optimizer.load_state_dict(load(folder / "optimizer.pt", device))
+    objects.scheduler.load_state_dict(load(folder / "scheduler.pt"))
+    if objects.scaler is not None and (folder / "scaler.pt").exists():
+        objects.scaler.load_state_dict(load(folder / "scaler.pt"))
     mine = load(folder / f"rank{rank}.pt")
-    sampler.load_state_dict(mine["sampler"])
+    objects.sampler.load_state_dict(mine["sampler"])
     restore_rng_states(mine["rng"])
+
+
+# ----------------------------------------------------------------------------- the final model
+
+def save_final(output: Path, encoder, own: Callable[[str], None] = _no_record,
+               disown: Callable[[str], None] = _no_record) -> Path:
+    """Write OUT/final through OUT/.tmp-final and a rename: final/ is complete or absent. On a
+    failed write (a full disk inside safetensors included) the partial .tmp-final is removed
+    and CheckpointError names the folder and the checkpoint a --resume would continue from."""
+    final, tmp = output / "final", output / f"{TMP_PREFIX}final"
+    own(tmp.name)
+    try:
+        if tmp.exists():
+            remove(tmp, own, disown)
+        encoder.save_pretrained(tmp)
+        follow_umask_tree(tmp)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type on a full disk
+        full = rules.is_disk_full(err, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        disown(tmp.name)
+        kept = list_checkpoints(output)
+        raise CheckpointError(
+            f"could not write {final}: {'no space left on device' if full else err}; the partial copy was "
+            "removed. " + (f"Free some space and run again with --resume (it continues from {kept[-1]})"
+                           if kept else "No checkpoint exists (use --save-steps to keep one); free some space "
+                                        "and run again")) from err
+    own(final.name)
+    if final.exists():
+        remove(final, own, disown)
+    os.replace(tmp, final)
+    rules.fsync_dir(output)
+    disown(tmp.name)
+    return final

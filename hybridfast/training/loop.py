@@ -1,22 +1,25 @@
-"""`train(config)`: the training loop of `hybridfast train` (see docs/architecture.md).
+"""`train(config)`: the training loop of `hybridfast train` (see docs/training.md).
 
     data -> HybridBatchSampler -> Collator (prefix + tokenise) -> Encoder -> loss
          -> backward (plain or GradCache) -> average over ranks -> clip -> AdamW -> schedule
 
 Before anything is written: the config is checked, the data loaded, the output folder's
 rules applied (hybridfast.training.rundir), a resume compared with the checkpoint's run
-(strict: every setting that changes the result, and the training data's fingerprint), and
-the model loaded. Then the folder is locked for the run. Exact resume: a checkpoint holds
-the weights, optimizer, scheduler, sampler position and every RNG state; hard negatives
-are drawn from a generator seeded by (seed, step, example), so they need no saved state.
+(hybridfast.training.resume: strict, every setting that changes the result, and the
+training data's fingerprint), and the model loaded with a length that fits its position
+table. Then the folder is locked for the run. Exact resume: a checkpoint holds the weights,
+optimizer, scheduler, sampler position and every RNG state; hard negatives are drawn from a
+generator seeded by (seed, step, example), so they need no saved state. SIGINT / SIGTERM
+stop after the current step with a checkpoint (hybridfast.training.signals).
 """
 from __future__ import annotations
 
 import json
 import random
+import signal
 import warnings
-from contextlib import contextmanager, nullcontext
-from dataclasses import fields
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -29,17 +32,20 @@ from hybridfast import encoder as encoder_module
 from hybridfast import rules
 from hybridfast._backends import resolve_device
 from hybridfast.data import load_benchmark
-from hybridfast.evaluation.evaluator import RetrievalEvaluator
+from hybridfast.data.pairs import load_training_pairs
 from hybridfast.loss import HybridContrastiveLoss
 from hybridfast.models import default_model
 from hybridfast.sampler import HybridBatchSampler
-from hybridfast.data.pairs import load_training_pairs
 from hybridfast.training import checkpoint as ckpt
 from hybridfast.training import distributed
 from hybridfast.training.batches import Collator, batch_kind, prefetch
-from hybridfast.training.config import INVOCATION_ONLY, RESUMABLE_CHANGES, TrainConfig, looks_local
-from hybridfast.training.log import Logger, Window
+from hybridfast.training.config import TrainConfig, looks_local
+from hybridfast.training.log import Logger, Window, read_log
+from hybridfast.training.periodic_eval import PeriodicEvaluator
+from hybridfast.training.resume import (FINAL_EVAL_FILE, check_finished, check_total_steps, final_eval_missing,
+                                        resume_state, run_settings)
 from hybridfast.training.rundir import RunFolder
+from hybridfast.training.signals import Interrupted, graceful_stop
 from hybridfast.training.steps import (TrainingDiverged, enable_checkpointing, gradcache_step, param_groups,
                                        parameters_finite, plain_step, update)
 
@@ -59,6 +65,24 @@ def train(config: TrainConfig, on_step: StepCallback = None) -> Path:
         distributed.shutdown(created_group)
 
 
+@dataclass
+class Prepared:
+    """Everything a run needs, checked and loaded before the output folder is touched."""
+
+    config: TrainConfig
+    device: torch.device
+    rank: int
+    world: int
+    run_dir: RunFolder
+    pairs: object
+    sampler: HybridBatchSampler
+    benchmark: object             # the --eval benchmark, or None
+    encoder: object
+    checkpoint: Optional[Path]    # the checkpoint resumed from, or None
+    state: Optional[dict]         # its trainer state (with the allowed "changes"), or None
+    fingerprint: str              # of the training data
+
+
 def _train(config, device, rank, world, on_step):
     pairs, sampler, benchmark = load_data(config, rank, world)
     run_dir = RunFolder(config.output)
@@ -68,10 +92,11 @@ def _train(config, device, rank, world, on_step):
     fingerprint = pairs.fingerprint()
     if action == "finished":
         check_finished(config, found, fingerprint, world)
-        warnings.warn(f"{config.output}: this run finished already ({found}); nothing to resume, left untouched",
-                      stacklevel=3)
-        return found
-    state = resume_state(config, found, fingerprint, world) if action == "resume" else None
+        return _finished(config, found, benchmark, device, rank, run_dir)
+    state = None
+    if action == "resume":
+        state = resume_state(config, found, fingerprint, world)
+        check_total_steps(state, config.max_steps or epoch_steps(sampler, config.epochs), found)
     encoder = load_encoder(config, found, device)  # may fail (hub, max_length): nothing is written yet
     distributed.barrier(world)  # every rank has read the folder before rank 0 changes it
     with run_dir.lock() if rank == 0 else nullcontext():
@@ -80,8 +105,39 @@ def _train(config, device, rank, world, on_step):
                 raise RuntimeError(f"{config.output} changed while the model loaded; run again")
             run_dir.clear_own() if action == "fresh" else run_dir.clean_temporaries()
         distributed.barrier(world)
-        return _Run(config, device, rank, world, run_dir, pairs, sampler, benchmark, encoder, found, state,
-                    fingerprint).loop(on_step)
+        prepared = Prepared(config, device, rank, world, run_dir, pairs, sampler, benchmark, encoder, found, state,
+                            fingerprint)
+        return _Run(prepared).loop(on_step)
+
+
+def _finished(config, final: Path, benchmark, device, rank, run_dir: RunFolder) -> Path:
+    """--resume of a finished run: nothing to train. If its final evaluation did not complete
+    (e.g. the disk filled up after final/ was written), run it now; else leave it untouched."""
+    if benchmark is None or not final_eval_missing(config, run_dir.path):
+        warnings.warn(f"{config.output}: this run finished already ({final}); nothing to resume, left untouched",
+                      stacklevel=3)
+        return final
+    if rank == 0:
+        with run_dir.lock():
+            encoder = encoder_module.Encoder(str(final), device=str(device), show_progress=False)
+            rows = read_log(run_dir.path / "train_log.jsonl") if (run_dir.path / "train_log.jsonl").exists() else []
+            step = max((r.get("step", 0) for r in rows), default=0)
+            logger = Logger(run_dir.path, True, None, run_dir.own)
+            try:
+                write_final_eval(run_dir, PeriodicEvaluator(benchmark), encoder, {"step": step}, logger.log)
+            finally:
+                logger.close()
+        warnings.warn(f"{config.output}: this run finished already ({final}); its final evaluation was missing "
+                      f"and is now written ({run_dir.path / FINAL_EVAL_FILE})", stacklevel=3)
+    return final
+
+
+def write_final_eval(run_dir: RunFolder, evaluate: PeriodicEvaluator, encoder, row: dict, log: Callable):
+    """Evaluate the final model; final_eval.json is replaced atomically and `log` gets its row."""
+    result, flat = evaluate(encoder)
+    run_dir.own(FINAL_EVAL_FILE)
+    rules.atomic_write_json(run_dir.path / FINAL_EVAL_FILE, result.to_dict())
+    log(dict(row, **flat))
 
 
 def prepare(config: TrainConfig, rank=0, world=1):
@@ -118,61 +174,6 @@ def build_sampler(config, pairs, rank, world):
                               world_size=world, drop_last=True)
 
 
-# ----------------------------------------------------------------------------- strict resume
-
-def run_settings(config: TrainConfig) -> dict:
-    """The config as recorded in a checkpoint; a local model path is made absolute so that
-    two spellings of one folder compare equal."""
-    settings = config.to_json()
-    model = settings.get("model")
-    if model is not None and looks_local(model) and Path(model).expanduser().exists():
-        settings["model"] = str(Path(model).expanduser().resolve())
-    return settings
-
-
-def compare_settings(saved: dict, config, fingerprint: str, world, where) -> dict:
-    """Refuse (ValueError listing every difference) when `saved` (a run's recorded settings, with
-    its world_size and data_fingerprint) differs from this invocation in anything that changes
-    the result. Returns the allowed changes {name: [before, after]}."""
-    now = run_settings(config)
-    strict = [f.name for f in fields(TrainConfig) if f.name not in RESUMABLE_CHANGES + INVOCATION_ONLY]
-    diffs = [f"{name}: {saved.get(name)!r} -> {now[name]!r}" for name in strict
-             if name in saved and saved[name] != now[name]]
-    if saved.get("world_size", world) != world:
-        diffs.append(f"world size (processes): {saved['world_size']} -> {world}")
-    if saved.get("data_fingerprint") not in (None, fingerprint):
-        diffs.append(f"training data: its content changed (fingerprint {saved['data_fingerprint'][:12]} -> "
-                     f"{fingerprint[:12]})")
-    if diffs:
-        raise ValueError(f"resume: {where} was trained with other settings; these change the result and "
-                         "cannot change on resume:\n  " + "\n  ".join(diffs) +
-                         f"\n(only {', '.join(RESUMABLE_CHANGES)} may change)")
-    return {name: [saved[name], now[name]] for name in RESUMABLE_CHANGES
-            if name in saved and saved[name] != now[name] and name != "show_progress"}
-
-
-def resume_state(config, checkpoint: Path, fingerprint: str, world) -> dict:
-    """The checkpoint's state after compare_settings; the allowed changes under "changes"."""
-    state = ckpt.read_state(checkpoint)
-    saved = dict(state.get("config", {}), world_size=state.get("world_size", world),
-                 data_fingerprint=state.get("data_fingerprint"))
-    state["changes"] = compare_settings(saved, config, fingerprint, world, checkpoint)
-    return state
-
-
-def check_finished(config, final: Path, fingerprint: str, world):
-    """--resume of a finished run: refuse other settings or a longer run; else nothing to do."""
-    try:
-        saved = json.loads((final.parent / "train_config.json").read_text())
-    except (OSError, ValueError):
-        saved = {}
-    changes = compare_settings(saved, config, fingerprint, world, final.parent)
-    longer = {k: v for k, v in changes.items() if k in ("max_steps", "epochs")}
-    if longer:
-        raise ValueError(f"resume: {final.parent} finished already; it cannot be extended ({longer}). Train "
-                         f"further as a new run from its model: --model {final} --output <new folder>")
-
-
 # ----------------------------------------------------------------------------- model
 
 def load_encoder(config, checkpoint: Optional[Path], device):
@@ -196,6 +197,10 @@ def load_encoder(config, checkpoint: Optional[Path], device):
     if limit is not None and config.max_length is not None and config.max_length > limit:
         raise ValueError(f"max_length={config.max_length} exceeds the model's position table ({limit} tokens); "
                          f"use --max-length {limit} or less")
+    if limit is not None and config.max_length is None and encoder.max_length > limit:
+        # the saved length (or the Encoder's default 256) would overflow the table: the first step
+        # would fail inside the model (probe 2, #8); train_config.json records the length used
+        encoder.max_length = limit
     return encoder
 
 
@@ -225,54 +230,61 @@ def epoch_steps(sampler, epochs):
 class _Run:
     """One training run's objects and position; `loop` is the whole training."""
 
-    def __init__(self, config, device, rank, world, run_dir, pairs, sampler, benchmark, encoder, checkpoint,
-                 state, fingerprint):
-        self.config, self.device, self.rank, self.world, self.run_dir = config, device, rank, world, run_dir
-        self.output, self.sampler, self.encoder, self.fingerprint = Path(config.output), sampler, encoder, fingerprint
-        self.evaluate = PeriodicEvaluator(benchmark) if benchmark is not None else None
+    def __init__(self, prep: Prepared):
+        config, encoder, sampler = prep.config, prep.encoder, prep.sampler
+        self.config, self.device, self.rank, self.world, self.run_dir = (config, prep.device, prep.rank, prep.world,
+                                                                         prep.run_dir)
+        self.output, self.sampler, self.encoder = Path(config.output), sampler, encoder
+        self.fingerprint = prep.fingerprint
+        self.evaluate = PeriodicEvaluator(prep.benchmark) if prep.benchmark is not None else None
         encoder.train()
         if config.gradient_checkpointing:
             enable_checkpointing(encoder.model)
-        self.model = distributed.wrap(encoder, world, device)  # the forward passes go through this
-        torch.manual_seed(config.seed + rank)  # each rank its own dropout masks
+        self.model = distributed.wrap(encoder, self.world, self.device)  # the forward passes go through this
+        torch.manual_seed(config.seed + self.rank)  # each rank its own dropout masks
         self.loss_fn = HybridContrastiveLoss(temperature=config.temperature, similarity="cos",
-                                             gather_across_devices=config.gather_across_devices and world > 1)
+                                             gather_across_devices=config.gather_across_devices and self.world > 1)
         self.params = [p for p in encoder.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(param_groups(encoder, config.weight_decay), lr=config.lr)
+        optimizer = torch.optim.AdamW(param_groups(encoder, config.weight_decay), lr=config.lr)
         self.total_steps = config.max_steps or epoch_steps(sampler, config.epochs)
-        self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer, int(round(config.warmup_ratio * self.total_steps)), self.total_steps)
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(round(config.warmup_ratio * self.total_steps)),
+                                                    self.total_steps)
         self.amp_dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else None
-        self.scaler = torch.amp.GradScaler("cuda") if config.fp16 else None
-        state = state or {"step": 0, "epoch": 0, "batch_in_epoch": 0, "changes": {}}
+        scaler = torch.amp.GradScaler("cuda") if config.fp16 else None
+        self.objects = ckpt.TrainingObjects(encoder, optimizer, scheduler, scaler, sampler)
+        state = prep.state or {"step": 0, "epoch": 0, "batch_in_epoch": 0, "changes": {}}
         self.step, self.epoch, self.in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        if checkpoint is not None:
-            ckpt.restore(checkpoint, self.optimizer, self.scheduler, self.scaler, sampler, rank, device)
+        self.saved_step = self.step if prep.checkpoint is not None else None
+        if prep.checkpoint is not None:
+            ckpt.restore(prep.checkpoint, self.objects, self.rank, self.device)
         else:
             sampler.set_epoch(self.epoch)
         self.steps_this_epoch = len(sampler)
-        self.collate = Collator(pairs, encoder, config.hard_negatives, config.seed, encoder.max_length)
+        self.collate = Collator(prep.pairs, encoder, config.hard_negatives, config.seed, encoder.max_length)
         # resuming drops log rows of steps that will be redone
-        self.logger = Logger(self.output, rank == 0, self.step if checkpoint is not None else None, run_dir.own)
+        self.logger = Logger(self.output, self.rank == 0, self.step if prep.checkpoint is not None else None,
+                             self.run_dir.own)
         self.window = Window()
-        if rank == 0:
-            self._write_config(state["changes"], checkpoint is not None)
+        if self.rank == 0:
+            self._write_config(state["changes"], prep.checkpoint is not None)
 
     def loop(self, on_step: StepCallback) -> Path:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.config.show_progress or self.rank != 0)
         try:
-            while self.step < self.total_steps:
-                # a resumed sampler starts at its saved position; the next batch is tokenised meanwhile
-                for batch, inputs in prefetch(self.sampler, self.collate, self.step):
-                    self.train_step(batch, inputs)
-                    bar.update(1)
-                    if on_step is not None:
-                        on_step(self.step)
-                    if self.step >= self.total_steps:
-                        break
-                else:  # the epoch ran out: the next one (epochs may differ in length)
-                    self.next_epoch()
+            with graceful_stop() as stop:
+                while self.step < self.total_steps:
+                    # a resumed sampler starts at its saved position; the next batch is tokenised meanwhile
+                    for batch, inputs in prefetch(self.sampler, self.collate, self.step):
+                        self.train_step(batch, inputs)
+                        bar.update(1)
+                        if on_step is not None:
+                            on_step(self.step)
+                        self.stop_if_asked(stop)
+                        if self.step >= self.total_steps:
+                            break
+                    else:  # the epoch ran out: the next one (epochs may differ in length)
+                        self.next_epoch()
             bar.close()
             return self.finish()
         except TrainingDiverged as err:
@@ -283,16 +295,26 @@ class _Run:
         finally:
             self.logger.close()
 
+    def stop_if_asked(self, stop):
+        """After a step: on SIGINT / SIGTERM (on any rank) save a checkpoint here and stop."""
+        if not distributed.any_rank(bool(stop), self.world, self.device):
+            return
+        if self.saved_step != self.step:
+            self.save()
+        raise Interrupted(stop.signum or signal.SIGINT, self.step, self.output / f"checkpoint-{self.step}")
+
     def train_step(self, batch, inputs):
         config = self.config
         kind = batch_kind(batch)
         if config.chunk_size:
             loss = gradcache_step(self.encoder, self.loss_fn, *inputs, config.chunk_size, self.amp_dtype,
-                                  self.scaler, model=self.model)
+                                  self.objects.scaler, model=self.model)
         else:
-            loss = plain_step(self.encoder, self.loss_fn, *inputs, self.amp_dtype, self.scaler, model=self.model)
-        lr = self.scheduler.get_last_lr()[0]
-        update(self.params, self.optimizer, self.scheduler, self.scaler, self.world, loss, self.step + 1)
+            loss = plain_step(self.encoder, self.loss_fn, *inputs, self.amp_dtype, self.objects.scaler,
+                              model=self.model)
+        objects = self.objects
+        lr = objects.scheduler.get_last_lr()[0]
+        update(self.params, objects.optimizer, objects.scheduler, objects.scaler, self.world, loss, self.step + 1)
         self.step += 1
         self.in_epoch += 1
         self.window.add(kind, loss)
@@ -329,31 +351,22 @@ class _Run:
     def save(self):
         if not parameters_finite(self.encoder):
             raise TrainingDiverged(self.step, "model weights", "not finite")
-        ckpt.save_checkpoint(self.output, self.step, self.encoder, self.optimizer, self.scheduler, self.scaler,
-                             self.sampler, self.state(), self.rank, self.world, self.run_dir.own,
-                             self.run_dir.disown)
+        ckpt.save_checkpoint(self.output, self.step, self.objects, self.state(), self.rank, self.world,
+                             self.run_dir.own, self.run_dir.disown)
+        self.saved_step = self.step
 
     def finish(self) -> Path:
+        """final/ (complete or absent), marked finished at once; then the final evaluation, whose
+        failure leaves a finished run that --resume evaluates (never one to retrain)."""
         final = self.output / "final"
         if self.rank == 0:
             if not parameters_finite(self.encoder):
                 raise TrainingDiverged(self.step, "model weights", "not finite")
-            tmp = self.output / f"{ckpt.TMP_PREFIX}final"
-            self.run_dir.own(tmp.name)
-            if tmp.exists():
-                ckpt.remove(tmp, self.run_dir.own, self.run_dir.disown)
-            self.encoder.save_pretrained(tmp)
-            self.run_dir.own(final.name)
-            if final.exists():
-                ckpt.remove(final, self.run_dir.own, self.run_dir.disown)
-            tmp.replace(final)
-            self.run_dir.disown(tmp.name)
-            if self.evaluate is not None:
-                result, flat = self.evaluate(self.encoder)
-                self.run_dir.own("final_eval.json")
-                result.to_json(self.output / "final_eval.json")
-                self.logger.log(dict({"step": self.step, "epoch": self.epoch_progress()}, **flat))
+            ckpt.save_final(self.output, self.encoder, self.run_dir.own, self.run_dir.disown)
             self.run_dir.set_finished(True)
+            if self.evaluate is not None:
+                write_final_eval(self.run_dir, self.evaluate, self.encoder,
+                                 {"step": self.step, "epoch": self.epoch_progress()}, self.logger.log)
         distributed.barrier(self.world)
         return final
 
@@ -372,36 +385,5 @@ class _Run:
             self.logger.log({"step": self.step, "config_change": {k: [a, b] for k, (a, b) in changes.items()}})
         self.run_dir.own(path.name)
         rules.atomic_write_json(path, dict(run_settings(self.config), data_fingerprint=self.fingerprint,
-                                           world_size=self.world, changes=history))
-
-
-class PeriodicEvaluator:
-    """RetrievalEvaluator built once (its text layout is reused), run without
-    disturbing training's RNG streams or train/eval mode."""
-
-    def __init__(self, benchmark):
-        self.benchmark, self.evaluator = benchmark, None
-
-    def __call__(self, encoder):
-        if self.evaluator is None:
-            self.evaluator = RetrievalEvaluator(self.benchmark, device=encoder.device, show_progress=False)
-        was_training = encoder.training
-        encoder.eval()
-        try:
-            with preserved_rng(), torch.no_grad():
-                result = self.evaluator.evaluate(encoder)
-        finally:
-            encoder.train(was_training)
-        flat = {f"eval/{setting}/{metric}": float(v) for setting, metrics in result.summary.items()
-                for metric, v in metrics.items()}
-        return result, flat
-
-
-@contextmanager
-def preserved_rng():
-    """Run something (evaluation) without disturbing any RNG stream of training."""
-    states = ckpt.all_rng_states()
-    try:
-        yield
-    finally:
-        ckpt.restore_rng_states(states)
+                                           world_size=self.world, max_length_used=self.encoder.max_length,
+                                           changes=history))

@@ -125,7 +125,7 @@ class RunFolder:
         if resume:
             if record is None:
                 raise OutputFolderError(f"--resume: {out} holds no hybridfast training run")
-            if record.get("finished") and (out / "final").is_dir():
+            if _has_final(out, record):
                 return "finished", out / "final"
             checkpoint, problems = newest_intact(out)
             if checkpoint is None:
@@ -133,6 +133,11 @@ class RunFolder:
                 raise OutputFolderError(f"--resume: no intact checkpoint in {out}{why}; the run stopped before "
                                         "its first --save-steps checkpoint. Start again with --overwrite")
             return "resume", checkpoint
+        if record is not None and _has_final(out, record) and not overwrite:
+            raise OutputFolderError(f"output: {out} already holds a training run that finished (its model: "
+                                    f"{out / 'final'}); "
+                                    "it is left untouched. --resume reports it (and runs a final evaluation "
+                                    "that did not complete); to train again, choose another --output")
         if record is not None and [n for n in record["entries"] if (out / n).exists()] and not overwrite:
             raise OutputFolderError(f"output: {out} already holds a training run; pass resume=True (--resume) to "
                                     "continue it, overwrite=True (--overwrite) to start again (removes only "
@@ -182,31 +187,52 @@ class RunFolder:
 
     # ------------------------------------------------------------------ lock
     @contextmanager
-    def lock(self):
-        """Hold OUT/.hybridfast.lock for the block (the folder is created if needed)."""
+    def lock(self, kind: str = "training run"):
+        """Hold OUT/.hybridfast.lock for the block (the folder is created if needed). Re-entrant
+        within a process: a study holds its cell's folder and the training inside takes the same
+        lock again. `kind` names the holder in the message another process gets."""
         created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         path = self.path / LOCK_FILE
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        key = str(path.resolve())
+        if key in _HELD:  # this process holds it already (an outer block releases it)
+            yield self
+            return
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "kind": kind,
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        try:
+            self._acquire(path, me)
+        except BaseException:
+            if created:
+                _rmdir_if_empty(self.path)
+            raise
+        _HELD.add(key)
+        try:
+            yield self
+        finally:
+            _HELD.discard(key)
+            try:
+                holder = json.loads(path.read_text())
+                if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+                    path.unlink()
+            except (OSError, ValueError):
+                pass
+            if created:
+                _rmdir_if_empty(self.path)  # nothing was written: leave no empty folder behind
+
+    def _acquire(self, path: Path, me: dict):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             self._take_over_if_stale(path)
             rules.atomic_write_json(path, me)
-        else:
+            return
+        try:
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
-        try:
-            yield self
-        finally:
-            try:
-                holder = json.loads(path.read_text())
-                if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
-                    path.unlink()
-                if created and not any(self.path.iterdir()):
-                    self.path.rmdir()  # nothing was written: leave no empty folder behind
-            except (OSError, ValueError):
-                pass
+        except BaseException:  # e.g. no space left: an empty lock must not stay behind
+            path.unlink()
+            raise
 
     def _take_over_if_stale(self, path: Path):
         try:
@@ -219,8 +245,21 @@ class RunFolder:
             warnings.warn(f"{path}: the run that held it (pid {pid} on {host}) is gone; taking the lock over",
                           stacklevel=3)
             return
-        raise OutputFolderError(f"output: {self.path} is in use by another training run (pid {pid} on host {host}, "
+        kind = holder.get("kind", "training run")
+        raise OutputFolderError(f"output: {self.path} is in use by another {kind} (pid {pid} on host {host}, "
                                 f"lock file {path}); wait for it, or delete the lock file if that run is gone")
+
+
+# lock files this process holds (resolved paths): what makes RunFolder.lock re-entrant
+_HELD: set = set()
+
+
+def _rmdir_if_empty(folder: Path):
+    try:
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    except OSError:
+        pass
 
 
 def run_status(output) -> str:
@@ -234,9 +273,15 @@ def run_status(output) -> str:
     record = folder.record()
     if record is None:
         return "foreign"
-    if record.get("finished") and (folder.path / "final").is_dir():
+    if _has_final(folder.path, record):
         return "finished"
     return "resumable" if list_checkpoints(folder.path) else "unfinished"
+
+
+def _has_final(out: Path, record: dict) -> bool:
+    """The run wrote final/ (renamed into place only once complete): it finished training, even
+    if the record was not marked (a crash right after the rename) or its final evaluation failed."""
+    return (out / "final").is_dir() and (bool(record.get("finished")) or "final" in record.get("entries", []))
 
 
 def _alive(pid: int) -> bool:
