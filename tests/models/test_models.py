@@ -168,6 +168,21 @@ def test_names_aliases_and_layer_suffix():
     assert models.label("/some/where/final") == "final"
 
 
+def test_one_layer_grammar_for_every_caller():
+    """NAME@LK and its short form NAME@K mean the same wherever a layer suffix is read (models.get,
+    Encoder, the study's --models); anything else after '@' is refused naming the argument."""
+    for text in ("multilingual-e5-small@L3", "multilingual-e5-small@l3", "multilingual-e5-small@3"):
+        assert models.split_layers(text) == ("multilingual-e5-small", 3)
+        assert models.parse_name(text) == ("multilingual-e5-small", 3)
+        assert models.label(text) == "multilingual-e5-small@L3"
+    assert models.split_layers("my-org/model") == ("my-org/model", None)
+    assert models.split_layers("english=x@L2".split("=", 1)[1], arg="models") == ("x", 2)
+    for bad in ("multilingual-e5-small@L0", "multilingual-e5-small@Lx", "@L3", "me5-small@"):
+        with pytest.raises(ValueError, match=r"^models: .*give NAME@LK with K a positive number"):
+            models.split_layers(bad, arg="models")
+    assert models.canonical_name("MINILM") == "all-MiniLM-L6-v2" and models.canonical_name("bert") is None
+
+
 def test_bad_arguments(cache, tmp_path):
     with pytest.raises(ValueError, match="layers must be a positive int"):
         models.get("multilingual-e5-small", layers=0)
