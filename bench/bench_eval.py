@@ -31,7 +31,7 @@ import torch
 from bench.utils import peak_memory_bytes, save_results
 from hybridfast.data import RetrievalBenchmark
 from hybridfast.evaluation.evaluator import RetrievalEvaluator
-from hybridfast.evaluation.metrics import METRICS, per_query_metrics, tie_priority
+from hybridfast.evaluation.metrics import METRICS, per_query_metrics
 from hybridfast.evaluation.search import search
 
 CANDIDATES = {"ar": 1222, "de": 1276, "el": 1234, "en": 1180, "es": 1215, "hi": 1244, "ru": 1219,
@@ -68,7 +68,7 @@ def problem():
 
     cand = np.empty((len(ev.candidate_ids), DIM), dtype=np.float32)
     for i, l in enumerate(ev.candidate_languages):
-        s, n = ev._offsets[i], CANDIDATES[l]
+        s, n = ev.layout.offsets[i], CANDIDATES[l]
         base = np.zeros((n, DIM), dtype=np.float32)
         np.add.at(base, answer[l], latent)  # a sentence shared by questions is close to all of them
         cand[s:s + n] = noisy(base, l, n)
@@ -134,8 +134,9 @@ def test_pytrec_eval_baseline_subset(benchmark, problem):
 
     bench, ev, q, c = problem
     langs = ev.candidate_languages
-    rows = np.nonzero(ev._q_lang == ev.query_languages.index("en"))[0][:BASELINE_QUERIES]
-    blocks = {l: (ev._offsets[i], ev._offsets[i + 1]) for i, l in enumerate(langs)}
+    lay = ev.layout
+    rows = np.nonzero(lay.query_lang == ev.query_languages.index("en"))[0][:BASELINE_QUERIES]
+    blocks = {l: (lay.offsets[i], lay.offsets[i + 1]) for i, l in enumerate(langs)}
     ids = ev.candidate_ids
     measures = {"map", "recip_rank", "ndcg_cut.10", "recall.1,10,100"}
     pairs = [("en", blocks["en"]), ("de", blocks["de"]), ("pool", (0, len(ids)))]
@@ -146,7 +147,7 @@ def test_pytrec_eval_baseline_subset(benchmark, problem):
         for name, (s, e) in pairs:
             run, qrels = {}, {}
             for k, i in enumerate(rows):
-                qid = ev._q_ids[i]
+                qid = lay.query_ids[i]
                 run[qid] = dict(zip(ids[s:e], scores[k, s:e].tolist()))
                 qrels[qid] = {d: 1 for d in bench.qrels[qid] if d in run[qid]}
             out[name] = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
@@ -160,8 +161,8 @@ def test_pytrec_eval_baseline_subset(benchmark, problem):
     cpu_extrapolated = _cpu_seconds(baseline) / entries * full_entries
 
     # equality with our exact ranks on the subset
-    found = search(q[rows], c, ev._relevant[rows], offsets=ev._offsets, tie_priority=tie_priority(ids))
-    rel_block = np.searchsorted(ev._offsets, ev._relevant[rows], side="right") - 1
+    found = search(q[rows], c, lay.relevant[rows], offsets=lay.offsets, tie_priority=lay.priority)
+    rel_block = lay.relevant_block[rows]
     names = {"map": "map", "mrr@10": "recip_rank", "ndcg@10": "ndcg_cut_10", "recall@1": "recall_1",
              "recall@10": "recall_10", "recall@100": "recall_100"}
     for name, _ in pairs:
@@ -171,7 +172,7 @@ def test_pytrec_eval_baseline_subset(benchmark, problem):
             mask = rel_block == langs.index(name)
             ours = per_query_metrics(np.where(mask, found.block_ranks, 0), mask.sum(1))
         for k, i in enumerate(rows):
-            t = trec[name][ev._q_ids[i]]
+            t = trec[name][lay.query_ids[i]]
             for m in METRICS:
                 want = t[names[m]]
                 if m == "mrr@10" and want <= 1 / 10.5:

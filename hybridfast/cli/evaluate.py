@@ -1,9 +1,12 @@
-"""`hybridfast evaluate`: an encoder on XQuAD-R / MLQA-R, a LAReQA folder, or a BEIR / MIRACL
-folder (hybridfast.data.beir); results.json, results.md, map_heatmap.png, optionally TREC runs.
+"""`hybridfast evaluate`: an encoder on any benchmark hybridfast.data.load_benchmark reads (XQuAD-R,
+MLQA-R, a LAReQA, BEIR or MIRACL folder); results.json, results.md, map_heatmap.png, optionally
+TREC runs. argparse and printing only: the data front door, RetrievalEvaluator and
+EvaluationResult.save do the work (docs/evaluation.md).
 
-Mistakes a user can make (an unknown dataset or language, a broken data file, an output
-folder that cannot be written, a model that cannot be loaded) end with one line naming
-the problem and exit code 2, never a traceback.
+Mistakes a user can make (an unknown dataset or language, a broken or edited data file, an
+output folder that cannot be written or holds the user's own results, a device that is not
+there, a model that cannot be loaded, a full disk, Ctrl-C) end with one line naming the
+problem, never a traceback, and leave no half-written file: exit 2 for errors, 130 for Ctrl-C.
 """
 import os
 import sys
@@ -12,6 +15,7 @@ from pathlib import Path
 
 PROG = "hybridfast evaluate"
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def add_arguments(parser):
@@ -22,7 +26,8 @@ def add_arguments(parser):
     parser.add_argument("--dataset", required=True,
                         help="xquad-r, mlqa-r, a LAReQA folder, or a BEIR / MIRACL folder (one subfolder per "
                              "language, or one folder with a 'lang' field)")
-    parser.add_argument("--languages", nargs="+", default=None, help="ISO 639-1 codes (default: all)")
+    parser.add_argument("--languages", nargs="+", default=None,
+                        help="ISO 639-1 codes, 'en de' or 'en,de' (default: all)")
     parser.add_argument("--split", default=None,
                         help="LAReQA: all | train | test (default all); BEIR / MIRACL: the qrels name "
                              "(default test; MIRACL: dev, test-a, ...)")
@@ -30,6 +35,8 @@ def add_arguments(parser):
                         help="BEIR / MIRACL per-language folders: one query id is the same question in every "
                              "language (enables the cross-lingual and multilingual settings)")
     parser.add_argument("--data-dir", default=None, help="folder holding the datasets (else HYBRIDFAST_DATA, cache)")
+    parser.add_argument("--allow-modified-data", action="store_true",
+                        help="use a named data set whose files differ from their pinned sha256 (with a warning)")
     parser.add_argument("--search", default="auto", choices=BACKENDS, help="search backend (default: auto)")
     parser.add_argument("--device", default="auto", help="device for encoding and search (default: auto)")
     parser.add_argument("--batch-size", type=int, default=64, help="encoding batch size")
@@ -41,9 +48,12 @@ def add_arguments(parser):
     parser.add_argument("--ivf-lists", type=int, default=None, help="approximate faiss IVF search with N lists")
     parser.add_argument("--nprobe", type=int, default=16, help="IVF lists probed per query")
     parser.add_argument("--out", required=True, help="output folder: results.json, results.md, map_heatmap.png")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace results files in --out that hybridfast did not write (the user's own)")
     parser.add_argument("--save-run", default=None, metavar="DIR",
                         help="also write TREC run files (per language pair and per pool) and qrels to DIR, "
-                             "so trec_eval / pytrec_eval / ranx reproduce the numbers")
+                             "so trec_eval / pytrec_eval / ranx reproduce the numbers; an earlier export "
+                             "there is replaced as a whole")
     parser.add_argument("--run-depth", default="full", choices=("full", "k"),
                         help="run files: top k extended to each query's deepest relevant candidate (full, "
                              "reproduces mAP exactly) or strictly the top k")
@@ -56,95 +66,87 @@ def _error(message) -> int:
 
 
 def _check_writable(folder: Path, what: str):
-    """Create `folder` (or find it) and prove a file can be written there, before any work."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".hybridfast-write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"{what} {folder} cannot be written ({e.strerror or e})") from None
+    """Prove a file can be written in `folder` (or where it will be created), before any work."""
+    from hybridfast import rules
+
+    target = folder if folder.is_dir() else next((p for p in folder.parents if p.exists()), Path("."))
+    if not target.is_dir() or not os.access(target, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {folder} cannot be written ({target} is not a writable folder)")
+    free = rules.free_bytes(target)
+    if free is not None and free < (1 << 20):
+        raise PermissionError(rules.write_error_message(OSError(28, "No space left on device"), folder))
 
 
-def _remove_if_empty(folders):
-    """A failed run leaves no empty folder it created behind."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            pass
+def _prepare(args):
+    """Every check that needs no model: data, folders, evaluator -> the evaluator."""
+    from hybridfast.data import load_benchmark
+    from hybridfast.evaluation.evaluator import RetrievalEvaluator
+    from hybridfast.evaluation.result import check_out_folder
+
+    check_out_folder(args.out, overwrite=args.overwrite)
+    _check_writable(Path(args.out), "--out")
+    if args.save_run is not None:
+        from hybridfast.evaluation.trec import check_run_folder
+
+        check_run_folder(args.save_run)
+        _check_writable(Path(args.save_run), "--save-run")
+        if args.ivf_lists is not None:
+            raise ValueError("--save-run needs exact search (drop --ivf-lists)")
+    benchmark = load_benchmark(args.dataset, data_dir=args.data_dir, languages=args.languages, split=args.split,
+                               shared_query_ids=args.shared_query_ids or None,
+                               allow_modified=args.allow_modified_data)
+    return RetrievalEvaluator(benchmark, k=args.k, search=args.search, device=args.device,
+                              batch_size=args.batch_size, show_progress=not args.no_progress,
+                              ivf_lists=args.ivf_lists, nprobe=args.nprobe)
 
 
-def load_dataset(dataset, data_dir=None, languages=None, split=None, shared_query_ids=False):
-    """A RetrievalBenchmark from a known name, a LAReQA folder or a BEIR / MIRACL folder."""
-    from hybridfast.data.beir import detect_layout, load_beir
-    from hybridfast.data import DATASETS, load_benchmark
+def _encoder(args):
+    from hybridfast.encoder import Encoder
+    from hybridfast.models import default_model
 
-    if str(dataset) not in DATASETS and Path(dataset).is_dir() and detect_layout(dataset) is not None:
-        return load_beir(dataset, languages=languages, split=split or "test",
-                         shared_query_ids=shared_query_ids or None)
-    if shared_query_ids:
-        raise ValueError("--shared-query-ids applies to BEIR / MIRACL folders only (LAReQA ids are always shared)")
-    split = split or "all"
-    if split not in ("all", "train", "test"):
-        raise ValueError(f"--split for a LAReQA benchmark must be all, train or test, got {split!r}")
-    return load_benchmark(dataset, data_dir=data_dir, languages=languages, split=split)
+    model = args.model or default_model()  # fetched or rebuilt on first use
+    return model, Encoder(model, query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
+                          max_length=args.max_length, device=args.device, batch_size=args.batch_size,
+                          show_progress=not args.no_progress)
 
 
 def run(args) -> int:
-    from hybridfast.data.beir import BEIRFormatError
-    from hybridfast.data import LAReQAFormatError
-    from hybridfast.evaluation.evaluator import RetrievalEvaluator
-
-    out = Path(args.out)
-    created = [p for p in (out, Path(args.save_run) if args.save_run else None) if p is not None and not p.exists()]
     try:
-        _check_writable(out, "--out")
-        if args.save_run is not None:
-            from hybridfast.evaluation.trec import check_run_folder
+        return _run(args)
+    except KeyboardInterrupt:  # results are written atomically: nothing half-written is left
+        print(f"{PROG}: interrupted; no results were written", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
-            check_run_folder(args.save_run)
-            _check_writable(Path(args.save_run), "--save-run")
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = lambda message, *a, **k: print(f"{PROG}: warning: {message}", file=sys.stderr)
-            benchmark = load_dataset(args.dataset, data_dir=args.data_dir, languages=args.languages,
-                                     split=args.split, shared_query_ids=args.shared_query_ids)
-            evaluator = RetrievalEvaluator(benchmark, k=args.k, search=args.search, device=args.device,
-                                           batch_size=args.batch_size, show_progress=not args.no_progress,
-                                           ivf_lists=args.ivf_lists, nprobe=args.nprobe)
-        if args.save_run is not None and args.ivf_lists is not None:
-            raise ValueError("--save-run needs exact search (drop --ivf-lists)")
-    except (FileNotFoundError, FileExistsError, PermissionError, BEIRFormatError, LAReQAFormatError, ValueError,
-            TypeError) as e:
-        _remove_if_empty(created)
-        return _error(e)
 
-    from hybridfast.encoder import Encoder
-    from hybridfast.models import ModelUnavailableError, default_model
+def _run(args) -> int:
+    from hybridfast.data import FORMAT_ERRORS
+    from hybridfast.models import ModelUnavailableError
 
-    model = args.model or "multilingual-e5-small"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *a, **k: print(f"{PROG}: warning: {message}", file=sys.stderr)
+        try:
+            evaluator = _prepare(args)
+        except (OSError, ValueError, TypeError, *FORMAT_ERRORS) as e:
+            return _error(e)
     try:
-        if not args.model:
-            model = default_model()  # fetched or rebuilt on first use
-        encoder = Encoder(model, query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
-                          max_length=args.max_length, device=args.device, batch_size=args.batch_size,
-                          show_progress=not args.no_progress)
+        model, encoder = _encoder(args)
     except (OSError, ValueError, TypeError, ModelUnavailableError) as e:
-        _remove_if_empty(created)
-        return _error(f"--model {model}: {e}")
-    result = evaluator.evaluate(encoder, save_run=args.save_run, run_depth=args.run_depth)
+        return _error(f"--model {args.model or 'multilingual-e5-small'}: {e}")
+    try:
+        result = evaluator.evaluate(encoder, save_run=args.save_run, run_depth=args.run_depth)
+    except OSError as e:  # the TREC export: its earlier files stay as they were
+        from hybridfast import rules
+
+        return _error(f"--save-run {rules.write_error_message(e, args.save_run)}")
     result.config.update(model=str(model), dataset=str(args.dataset), split=args.split,
                          query_prefix=encoder.query_prefix, passage_prefix=encoder.passage_prefix,
                          max_length=args.max_length)
-    markdown = result.to_markdown()
-    print(markdown)
+    print(result.to_markdown())
     try:
-        result.to_json(out / "results.json")
-        (out / "results.md").write_text(markdown)
-        result.plot(out / "map_heatmap.png")
+        written = result.save(args.out, overwrite=args.overwrite)
     except OSError as e:
-        return _error(f"--out {out}: {e}")
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'map_heatmap.png'}"
+        return _error(f"--out {e.strerror or e}")
+    print(f"wrote {', '.join(map(str, written.values()))}"
           + (f"; TREC runs and qrels in {args.save_run}" if args.save_run else ""))
     return 0

@@ -22,164 +22,20 @@ search is approximate (faiss IVF): metrics are then those of the top-k run
 (relevant candidates beyond k count as not retrieved) and rank distance is nan.
 """
 import inspect
-import json
-import math
 import time
-import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict
 
 import numpy as np
 
-from hybridfast.evaluation.metrics import METRICS, MULTI_METRICS, macro_average, mean_metrics, per_query_metrics, tie_priority
 from hybridfast import rules
 from hybridfast._backends import resolve_device
-from hybridfast.data import candidate_text
+from hybridfast.evaluation.layout import EvalLayout
+from hybridfast.evaluation.metrics import METRICS, macro_average, mean_metrics, per_query_metrics
+from hybridfast.evaluation.result import EvaluationResult
 from hybridfast.evaluation.search import BACKENDS, resolve_backend, search
 
 SETTINGS = ("mono", "cross", "multi")
-
-
-def _pair_key(pair):
-    return f"{pair[0]}->{pair[1]}"
-
-
-def _nan_to_none(x):
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    return x
-
-
-def _none_to_nan(x):
-    if isinstance(x, dict):
-        return {k: _none_to_nan(v) for k, v in x.items()}
-    return float("nan") if x is None else x
-
-
-@dataclass
-class EvaluationResult:
-    """What RetrievalEvaluator.evaluate returns.
-
-    summary:      {"mono"|"cross"|"multi": {metric: value}}
-    per_pair:     {(query_lang, candidate_lang): {metric: value}}
-    per_language: {query_lang: {metric: value}} in the multilingual pool
-    unk_rates:    {lang: fraction of [UNK] tokens} when the encoder has unk_rate(texts), else {}
-    n_queries:    {"xx->yy" or "xx->multi": number of queries evaluated}
-    per_query:    {"xx->yy" or "xx->multi": {query_id: {metric: value}}} when the evaluator
-                  was built with keep_per_query=True (for significance tests), else {}
-    """
-
-    summary: Dict[str, Dict[str, float]]
-    per_pair: Dict[Tuple[str, str], Dict[str, float]]
-    per_language: Dict[str, Dict[str, float]]
-    unk_rates: Dict[str, float] = field(default_factory=dict)
-    query_languages: list = field(default_factory=list)
-    candidate_languages: list = field(default_factory=list)
-    n_queries: Dict[str, int] = field(default_factory=dict)
-    benchmark: str = "benchmark"
-    exact: bool = True
-    config: dict = field(default_factory=dict)
-    timings: dict = field(default_factory=dict)
-    per_query: Dict[str, Dict[str, Dict[str, float]]] = field(default_factory=dict)
-
-    # ------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict:
-        """JSON-ready: pair keys as "xx->yy", nan as None."""
-        return _nan_to_none({
-            "benchmark": self.benchmark, "exact": self.exact,
-            "query_languages": list(self.query_languages),
-            "candidate_languages": list(self.candidate_languages),
-            "summary": self.summary,
-            "per_pair": {_pair_key(p): m for p, m in self.per_pair.items()},
-            "per_language": self.per_language, "unk_rates": self.unk_rates,
-            "n_queries": self.n_queries, "config": self.config, "timings": self.timings,
-            **({"per_query": self.per_query} if self.per_query else {}),
-        })
-
-    def to_json(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False))
-        return path
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "EvaluationResult":
-        data = _none_to_nan(data)
-        per_pair = {}
-        for key, metrics in data["per_pair"].items():
-            q, sep, c = key.partition("->")
-            if not sep:
-                raise ValueError(f"per_pair key {key!r} is not of the form 'xx->yy'")
-            per_pair[(q, c)] = metrics
-        return cls(summary=data["summary"], per_pair=per_pair, per_language=data.get("per_language", {}),
-                   unk_rates=data.get("unk_rates", {}), query_languages=data.get("query_languages", []),
-                   candidate_languages=data.get("candidate_languages", []),
-                   n_queries=data.get("n_queries", {}), benchmark=data.get("benchmark", "benchmark"),
-                   exact=data.get("exact", True), config=data.get("config", {}),
-                   timings=data.get("timings", {}), per_query=data.get("per_query", {}))
-
-    @classmethod
-    def from_json(cls, path) -> "EvaluationResult":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-    # ------------------------------------------------------------ views
-    def map_matrix(self, metric="map"):
-        """[query language][candidate language] list of lists (nan where a pair has no value)."""
-        return [[self.per_pair.get((q, c), {}).get(metric, float("nan")) for c in self.candidate_languages]
-                for q in self.query_languages]
-
-    def to_markdown(self) -> str:
-        def fmt(v, digits=4):
-            return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-
-        lines = [f"### {self.benchmark}: retrieval summary" + ("" if self.exact else " (approximate search)"),
-                 "", "| setting | " + " | ".join(MULTI_METRICS) + " |",
-                 "|---|" + "---:|" * len(MULTI_METRICS)]
-        for setting, metrics in self.summary.items():
-            cells = [fmt(metrics.get(m), 2 if m == "rank_distance" else 4) if m in metrics else ""
-                     for m in MULTI_METRICS]
-            lines.append(f"| {setting} | " + " | ".join(cells) + " |")
-        if self.per_pair:
-            cols = list(self.candidate_languages)
-            head = ["query \\ candidate"] + cols
-            if self.per_language:
-                head += ["multi", "rank dist."]
-            lines += ["", "mAP per language pair (rows: query language, columns: candidate language; "
-                      "multi: the pool of all languages)", "",
-                      "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-            for q, row in zip(self.query_languages, self.map_matrix()):
-                cells = [fmt(v) for v in row]
-                if self.per_language:
-                    pl = self.per_language.get(q, {})
-                    cells += [fmt(pl.get("map")), fmt(pl.get("rank_distance"), 1)]
-                lines.append(f"| {q} | " + " | ".join(cells) + " |")
-        for note in self.config.get("notes", []):
-            lines += ["", f"Note: {note}."]
-        if self.unk_rates:
-            langs = sorted(self.unk_rates)
-            lines += ["", "[UNK] token rate per language", "", "| " + " | ".join(langs) + " |",
-                      "|" + "---:|" * len(langs),
-                      "| " + " | ".join(f"{100 * self.unk_rates[l]:.1f}%" for l in langs) + " |"]
-        return "\n".join(lines) + "\n"
-
-    def plot(self, path) -> Path:
-        """PNG heatmap of the L x L mAP matrix, the multilingual mAP and rank distance beside it."""
-        from hybridfast.evaluation.plots import map_heatmap
-
-        multi = [self.per_language.get(q, {}).get("map", float("nan")) for q in self.query_languages] \
-            if self.per_language else None
-        rd = [self.per_language.get(q, {}).get("rank_distance", float("nan")) for q in self.query_languages] \
-            if self.per_language else None
-        parts = [f"{s} mAP {m['map']:.3f}" for s, m in self.summary.items() if "map" in m]
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        map_heatmap(path, self.query_languages, self.candidate_languages, self.map_matrix(), multi, rd,
-                    title=f"{self.benchmark}: mAP (rows: query language, columns: candidate language)",
-                    summary=", ".join(parts))
-        return path
+__all__ = ["RetrievalEvaluator", "EvaluationResult", "EvalLayout", "SETTINGS"]
 
 
 def _embeddings(out, n, what):
@@ -203,6 +59,18 @@ def _embeddings(out, n, what):
         bad = int((~np.isfinite(arr)).any(1).sum())
         raise ValueError(f"encoder.{what} returned NaN or infinite values in {bad} rows")
     return arr
+
+
+def _check_device(device):
+    """A device that exists here, checked before any work (reliability probe 2, #16)."""
+    import torch
+
+    try:
+        dev = resolve_device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: {device!r} is not a device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} but CUDA is not available here (use 'cpu' or 'auto')")
 
 
 def _call_encode(fn, texts, batch_size):
@@ -243,6 +111,7 @@ class RetrievalEvaluator:
         if search not in BACKENDS:
             raise ValueError(f"search must be one of {BACKENDS}, got {search!r}")
         resolve_backend(search, ivf_lists)  # checks the combination early
+        _check_device(device)
         # one rule for ints everywhere (hybridfast.rules): True is not a batch size
         batch_size = rules.check_int("batch_size", batch_size, 1, optional=True)
         chunk_size = rules.check_int("chunk_size", chunk_size, 1, optional=True)
@@ -282,55 +151,12 @@ class RetrievalEvaluator:
 
     # ------------------------------------------------------------ layout
     def _prepare(self):
-        b = self.benchmark
-        self.candidate_languages = sorted(l for l, c in b.candidates.items() if c)
-        cand_ids, cand_texts, offsets = [], [], [0]
-        for lang in self.candidate_languages:
-            for cid, value in b.candidates[lang].items():
-                if not (isinstance(value, (tuple, list)) and len(value) == 2):
-                    raise ValueError(f"benchmark.candidates[{lang!r}][{cid!r}] must be (sentence, context)")
-                cand_ids.append(str(cid))
-                cand_texts.append(candidate_text(*value))
-            offsets.append(len(cand_ids))
-        if not cand_ids:
-            raise ValueError("benchmark has no candidates")
-        column = {cid: i for i, cid in enumerate(cand_ids)}
-        # only queries whose id has relevant candidates (in any language) are evaluated
-        q_lang, q_ids, q_texts, rel_rows = [], [], [], []
-        for lang in sorted(b.queries):
-            for qid, text in b.queries[lang].items():
-                cols = sorted(column[str(c)] for c in b.qrels.get(qid, ()) if str(c) in column)
-                if cols:
-                    q_lang.append(lang)
-                    q_ids.append(qid)
-                    q_texts.append(text)
-                    rel_rows.append(cols)
-        if not q_ids:
-            raise ValueError("benchmark has no query with a relevant candidate (check qrels and languages)")
-        # a language with neither candidates nor a scorable query (an empty file) vanishes: say so
-        empty = sorted(l for l in set(b.queries) | set(b.candidates)
-                       if not b.candidates.get(l) and l not in set(q_lang))
-        if empty:
-            self._warn_left_out(empty, "no candidates and no query with a relevant candidate")
-        width = max(len(r) for r in rel_rows)
-        relevant = np.full((len(rel_rows), width), -1, dtype=np.int64)
-        for i, cols in enumerate(rel_rows):
-            relevant[i, :len(cols)] = cols
-        self._gains = None
-        grades = getattr(b, "grades", None) or {}
-        if any(g != 1 for rel in grades.values() for g in rel.values()):
-            # graded relevance: the gain of each relevant slot (nDCG uses grades as gains)
-            self._gains = np.zeros(relevant.shape, dtype=np.float64)
-            for i, (qid, cols) in enumerate(zip(q_ids, rel_rows)):
-                g = grades.get(qid, {})
-                self._gains[i, :len(cols)] = [float(g.get(cand_ids[c], 1)) for c in cols]
-        self.query_languages = sorted(set(q_lang))
-        self._q_lang = np.array([self.query_languages.index(l) for l in q_lang], dtype=np.int64)
-        self._q_texts, self._q_ids = q_texts, q_ids
-        self._cand_ids, self._cand_texts = cand_ids, cand_texts
-        self._offsets = np.array(offsets, dtype=np.int64)
-        self._relevant = relevant
-        self._prio = tie_priority(cand_ids)
+        self.layout = EvalLayout.from_benchmark(self.benchmark)
+        warning = self.layout.warn_left_out(getattr(self.benchmark, "name", ""))
+        if warning:
+            self.notes.append(warning)
+        self.query_languages = list(self.layout.query_languages)
+        self.candidate_languages = list(self.layout.candidate_languages)
 
     def _check_save_run(self, save_run, run_depth):
         from hybridfast.evaluation.trec import DEPTHS, check_run_folder
@@ -341,26 +167,20 @@ class RetrievalEvaluator:
             raise ValueError("save_run needs exact search: approximate IVF search (ivf_lists) has no full ranking")
         check_run_folder(save_run)
 
-    def _warn_left_out(self, langs, why):
-        msg = (f"benchmark {getattr(self.benchmark, 'name', '')!r}: language(s) {langs} have {why} and are "
-               "left out of the evaluation (an empty or unmatched data file?)")
-        warnings.warn(msg, UserWarning, stacklevel=4)
-        self.notes.append(msg)
-
     @property
     def query_rows(self):
         """(language, query id) of each row of the query embeddings, in order."""
-        return [(self.query_languages[l], q) for l, q in zip(self._q_lang, self._q_ids)]
+        return self.layout.query_rows()
 
     @property
     def candidate_ids(self):
         """Candidate id of each row of the candidate embeddings, in order (languages sorted)."""
-        return list(self._cand_ids)
+        return list(self.layout.candidate_ids)
 
     @property
     def candidate_texts(self):
         """The encoder inputs of the candidates: candidate_text(sentence, context)."""
-        return list(self._cand_texts)
+        return list(self.layout.candidate_texts)
 
     # ------------------------------------------------------------ evaluation
     def encode(self, encoder):
@@ -369,10 +189,11 @@ class RetrievalEvaluator:
             if not callable(getattr(encoder, attr, None)):
                 raise TypeError(f"encoder must have a callable {attr}(list[str]), "
                                 f"got {type(encoder).__name__}")
-        q = _embeddings(_call_encode(encoder.encode_queries, list(self._q_texts), self.batch_size),
-                        len(self._q_texts), "encode_queries")
-        c = _embeddings(_call_encode(encoder.encode_passages, list(self._cand_texts), self.batch_size),
-                        len(self._cand_texts), "encode_passages")
+        lay = self.layout
+        q = _embeddings(_call_encode(encoder.encode_queries, list(lay.query_texts), self.batch_size),
+                        len(lay.query_texts), "encode_queries")
+        c = _embeddings(_call_encode(encoder.encode_passages, list(lay.candidate_texts), self.batch_size),
+                        len(lay.candidate_texts), "encode_passages")
         if q.shape[1] != c.shape[1]:
             raise ValueError(f"encoder: query embeddings have dimension {q.shape[1]}, "
                              f"candidate embeddings {c.shape[1]}")
@@ -383,15 +204,7 @@ class RetrievalEvaluator:
         fn = getattr(encoder, "unk_rate", None)
         if not callable(fn):
             return {}
-        out = {}
-        block = {l: (self._offsets[i], self._offsets[i + 1]) for i, l in enumerate(self.candidate_languages)}
-        for lang in sorted(set(self.query_languages) | set(self.candidate_languages)):
-            texts = [t for t, l in zip(self._q_texts, self._q_lang) if self.query_languages[l] == lang] \
-                if lang in self.query_languages else []
-            if lang in block:
-                texts += self._cand_texts[block[lang][0]:block[lang][1]]
-            out[lang] = float(fn(texts))
-        return out
+        return {lang: float(fn(self.layout.texts_of(lang))) for lang in self.layout.languages}
 
     def evaluate(self, encoder, save_run=None, run_depth="full") -> EvaluationResult:
         """Encode, search, score. save_run: a folder for TREC run and qrels files of this
@@ -404,7 +217,8 @@ class RetrievalEvaluator:
         result = self.evaluate_embeddings(q, c, save_run=save_run, run_depth=run_depth)
         result.unk_rates = self.unk_rates(encoder)
         result.timings["encode_s"] = t1 - t0
-        result.timings["encode_texts_per_s"] = (len(self._q_texts) + len(self._cand_texts)) / max(t1 - t0, 1e-9)
+        n_texts = len(self.layout.query_texts) + len(self.layout.candidate_texts)
+        result.timings["encode_texts_per_s"] = n_texts / max(t1 - t0, 1e-9)
         return result
 
     def evaluate_embeddings(self, query_embeddings, candidate_embeddings, save_run=None,
@@ -414,12 +228,13 @@ class RetrievalEvaluator:
         `candidate_ids` (languages sorted, then benchmark order). save_run / run_depth: see evaluate."""
         if save_run is not None:
             self._check_save_run(save_run, run_depth)
-        q = _embeddings(query_embeddings, len(self._q_texts), "encode_queries")
-        c = _embeddings(candidate_embeddings, len(self._cand_texts), "encode_passages")
+        lay = self.layout
+        q = _embeddings(query_embeddings, len(lay.query_texts), "encode_queries")
+        c = _embeddings(candidate_embeddings, len(lay.candidate_texts), "encode_passages")
         if q.shape[1] != c.shape[1]:
             raise ValueError(f"query embeddings have dimension {q.shape[1]}, candidate embeddings {c.shape[1]}")
         t0 = time.perf_counter()
-        found = search(q, c, self._relevant, offsets=self._offsets, tie_priority=self._prio,
+        found = search(q, c, lay.relevant, offsets=lay.offsets, tie_priority=lay.priority,
                        k=self.k if self.ivf_lists is not None else 0, backend=self.search, device=self.device,
                        chunk_size=self.chunk_size, ivf_lists=self.ivf_lists, nprobe=self.nprobe,
                        show_progress=self.show_progress)
@@ -429,80 +244,99 @@ class RetrievalEvaluator:
         if save_run is not None:
             from hybridfast.evaluation.trec import write_runs
 
-            write_runs(self, q, c, found, save_run, depth=run_depth)
+            write_runs(lay, q, c, found, save_run, settings=self.settings, k=self.k, device=self.device,
+                       chunk_size=self.chunk_size, depth=run_depth)
             result.config.update(run_dir=str(save_run), run_depth=run_depth)
         return result
 
     def _summary(self, per_pair, per_language, n_queries):
         """Macro averages per setting, and the config (with notes) of one evaluation."""
         notes = list(self.notes)
-        if "cross" in self.settings and per_pair and not any(
+        settings = self.settings
+        langs = self.layout.languages
+        if len(langs) == 1 and "mono" in settings and set(settings) != {"mono"}:
+            # one language: no cross-lingual pair exists and the multilingual pool is that
+            # language's candidates alone, so "multi" would repeat "mono" as if measured
+            notes.append(f"only one language ({langs[0]}) was evaluated: the cross-lingual and multilingual "
+                         f"settings need two or more languages, so only mono is reported")
+            settings = ("mono",)
+            per_language.clear()
+        elif "cross" in settings and per_pair and not any(
                 n_queries.get(f"{x}->{y}") for (x, y) in per_pair if x != y):
             notes.append("cross: no query has a relevant candidate in another language (no query id is "
                          "shared across languages), so every cross-lingual pair is empty")
         summary = {}
-        if "mono" in self.settings:
+        if "mono" in settings:
             summary["mono"] = macro_average(m for (x, y), m in per_pair.items() if x == y)
-        if "cross" in self.settings:
+        if "cross" in settings:
             summary["cross"] = macro_average(m for (x, y), m in per_pair.items() if x != y)
-        if "multi" in self.settings:
+        if "multi" in settings:
             summary["multi"] = macro_average(per_language.values())
         config = {"search": resolve_backend(self.search, self.ivf_lists),
                   "device": str(resolve_device(self.device)),
                   "k": self.k, "ivf_lists": self.ivf_lists, "nprobe": self.nprobe if self.ivf_lists else None,
-                  "settings": list(self.settings), "queries": len(self._q_ids), "candidates": len(self._cand_ids),
-                  "graded": self._gains is not None, "notes": notes}
+                  "settings": list(settings), "queries": len(self.layout.query_ids),
+                  "candidates": len(self.layout.candidate_ids), "graded": self.layout.gains is not None,
+                  "notes": notes}
         return summary, config
 
-    def _metrics(self, found) -> EvaluationResult:
-        rel = self._relevant
-        valid = rel >= 0
-        block_of = np.repeat(np.arange(len(self.candidate_languages)), np.diff(self._offsets))
-        rel_block = np.where(valid, block_of[np.maximum(rel, 0)], -1)
-        per_pair, n_queries, per_query = {}, {}, {}
-        q_ids = np.array(self._q_ids, dtype=object)
-
-        def keep_values(key, ids, values):
-            if self.keep_per_query:
-                per_query[key] = {str(q): {m: float(v[i]) for m, v in values.items()} for i, q in enumerate(ids)}
-
-        want_pairs = "mono" in self.settings or "cross" in self.settings
-        n_lang = len(self.query_languages)
-        for yi, y in enumerate(self.candidate_languages if want_pairs else []):
+    def _pair_metrics(self, found, per_query):
+        """Per (query language, candidate language) pair -> (per_pair, n_queries)."""
+        lay = self.layout
+        rel_block = lay.relevant_block
+        per_pair, n_queries = {}, {}
+        n_lang = len(lay.query_languages)
+        for yi, y in enumerate(lay.candidate_languages):
             # all queries against candidate language y at once, then grouped by query language
             mask = rel_block == yi
             keep = mask.any(1)  # queries with a relevant candidate in y
-            groups = self._q_lang[keep]
+            groups = lay.query_lang[keep]
             count = np.bincount(groups, minlength=n_lang)
             if keep.any():
-                gains = None if self._gains is None else np.where(mask, self._gains, 0.0)[keep]
+                gains = None if lay.gains is None else np.where(mask, lay.gains, 0.0)[keep]
                 values = per_query_metrics(np.where(mask, found.block_ranks, 0)[keep], mask[keep].sum(1),
                                            gains=gains, ideal_gains=gains)
             else:
                 values = {m: np.zeros(0) for m in METRICS}
             sums = {m: np.bincount(groups, v, minlength=n_lang) for m, v in values.items()}
-            for xi, x in enumerate(self.query_languages):
+            for xi, x in enumerate(lay.query_languages):
                 if (x == y and "mono" not in self.settings) or (x != y and "cross" not in self.settings):
                     continue
                 n_queries[f"{x}->{y}"] = int(count[xi])
                 per_pair[(x, y)] = {m: float(sums[m][xi] / count[xi]) if count[xi] else float("nan")
                                     for m in METRICS}
                 sel = groups == xi
-                keep_values(f"{x}->{y}", q_ids[keep][sel], {m: v[sel] for m, v in values.items()})
+                self._keep_values(per_query, f"{x}->{y}", np.array(lay.query_ids, dtype=object)[keep][sel],
+                                  {m: v[sel] for m, v in values.items()})
+        return per_pair, n_queries
+
+    def _pool_metrics(self, found, per_query, n_queries):
+        """Per query language in the pool of all languages -> per_language."""
+        lay = self.layout
+        valid = lay.relevant >= 0
         per_language = {}
-        if "multi" in self.settings:
-            for xi, x in enumerate(self.query_languages):
-                rows = self._q_lang == xi
-                ranks = np.where(valid[rows], found.ranks[rows], 0)
-                n_rel = valid[rows].sum(1)
-                n_queries[f"{x}->multi"] = int(rows.sum())
-                gains = None if self._gains is None else np.where(valid[rows], self._gains[rows], 0.0)
-                values = per_query_metrics(ranks, n_rel, with_rank_distance=found.exact, gains=gains,
-                                           ideal_gains=gains)
-                if not found.exact:  # needs every relevant candidate's rank
-                    values["rank_distance"] = np.full(len(ranks), np.nan)
-                per_language[x] = mean_metrics(values)
-                keep_values(f"{x}->multi", q_ids[rows], values)
+        for xi, x in enumerate(lay.query_languages):
+            rows = lay.query_lang == xi
+            ranks = np.where(valid[rows], found.ranks[rows], 0)
+            n_queries[f"{x}->multi"] = int(rows.sum())
+            gains = None if lay.gains is None else np.where(valid[rows], lay.gains[rows], 0.0)
+            values = per_query_metrics(ranks, valid[rows].sum(1), with_rank_distance=found.exact, gains=gains,
+                                       ideal_gains=gains)
+            if not found.exact:  # needs every relevant candidate's rank
+                values["rank_distance"] = np.full(len(ranks), np.nan)
+            per_language[x] = mean_metrics(values)
+            self._keep_values(per_query, f"{x}->multi", np.array(lay.query_ids, dtype=object)[rows], values)
+        return per_language
+
+    def _keep_values(self, per_query, key, ids, values):
+        if self.keep_per_query:
+            per_query[key] = {str(q): {m: float(v[i]) for m, v in values.items()} for i, q in enumerate(ids)}
+
+    def _metrics(self, found) -> EvaluationResult:
+        per_query = {}
+        per_pair, n_queries = ({}, {}) if not {"mono", "cross"} & set(self.settings) else \
+            self._pair_metrics(found, per_query)
+        per_language = self._pool_metrics(found, per_query, n_queries) if "multi" in self.settings else {}
         summary, config = self._summary(per_pair, per_language, n_queries)
         return EvaluationResult(summary=summary, per_pair=per_pair, per_language=per_language,
                                 query_languages=list(self.query_languages),

@@ -83,6 +83,6 @@ def map_heatmap(path, query_languages: Sequence[str], candidate_languages: Seque
                           fmt="{:.0f}", title="rank\ndistance\n(lower:\nbetter)", show_rows=False)
     fig.suptitle(title if not summary else f"{title}\n{summary}", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # path may be a BytesIO (EvaluationResult.save)
     plt.close(fig)
     return path

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from hybridfast._backends import fallback_warning, faiss_has_gpu, faiss_module, resolve_device
+from hybridfast.evaluation.faiss_lists import faiss_index, faiss_topk, ranks_from_lists
 
 BACKENDS = ("auto", "torch", "faiss")
 
@@ -186,12 +187,8 @@ def _count_numpy(scores, cols, offsets, block_of, prio, pool=None, work=None):
                 own[rows, j] = above[rows, s:e].sum(axis=1, dtype=acc)
         # ties with r other than r itself (-0.0 == +0.0, as for trec_eval's doubles)
         n_equal = np.equal(scores, thr, out=mask).view(np.uint8).sum(axis=1, dtype=acc)
-        for i in np.nonzero(valid[:, j] & (n_equal > 1))[0]:
-            r = safe[i, j]
-            before = (scores[i] == rs[i, j]) & (prio > prio[r])
-            total[i, j] += np.count_nonzero(before)
-            s, e = offsets[block_of[r]], offsets[block_of[r] + 1]
-            own[i, j] += np.count_nonzero(before[s:e])
+        tied_rows = np.nonzero(valid[:, j] & (n_equal > 1))[0]
+        _add_ties(scores, tied_rows, safe[tied_rows, j], offsets, block_of, prio, own[:, j], total[:, j])
 
     if pool is None:
         for j in range(R):
@@ -199,6 +196,16 @@ def _count_numpy(scores, cols, offsets, block_of, prio, pool=None, work=None):
     else:
         list(pool.map(slot, range(R)))
     return own, total
+
+
+def _add_ties(scores, rows, cols, offsets, block_of, prio, own, total):
+    """Rows where candidate r = cols[i] shares its score with others: those ranked before r by
+    the tie priority are added to its pool count `total` and own-block count `own` (in place)."""
+    for i, r in zip(rows, cols):
+        before = (scores[i] == scores[i, r]) & (prio > prio[r])
+        total[i] += np.count_nonzero(before)
+        s, e = offsets[block_of[r]], offsets[block_of[r] + 1]
+        own[i] += np.count_nonzero(before[s:e])
 
 
 def _count_torch(scores, cols, offsets_t, block_of_t, prio_t):
@@ -218,7 +225,7 @@ def _count_torch(scores, cols, offsets_t, block_of_t, prio_t):
             torch.where(valid, total, zero).to(torch.int64).cpu().numpy())
 
 
-def _trec_topk(scores, k, prio):
+def trec_topk(scores, k, prio):
     """Top-k columns of each row of a numpy score chunk in trec_eval order."""
     b, C = scores.shape
     if k >= C:
@@ -311,7 +318,7 @@ def _exact_torch(q, c, rel, offsets, prio, k, device, chunk, show, topk_fn=None)
                 if topk_fn is not None:
                     ids, vals = topk_fn(scores_np, k, prio, s, e)
                 else:
-                    ids, vals = _trec_topk(scores_np, k, prio)
+                    ids, vals = trec_topk(scores_np, k, prio)
                 topk_ids[s:e], topk_scores[s:e] = ids, vals
             if bar is not None:
                 bar.update(e - s)
@@ -320,61 +327,6 @@ def _exact_torch(q, c, rel, offsets, prio, k, device, chunk, show, topk_fn=None)
     if pool is not None:
         pool.shutdown()
     return SearchResult(ranks, block_ranks, topk_ids, topk_scores, exact=True)
-
-
-def _faiss_index(faiss, vectors, ivf_lists, nprobe, use_gpu):
-    d = vectors.shape[1]
-    if ivf_lists is None:
-        index = faiss.IndexFlatIP(d)
-    else:
-        nlist = max(1, min(int(ivf_lists), vectors.shape[0]))
-        # index_factory: the index owns its coarse quantizer
-        index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)
-        index.nprobe = max(1, min(int(nprobe), nlist))
-    if use_gpu:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(vectors)
-    return index
-
-
-def _faiss_topk(index, q, k, prio):
-    """Top-k from a faiss index in trec_eval order. Rows whose k-th score is still
-    tied at the end of the returned list are searched again deeper, so that the
-    candidates tied at the cut are chosen by id like trec_eval does; -1 ids
-    (fewer hits than k under IVF) stay -1 at the end."""
-    n = index.ntotal
-    kk = min(n, k + 16)
-    vals, ids = index.search(q, kk)
-    ids = ids.astype(np.int64)
-    while kk < n:
-        open_rows = np.nonzero((ids[:, -1] >= 0) & (vals[:, -1] == vals[:, k - 1]))[0]
-        if not len(open_rows):
-            break
-        kk = min(n, kk * 4)
-        v2, i2 = index.search(q[open_rows], kk)
-        vals = np.concatenate([vals, np.full((len(q), kk - vals.shape[1]), -np.inf, np.float32)], 1)
-        ids = np.concatenate([ids, np.full((len(q), kk - ids.shape[1]), -1, np.int64)], 1)
-        vals[open_rows], ids[open_rows] = v2, i2
-    missing = ids < 0
-    key_prio = np.where(missing, -1, prio[np.where(missing, 0, ids)])
-    vals = np.where(missing, -np.inf, vals)
-    order = np.argsort(-key_prio, axis=1, kind="stable")
-    ids, vals = np.take_along_axis(ids, order, 1), np.take_along_axis(vals, order, 1)
-    order = np.argsort(-vals, axis=1, kind="stable")
-    ids, vals = np.take_along_axis(ids, order, 1)[:, :k], np.take_along_axis(vals, order, 1)[:, :k]
-    return ids, vals.astype(np.float32)
-
-
-def _ranks_from_lists(lists, cols):
-    """1-based position of each relevant column in its row's list, 0 if absent."""
-    out = np.zeros(cols.shape, dtype=np.int64)
-    for i in range(cols.shape[0]):
-        pos = {int(c): p + 1 for p, c in enumerate(lists[i]) if c >= 0}
-        for j, c in enumerate(cols[i]):
-            if c >= 0:
-                out[i, j] = pos.get(int(c), 0)
-    return out
 
 
 def _faiss(q, c, rel, offsets, prio, k, device, chunk, show, ivf_lists, nprobe):
@@ -386,17 +338,17 @@ def _faiss(q, c, rel, offsets, prio, k, device, chunk, show, ivf_lists, nprobe):
         fallback_warning("faiss-gpu", "search='faiss' on CUDA: faiss has no GPU support here "
                          "(pip install faiss-gpu-cu12); using faiss-cpu")
     if ivf_lists is None:
-        index = _faiss_index(faiss, c, None, nprobe, use_gpu)
+        index = faiss_index(faiss, c, None, nprobe, use_gpu)
 
         def topk_fn(scores_np, kk, prio_, s, e):
-            return _faiss_topk(index, q[s:e], kk, prio_)
+            return faiss_topk(index, q[s:e], kk, prio_)
 
         # exact ranks: counted from a CPU BLAS matmul of the same vectors
         return _exact_torch(q, c, rel, offsets, prio, k, torch.device("cpu"), chunk, show, topk_fn=topk_fn)
     # approximate: top-k lists per block and over the pool; ranks from the lists
     depth = max(k, 1)
-    pool_ids, pool_vals = _faiss_topk(_faiss_index(faiss, c, ivf_lists, nprobe, use_gpu), q, depth, prio)
-    ranks = _ranks_from_lists(pool_ids, rel)
+    pool_ids, pool_vals = faiss_topk(faiss_index(faiss, c, ivf_lists, nprobe, use_gpu), q, depth, prio)
+    ranks = ranks_from_lists(pool_ids, rel)
     block_ranks = np.zeros(rel.shape, dtype=np.int64)
     for s, e in zip(offsets[:-1], offsets[1:]):
         if e == s:
@@ -405,11 +357,11 @@ def _faiss(q, c, rel, offsets, prio, k, device, chunk, show, ivf_lists, nprobe):
         rows = np.nonzero(in_block.any(1))[0]
         if not len(rows):
             continue
-        lists, _ = _faiss_topk(_faiss_index(faiss, c[s:e], ivf_lists, nprobe, use_gpu), q[rows],
+        lists, _ = faiss_topk(faiss_index(faiss, c[s:e], ivf_lists, nprobe, use_gpu), q[rows],
                                min(depth, e - s), prio[s:e])
         lists = np.where(lists >= 0, lists + s, -1)
         sub = np.where(in_block[rows], rel[rows], -1)
-        block_ranks[rows] = np.where(in_block[rows], _ranks_from_lists(lists, sub), block_ranks[rows])
+        block_ranks[rows] = np.where(in_block[rows], ranks_from_lists(lists, sub), block_ranks[rows])
     return SearchResult(ranks, block_ranks, pool_ids if k else None, pool_vals if k else None, exact=False)
 
 

@@ -1,4 +1,6 @@
 """TREC run and qrels files (hybridfast.evaluation.trec): pytrec_eval on the written files equals the summary."""
+import json
+
 import pytest
 
 pytrec_eval = pytest.importorskip("pytrec_eval")
@@ -89,3 +91,41 @@ def test_save_run_never_overwrites_a_users_folder(tmp_path):
     ev.evaluate(HashEncoder(), save_run=tmp_path / "runs")
     ev.evaluate(HashEncoder(), save_run=tmp_path / "runs", run_depth="k")
     assert '"depth": "k"' in (tmp_path / "runs" / "manifest.json").read_text()
+
+
+def _export(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_re_export_replaces_the_whole_earlier_export(tmp_path):
+    """Reliability probe 2 #12: a second export with fewer languages leaves no file of the first."""
+    bench = partly_parallel_benchmark(0, n_questions=20)
+    runs = tmp_path / "sr-runs"
+    RetrievalEvaluator(bench, show_progress=False).evaluate(HashEncoder(), save_run=runs)
+    assert (runs / "runs" / "ar-de.run").exists()
+    res = RetrievalEvaluator(bench, languages=["en"], show_progress=False).evaluate(HashEncoder(), save_run=runs)
+    manifest = json.loads((runs / "manifest.json").read_text())
+    on_disk = {str(p.relative_to(runs)) for p in runs.rglob("*") if p.is_file()}
+    listed = set(manifest["runs"]) | set(manifest["runs"].values()) | {"manifest.json"}
+    assert on_disk == listed | {"qrels/all.qrels"} and all(n.startswith(("runs/en-", "qrels/", "manifest"))
+                                                           for n in on_disk)
+    check_files_reproduce(res, runs)
+    assert [p.name for p in tmp_path.iterdir()] == ["sr-runs"]  # no staging or old folder left
+
+
+def test_failed_re_export_keeps_the_earlier_export_whole(tmp_path, monkeypatch):
+    import hybridfast.evaluation.trec as trec
+
+    bench = partly_parallel_benchmark(1, n_questions=20)
+    runs = tmp_path / "runs"
+    RetrievalEvaluator(bench, show_progress=False).evaluate(HashEncoder(), save_run=runs)
+    before = _export(runs)
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trec, "_qrels_lines", full_disk)  # fails after the run files were streamed
+    with pytest.raises(OSError, match="No space"):
+        RetrievalEvaluator(bench, languages=["de", "en"], show_progress=False).evaluate(HashEncoder(), save_run=runs)
+    assert _export(runs) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"]
