@@ -208,7 +208,7 @@ def _loss_case(name, B, N, D, dtype, device, rounds, state):
 
 def section_autotune(cfg, device, state):
     from hybridfast.kernels.contrastive import chosen_configs
-    from hybridfast.loss.engines import backend_choices
+    from hybridfast.loss.dispatch import backend_choices
 
     if device.type == "cuda":  # let "auto" measure on the middle shape so its choice is recorded
         B, N = cfg["shapes"][min(1, len(cfg["shapes"]) - 1)]

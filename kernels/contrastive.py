@@ -134,10 +134,10 @@ def _row_info(A_IDX, A_POS, A_KEY, A_GRP, rows, row_ok,
 
 @triton.jit
 def _contrastive_fwd_kernel(
-    A, B, A_IDX, A_POS, A_KEY, A_GRP, B_KEY, B_GRP, SCALE, M_PART, L_PART, POS_PART,
+    A, B, A_IDX, A_POS, A_KEY, A_GRP, B_KEY, B_GRP, RA, RB, SCALE, M_PART, L_PART, POS_PART,
     n_a, n_b, D, stride_a, stride_b, A_BUCKET, B_BUCKET,
-    HAS_AIDX: tl.constexpr, HAS_BKEY: tl.constexpr, HAS_GROUPS: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_AIDX: tl.constexpr, HAS_BKEY: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALES: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program (i, k): BLOCK_M rows of A against the k-th of num_programs(1) slices of B.
@@ -155,6 +155,8 @@ def _contrastive_fwd_kernel(
     row_ok = rows < n_a
     src, a_pos, a_grp, a_key = _row_info(A_IDX, A_POS, A_KEY, A_GRP, rows, row_ok, HAS_AIDX, HAS_GROUPS)
     s = tl.load(SCALE).to(tl.float32)
+    if HAS_SCALES:  # cosine: 1/|A_i| and 1/|B_j| scale the tile (no normalised copy of A or B)
+        ra = tl.load(RA + src, mask=row_ok, other=0.0)
 
     m_i = tl.full((BLOCK_M,), _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -163,7 +165,10 @@ def _contrastive_fwd_kernel(
         cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < hi
         z = _tile_logits(A, B, src, cols, row_ok, col_ok, D, stride_a, stride_b,
-                         BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST) * s
+                         BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
+        if HAS_SCALES:  # the backward recomputes z with these very operations: prob = exp(z - lse) stays exact
+            z = z * ra[:, None] * tl.load(RB + cols, mask=col_ok, other=0.0)[None, :]
+        z = z * s
         keep = _keep_mask(cols, col_ok, a_grp, a_key, B_GRP, B_KEY, HAS_GROUPS, HAS_BKEY)
         pos += tl.sum(tl.where(cols[None, :] == a_pos[:, None], z, 0.0), axis=1)
         z = tl.where(keep, z, float("-inf"))
@@ -178,13 +183,18 @@ def _contrastive_fwd_kernel(
 
 @triton.jit
 def _contrastive_bwd_kernel(
-    A, B, A_IDX, A_POS, A_KEY, A_GRP, B_KEY, B_GRP, SCALE, LSE, W, DA, DB, DS_PART,
+    A, B, A_IDX, A_POS, A_KEY, A_GRP, B_KEY, B_GRP, RA, RB, SCALE, LSE, W, CONSTS, DA, DB, DS_PART,
     n_a, n_b, D, stride_a, stride_b, stride_da, stride_db, A_BUCKET, B_BUCKET,
-    HAS_AIDX: tl.constexpr, HAS_BKEY: tl.constexpr, HAS_GROUPS: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_AIDX: tl.constexpr, HAS_BKEY: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALES: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per (BLOCK_M rows of A, BLOCK_N rows of B) tile: recompute, then scatter-add."""
+    """One program per (BLOCK_M rows of A, BLOCK_N rows of B) tile: recompute, then scatter-add.
+
+    W is w / max|w| and CONSTS = [max|w|, max RA, max RB]: the half-precision operand
+    s * G * RA/max RA * RB/max RB lies in [-s, s] (no fp16 underflow at large B), and the
+    fp32 dot results are multiplied back by the maxima before the atomic adds.
+    """
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -198,6 +208,14 @@ def _contrastive_bwd_kernel(
 
     sim = _tile_logits(A, B, src, cols, row_ok, col_ok, D, stride_a, stride_b,
                        BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
+    mult = tl.load(CONSTS).to(tl.float32)
+    if HAS_SCALES:
+        ra = tl.load(RA + src, mask=row_ok, other=0.0)
+        rb = tl.load(RB + cols, mask=col_ok, other=0.0)
+        ra_max = tl.load(CONSTS + 1).to(tl.float32)
+        rb_max = tl.load(CONSTS + 2).to(tl.float32)
+        sim = sim * ra[:, None] * rb[None, :]
+        mult = mult * ra_max * rb_max
     keep = _keep_mask(cols, col_ok, a_grp, a_key, B_GRP, B_KEY, HAS_GROUPS, HAS_BKEY)
     prob = tl.exp(tl.where(keep, sim * s - lse[:, None], float("-inf")))
     is_pos = (cols[None, :] == a_pos[:, None]).to(tl.float32)
@@ -206,10 +224,11 @@ def _contrastive_bwd_kernel(
     n_pid_n = tl.num_programs(1).to(tl.int64)
     tl.store(DS_PART + pid_m * n_pid_n + pid_n, tl.sum(tl.sum(g * sim, axis=1), axis=0))
 
-    if UPCAST:
-        gs = g * s
-    else:
-        gs = (g * s).to(A.dtype.element_ty)  # like flash-attention's P: half-precision operand, fp32 accumulate
+    gs = g * s
+    if HAS_SCALES:  # G o (ra/max) x (rb/max): dA = ra * sum_j G rb B, dB = rb * sum_i G ra A
+        gs = gs * (ra / ra_max)[:, None] * (rb / rb_max)[None, :]
+    if not UPCAST:
+        gs = gs.to(A.dtype.element_ty)  # like flash-attention's P: half-precision operand, fp32 accumulate
     for start_d in range(0, D, BLOCK_D):
         d = start_d + tl.arange(0, BLOCK_D).to(tl.int64)
         d_ok = d < D
@@ -224,6 +243,8 @@ def _contrastive_bwd_kernel(
         else:
             da = tl.dot(gs, b)
             db = tl.dot(tl.trans(gs), a)
+        da = da * mult
+        db = db * mult
         # relaxed: no program reads what others add until the kernel ends, so the
         # default acq_rel ordering (a GPU-wide fence per atomic) buys nothing
         tl.atomic_add(DA + src[:, None] * stride_da + d[None, :], da, mask=row_ok[:, None] & d_ok[None, :],
@@ -321,7 +342,7 @@ CUDA_CONFIGS = {
     ("fwd", "fp32"): [(32, 64, 32, 4, 2), (64, 32, 32, 4, 2), (32, 128, 32, 8, 2), (16, 64, 32, 4, 2)],
     ("bwd", "fp32"): [(32, 64, 32, 4, 2), (64, 32, 32, 4, 2), (32, 32, 32, 2, 2), (32, 64, 16, 4, 2)],
 }
-AUTOTUNE_KEY = ["D", "A_BUCKET", "B_BUCKET", "HAS_AIDX", "HAS_BKEY", "HAS_GROUPS"]  # + tensor dtypes (Triton adds them)
+AUTOTUNE_KEY = ["D", "A_BUCKET", "B_BUCKET", "HAS_AIDX", "HAS_BKEY", "HAS_GROUPS", "HAS_SCALES"]  # + tensor dtypes (Triton adds them)
 MAX_SPLITS = 64
 
 
@@ -367,18 +388,23 @@ def forward_splits(n_row_programs, n_b, num_sms):
 
 # ----------------------------------------------------------------------------- launchers
 
-def _common(A, B, a_idx, a_pos, a_key, a_grp, b_key, b_grp):
+def _common(A, B, a_idx, a_pos, a_key, a_grp, b_key, b_grp, a_scale=None, b_scale=None):
     if A.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"triton backend supports float32/bfloat16/float16 inputs, got {A.dtype}")
     if A.stride(1) != 1 or B.stride(1) != 1:
         raise ValueError("A and B must be contiguous along the last dimension")
+    if (a_scale is None) != (b_scale is None):
+        raise ValueError("a_scale and b_scale go together (cosine similarity) or not at all")
     n_a = a_pos.shape[0]
     dummy = a_pos  # never read: the matching constexpr flag is off
     groups = a_grp is not None
+    scales = a_scale is not None
+    fdummy = torch.empty(1, dtype=torch.float32, device=A.device)
     args = (A, B, a_idx if a_idx is not None else dummy, a_pos,
             a_key if groups else dummy, a_grp if groups else dummy,
-            b_key if b_key is not None else dummy, b_grp if groups else dummy)
-    flags = dict(HAS_AIDX=a_idx is not None, HAS_BKEY=b_key is not None, HAS_GROUPS=groups,
+            b_key if b_key is not None else dummy, b_grp if groups else dummy,
+            a_scale.float().contiguous() if scales else fdummy, b_scale.float().contiguous() if scales else fdummy)
+    flags = dict(HAS_AIDX=a_idx is not None, HAS_BKEY=b_key is not None, HAS_GROUPS=groups, HAS_SCALES=scales,
                  IEEE=A.dtype == torch.float32,
                  # the interpreter's tl.dot misreads bfloat16 operands (Triton 3.x), so upcast there
                  UPCAST=A.dtype == torch.bfloat16 and not A.is_cuda)
@@ -390,13 +416,14 @@ def _precision(dtype):
 
 
 def contrastive_lse(A, B, scale, a_pos, a_idx=None, a_key=None, a_grp=None, b_key=None, b_grp=None,
-                    n_splits=None):
-    """Forward of one term: (lse [n_a], pos [n_a]) in fp32. Index/key/group tensors are int64.
+                    n_splits=None, a_scale=None, b_scale=None):
+    """Forward of one term: (lse [n_a], pos [n_a]) in fp32. Index/key/group tensors are int64;
+    a_scale [rows of A] / b_scale [n_b] multiply row i / column j of the logits (cosine: 1/|x|).
 
     `n_splits`: slices of B computed by separate programs and combined here (None: on
     CUDA enough for two waves of SMs, 1 in the interpreter).
     """
-    n_a, args, flags = _common(A, B, a_idx, a_pos, a_key, a_grp, b_key, b_grp)
+    n_a, args, flags = _common(A, B, a_idx, a_pos, a_key, a_grp, b_key, b_grp, a_scale, b_scale)
     n_b, D = B.shape[0], A.shape[1]
     sizes = (n_a, n_b, D, A.stride(0), B.stride(0), _bucket(n_a), _bucket(n_b))
     if A.is_cuda:
@@ -430,28 +457,35 @@ def _partials(n_splits, n_a, device):
 
 
 def contrastive_grads(A, B, scale, lse, w, dA, dB, a_pos, a_idx=None, a_key=None, a_grp=None,
-                      b_key=None, b_grp=None):
+                      b_key=None, b_grp=None, a_scale=None, b_scale=None):
     """Backward of one term: adds s*G@B into dA (rows a_idx or 0..n_a), s*G^T@A into dB; returns ds.
 
     dA and dB are fp32 accumulators the caller owns; ds is d(loss)/d(scale) as a 0-dim fp32 tensor.
+    With scales (cosine) dA_i gets a_scale_i * s * sum_j G_ij b_scale_j B_j (the gradient w.r.t.
+    the unit vector times 1/|A_i|) and likewise dB; the caller applies the normalisation backward.
     """
-    n_a, args, flags = _common(A, B, a_idx, a_pos, a_key, a_grp, b_key, b_grp)
+    n_a, args, flags = _common(A, B, a_idx, a_pos, a_key, a_grp, b_key, b_grp, a_scale, b_scale)
     n_b, D = B.shape[0], A.shape[1]
     sizes = (n_a, n_b, D, A.stride(0), B.stride(0), dA.stride(0), dB.stride(0), _bucket(n_a), _bucket(n_b))
-    w = w.float().contiguous()
+    w = w.float()
+    wmax = w.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)  # a device scalar: no host read
+    one = torch.ones((), dtype=torch.float32, device=A.device)
+    consts = torch.stack([wmax, args[8].amax() if a_scale is not None else one,
+                          args[9].amax() if b_scale is not None else one])
+    w = (w / wmax).contiguous()
     if A.is_cuda:
         tuner = _TUNED[("bwd", _precision(A.dtype))]
         most = max(triton.cdiv(n_a, c.kwargs["BLOCK_M"]) * triton.cdiv(n_b, c.kwargs["BLOCK_N"]) for c in tuner.configs)
         ds_part = torch.zeros(most, dtype=torch.float32, device=A.device)  # unused slots stay 0
         grid = lambda meta: (triton.cdiv(n_a, meta["BLOCK_M"]), triton.cdiv(n_b, meta["BLOCK_N"]))  # noqa: E731
-        tuner[grid](*args, scale, lse, w, dA, dB, ds_part, *sizes, **flags)
+        tuner[grid](*args, scale, lse, w, consts, dA, dB, ds_part, *sizes, **flags)
     else:
         bm, bn, bd = _interpreter_tiles(D)
         grid = (triton.cdiv(n_a, bm), triton.cdiv(n_b, bn))
         ds_part = torch.zeros(grid[0] * grid[1], dtype=torch.float32, device=A.device)
-        _contrastive_bwd_kernel[grid](*args, scale, lse, w, dA, dB, ds_part, *sizes, **flags,
+        _contrastive_bwd_kernel[grid](*args, scale, lse, w, consts, dA, dB, ds_part, *sizes, **flags,
                                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
-    return ds_part.sum()
+    return ds_part.sum() * wmax
 
 
 def rows_config(n_b):

@@ -9,7 +9,7 @@ def add_arguments(parser):
 def _auto_backend(info) -> str:
     import os
 
-    from hybridfast.loss.engines import ENV_BACKEND, backend_choices
+    from hybridfast.loss.dispatch import ENV_BACKEND, backend_choices
 
     forced = os.environ.get(ENV_BACKEND)
     if forced:

@@ -1,4 +1,4 @@
-"""HybridContrastiveLoss: InfoNCE with hard negatives, group masks and a symmetric term.
+"""HybridContrastiveLoss and hybrid_contrastive_loss: options, temperature, the all-gather.
 
 Maths (docs/architecture.md, "The loss"): s_ij = sim(q_i, p_j) * scale with scale = min(1/temperature, 100);
 passage j is left out of query i's denominator when both group tensors are given,
@@ -7,15 +7,10 @@ loss_i = logsumexp_{kept j} s_ij - s_{i,labels[i]}. The symmetric term scores th
 positive p[labels[i]] against every query k (same mask, read column-wise) and the
 two directions are averaged.
 
-The maths lives here twice:
-- `reference_contrastive_loss`: float64, materialises B x N; the tests' yardstick.
-- `_ContrastiveFunction`: gradients are computed in forward (one pass, no logits
-  kept) and only rescaled in backward, skipped when grad_output is 1 (the loss is
-  the last layer). It runs one of the engines of hybridfast/loss_engines.py per
-  term: backend "torch" (chunked GEMMs + PyTorch row function), "chunked" (chunked
-  cuBLAS GEMMs + the Triton row kernel), "triton" (fused tiles, never B x N).
-  "auto" is "torch" off CUDA and, on CUDA, the fastest engine measured on the
-  first call per shape bucket ($HYBRIDFAST_LOSS_BACKEND forces one).
+Where things live: function.py (the autograd Function, input checks, the two terms,
+the cosine normalisation backward), engines.py (the engines), dispatch.py (the one
+place "auto" is decided), reference.py (the fp64 reference). Cosine similarity is
+computed without normalised copies (the inverse norms are row/column scales).
 
 With gather_across_devices=True each rank returns the loss over its *own* queries
 against the passages of all ranks (and, for the symmetric term, all queries).
@@ -27,23 +22,14 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from hybridfast.loss import engines
-from hybridfast._backends import fallback_warning, triton_available_for, triton_version
+from hybridfast._backends import fallback_warning
+from hybridfast.loss import dispatch
+from hybridfast.loss.engines import ENGINE_BACKENDS
+from hybridfast.loss.function import MAX_SCALE, REDUCTIONS, SIMILARITIES, ContrastiveFunction, check_choice, check_inputs
 
-MAX_SCALE = 100.0
-SIMILARITIES = ("cos", "dot")
-REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto",) + engines.ENGINE_BACKENDS
-
-
-# ----------------------------------------------------------------------------- validation
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+BACKENDS = ("auto",) + ENGINE_BACKENDS
 
 
 def _check_temperature(temperature):
@@ -61,158 +47,6 @@ def _check_temperature(temperature):
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _check_index_tensor(name, t, length, device):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    if t.dim() != 1 or t.shape[0] != length:
-        raise ValueError(f"{name} must have shape [{length}], got {list(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the embeddings are on {device}")
-    return t.to(torch.int64).contiguous()
-
-
-def _check_inputs(q, p, labels, query_groups, passage_groups):
-    """Validate shapes, dtypes, devices and ranges; return int64 labels and groups."""
-    for name, t in (("q", q), ("p", p)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [rows, dim], got shape {list(t.shape)}")
-    if q.dtype != p.dtype:
-        raise TypeError(f"q and p must share a dtype, got q {q.dtype} and p {p.dtype}")
-    if q.device != p.device:
-        raise ValueError(f"q and p must be on one device, got q on {q.device} and p on {p.device}")
-    B, D = q.shape
-    N = p.shape[0]
-    if B == 0:
-        raise ValueError("q is empty: the batch needs at least one query")
-    if D == 0:
-        raise ValueError("q has embedding dimension 0")
-    if p.shape[1] != D:
-        raise ValueError(f"q and p embedding dimensions differ: q has D={D}, p has D={p.shape[1]}")
-    if N < B:
-        raise ValueError(f"p must have at least as many rows as q (N >= B), got N={N} < B={B}")
-    if labels is None:
-        labels = torch.arange(B, device=q.device)
-    else:
-        labels = _check_index_tensor("labels", labels, B, q.device)
-        if bool(((labels < 0) | (labels >= N)).any()):
-            raise ValueError(f"labels must lie in [0, N={N}), got values in "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
-    if (query_groups is None) != (passage_groups is None):
-        missing = "passage_groups" if passage_groups is None else "query_groups"
-        raise ValueError(f"group masking needs both query_groups and passage_groups; {missing} is missing")
-    if query_groups is not None:
-        query_groups = _check_index_tensor("query_groups", query_groups, B, q.device)
-        passage_groups = _check_index_tensor("passage_groups", passage_groups, N, q.device)
-    return labels, query_groups, passage_groups
-
-
-# ----------------------------------------------------------------------------- reference
-
-def reference_contrastive_loss(q, p, labels=None, query_groups=None, passage_groups=None, temperature=0.05,
-                               similarity="cos", symmetric=False, reduction="mean"):
-    """The contract's maths in float64 with the whole B x N matrix (for tests; differentiable)."""
-    _check_choice("similarity", similarity, SIMILARITIES)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    labels, query_groups, passage_groups = _check_inputs(q, p, labels, query_groups, passage_groups)
-    q, p = q.double(), p.double()
-    if similarity == "cos":
-        q, p = F.normalize(q, dim=1), F.normalize(p, dim=1)
-    t = temperature.double() if isinstance(temperature, torch.Tensor) else torch.tensor(float(temperature))
-    scale = (1.0 / t.to(q.device).reshape(())).clamp(max=MAX_SCALE)
-    z = scale * (q @ p.T)
-    rows = torch.arange(q.shape[0], device=q.device)
-    if query_groups is not None:
-        kill = passage_groups[None, :] == query_groups[:, None]
-        kill[rows, labels] = False
-        z = z.masked_fill(kill, float("-inf"))
-    pos = z[rows, labels]
-    loss = torch.logsumexp(z, dim=1) - pos
-    if symmetric:
-        # column labels[i] of z, against every query k (the mask is already in z)
-        loss = 0.5 * (loss + torch.logsumexp(z[:, labels], dim=0) - pos)
-    return {"mean": loss.mean, "sum": loss.sum, "none": lambda: loss}[reduction]()
-
-
-class _ContrastiveFunction(torch.autograd.Function):
-    """Loss of the own query rows q_all[offset:offset+n_own] (see module docstring).
-
-    For "mean"/"sum" the input gradients are computed during forward and backward
-    only rescales them; for "none" backward recomputes with per-row weights.
-    """
-
-    @staticmethod
-    def forward(ctx, q_all, p, scale, labels_all, q_grp_all, p_grp, offset, n_own, symmetric, reduction,
-                backend, chunk_rows, need_grad):
-        compute_dtype = torch.float64 if q_all.dtype == torch.float64 else torch.float32
-        ctx.meta = (offset, n_own, symmetric, reduction, backend, chunk_rows, compute_dtype)
-        ctx.dtypes = (q_all.dtype, p.dtype, scale.dtype)
-        w = None
-        if need_grad and reduction != "none":
-            c = 0.5 if symmetric else 1.0
-            w = torch.full((n_own,), c / n_own if reduction == "mean" else c,
-                           dtype=compute_dtype, device=q_all.device)
-        rows, dq, dp, ds = _run_terms(q_all, p, scale, labels_all, q_grp_all, p_grp, w, *ctx.meta)
-        if w is not None:
-            # keep the gradients in the inputs' dtype: half the memory of fp32 buffers for bf16/fp16
-            ctx.save_for_backward(dq.to(q_all.dtype), dp.to(p.dtype), ds)
-        elif need_grad:
-            ctx.save_for_backward(q_all, p, scale, labels_all, q_grp_all, p_grp)
-        return rows.sum() if reduction == "sum" else rows.mean() if reduction == "mean" else rows
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        offset, n_own, symmetric, reduction, backend, chunk_rows, compute_dtype = ctx.meta
-        if reduction != "none":
-            dq, dp, ds = ctx.saved_tensors
-            # The loss is usually the last layer: grad_out == 1, nothing to rescale.
-            if not bool(grad_out == 1):
-                dq, dp, ds = dq * grad_out.to(dq.dtype), dp * grad_out.to(dp.dtype), ds * grad_out.to(ds.dtype)
-        else:
-            q_all, p, scale, labels_all, q_grp_all, p_grp = ctx.saved_tensors
-            w = grad_out.to(compute_dtype) * (0.5 if symmetric else 1.0)
-            _, dq, dp, ds = _run_terms(q_all, p, scale, labels_all, q_grp_all, p_grp, w, *ctx.meta)
-        return (dq.to(ctx.dtypes[0]), dp.to(ctx.dtypes[1]), ds.to(ctx.dtypes[2])) + (None,) * 10
-
-
-def _run_terms(q_all, p, scale, labels_all, q_grp_all, p_grp, w, offset, n_own, symmetric, reduction,
-               backend, chunk_rows, compute_dtype):
-    """Both directions for the own rows; returns per-row losses and (dq, dp, ds) when w is given."""
-    own = slice(offset, offset + n_own)
-    labels = labels_all[own]
-    groups = q_grp_all is not None
-    if backend == "triton":
-        engine, acc_dtype, s = engines.fused_term, torch.float32, scale  # fp32 atomics
-    else:
-        triton_rows = backend == "chunked" and compute_dtype == torch.float32 and triton_available_for(q_all)
-        row_fn = engines.rows_triton if triton_rows else engines.rows_torch
-
-        def engine(*args):
-            return engines.chunked_term(*args, row_fn=row_fn)
-        # the Triton row kernel reads the scale on the device; the torch rows take a float (one sync)
-        acc_dtype, s = compute_dtype, scale if triton_rows else float(scale.detach())
-    dq = dp = None
-    if w is not None:
-        dq = torch.zeros(q_all.shape, dtype=acc_dtype, device=q_all.device)
-        dp = torch.zeros(p.shape, dtype=acc_dtype, device=p.device)
-    row = engines.Term(q_all[own], p, labels, a_key=labels, a_grp=q_grp_all[own] if groups else None, b_grp=p_grp)
-    lse, pos, ds = engine(row, s, w, dq[own] if dq is not None else None, dp, chunk_rows, compute_dtype)
-    rows = lse.to(compute_dtype) - pos.to(compute_dtype)
-    if symmetric:
-        own_idx = torch.arange(offset, offset + n_own, device=q_all.device)
-        col = engines.Term(p, q_all, own_idx, a_idx=labels, a_key=labels, a_grp=p_grp[labels] if groups else None,
-                           b_key=labels_all, b_grp=q_grp_all)
-        lse_c, _, ds_c = engine(col, s, w, dp, dq, chunk_rows, compute_dtype)
-        rows = 0.5 * (rows + lse_c.to(compute_dtype) - pos.to(compute_dtype))
-        ds = ds + ds_c
-    return rows, dq, dp, ds
-
-
 # ----------------------------------------------------------------------------- distributed
 
 def _dist_world():
@@ -226,31 +60,26 @@ def _dist_world():
     return dist.get_rank(), dist.get_world_size()
 
 
-class _AllGather(torch.autograd.Function):
-    """Concatenate equal-sized tensors from all ranks; backward sums the gradients and keeps this rank's slice."""
+def _gather(x):
+    """Concatenation of x over ranks. Float tensors go through torch.distributed.nn's all_gather,
+    whose backward sums every rank's gradient into this rank's slice (reduce-scatter on NCCL)."""
+    import torch.distributed as dist
 
-    @staticmethod
-    def forward(ctx, x):
-        import torch.distributed as dist
+    if x.is_floating_point():
+        from torch.distributed.nn.functional import all_gather
 
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x)
-        ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        import torch.distributed as dist
-
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every rank's loss depends on this rank's rows
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+        return torch.cat(all_gather(x.contiguous()))
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 def _gather_sizes_equal(B, N, device):
     import torch.distributed as dist
 
+    if dispatch.tracing():
+        raise RuntimeError("gather_across_devices=True compares batch sizes across ranks on the host, which "
+                           "CUDA-graph capture and torch.compile cannot trace; gather outside the captured region")
     mine = torch.tensor([B, N], device=device)
     sizes = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, mine)
@@ -259,91 +88,29 @@ def _gather_sizes_equal(B, N, device):
                          f"(B, N) = {[tuple(s.tolist()) for s in sizes]}")
 
 
-# ----------------------------------------------------------------------------- public API
-
-def _normalize(x):
-    """Differentiable L2 normalisation; half precision gets an fp32 norm and product.
-
-    Only the input and the [rows, 1] norm are saved for backward (no fp32 copy of x
-    stays alive), which matters at B = 65536.
-    """
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        return F.normalize(x, dim=1)
-    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
-    return (x * norm.clamp_min(1e-12).reciprocal()).to(x.dtype)
-
-
-def _pick_backend(backend, q):
-    """The engine for an explicit backend, or "measure" where "auto" must time them (CUDA + Triton)."""
-    if backend == "auto":
-        backend = engines.forced_backend() or "auto"
-    if backend == "torch" or q.dtype == torch.float64 and backend == "auto":
-        return "torch"
-    if backend in ("triton", "chunked") and q.dtype == torch.float64:
-        raise TypeError(f"backend={backend!r} supports float32/bfloat16/float16 q and p, got float64")
-    if backend == "triton" and not triton_available_for(q):
-        raise RuntimeError("backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
-                           "use backend='chunked', 'torch' or 'auto'")
-    if backend != "auto":
-        return backend  # "chunked" without Triton runs its PyTorch row function
-    if q.device.type == "cuda":
-        if triton_version() is not None:
-            return "measure"
-        fallback_warning("loss-triton", "Triton is not installed: HybridContrastiveLoss uses the chunked "
-                         "engine with its PyTorch row function on CUDA (slower)")
-    return "torch"
-
-
-def _chunk_rows(backend, q, n_cols, compute_dtype, chunk_size, chunk_memory):
-    if chunk_size:
-        return chunk_size
-    budget = chunk_memory or (engines.DEFAULT_CHUNK_MEMORY_CUDA if q.is_cuda else engines.DEFAULT_CHUNK_MEMORY_CPU)
-    separate_g = backend == "chunked" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-    elt = torch.finfo(compute_dtype).bits // 8
-    return engines.chunk_rows_for(n_cols, elt, q.element_size() if separate_g else 0, budget)
-
-
-def _measured_backend(args, symmetric, groups, chunk_memory, compute_dtype, chunk_size):
-    """backend="auto" on CUDA: time every engine that fits on detached copies, once per shape bucket."""
-    q_all, p, scale = args[0], args[1], args[2]
-    budget = chunk_memory or engines.DEFAULT_CHUNK_MEMORY_CUDA
-    key = engines.shape_key(q_all, p, symmetric, groups)
-
-    def run(name):
-        qq, pp = q_all.detach().requires_grad_(True), p.detach().requires_grad_(True)
-        rows = _chunk_rows(name, q_all, max(p.shape[0], q_all.shape[0]), compute_dtype, chunk_size, chunk_memory)
-        _ContrastiveFunction.apply(qq, pp, scale.detach(), *args[3:10], name, rows, True).sum().backward()
-
-    def sync():
-        if q_all.is_cuda:
-            torch.cuda.synchronize(q_all.device)
-
-    candidates = engines.available_candidates(q_all, p, symmetric, budget, triton_ok=triton_available_for(q_all))
-    return engines.choose_backend(key, candidates, run, sync)
-
+# ----------------------------------------------------------------------------- the call
 
 def _contrastive(q, p, labels, query_groups, passage_groups, scale, similarity, symmetric, reduction,
                  gather_across_devices, backend, chunk_size, chunk_memory=None):
-    labels, query_groups, passage_groups = _check_inputs(q, p, labels, query_groups, passage_groups)
-    backend = _pick_backend(backend, q)
-    if similarity == "cos":
-        q, p = _normalize(q), _normalize(p)
+    labels, query_groups, passage_groups = check_inputs(q, p, labels, query_groups, passage_groups)
+    backend = dispatch.pick(backend, q)
     B, N = q.shape[0], p.shape[0]
-    q_all, offset, labels_all, q_grp_all = q, 0, labels, query_groups
+    q_all, offset, labels_all, q_grp_all, lockstep = q, 0, labels, query_groups, False
     if gather_across_devices:
         rank, world = _dist_world()
         if world > 1:
             _gather_sizes_equal(B, N, q.device)
-            p = _AllGather.apply(p)
+            lockstep = True  # every rank has just passed the same collective with the same sizes
+            p = _gather(p)
             labels = labels + rank * N
             labels_all = labels
             if passage_groups is not None:
-                passage_groups = _AllGather.apply(passage_groups)
+                passage_groups = _gather(passage_groups)
             if symmetric:  # the passage->query term needs every query
-                q_all, offset = _AllGather.apply(q), rank * B
-                labels_all = _AllGather.apply(labels)
+                q_all, offset = _gather(q), rank * B
+                labels_all = _gather(labels)
                 if query_groups is not None:
-                    q_grp_all = _AllGather.apply(query_groups)
+                    q_grp_all = _gather(query_groups)
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = scale.to(device=q.device, dtype=compute_dtype).reshape(())
     need_grad = torch.is_grad_enabled() and (q_all.requires_grad or p.requires_grad or scale.requires_grad)
@@ -351,23 +118,26 @@ def _contrastive(q, p, labels, query_groups, passage_groups, scale, similarity, 
     # accumulation precision and write into fp32 buffers in place.
     with torch.autocast(device_type=q.device.type, enabled=False):
         args = [q_all.contiguous(), p.contiguous(), scale, labels_all, q_grp_all, passage_groups, offset, B,
-                symmetric, reduction]
+                symmetric, reduction, similarity == "cos"]
         if backend == "measure":
-            backend = _measured_backend(args, symmetric, query_groups is not None, chunk_memory, compute_dtype,
-                                        chunk_size)
-        rows = _chunk_rows(backend, q, max(p.shape[0], q_all.shape[0]), compute_dtype, chunk_size, chunk_memory)
-        return _ContrastiveFunction.apply(*args, backend, rows, need_grad)
+            backend = dispatch.measure(args, symmetric, query_groups is not None, chunk_memory, compute_dtype,
+                                        chunk_size, lockstep)
+        rows = dispatch.chunk_rows(backend, q, q_all.shape[0], p.shape[0], compute_dtype, chunk_size,
+                                   chunk_memory)
+        return ContrastiveFunction.apply(*args[:10], backend, rows, need_grad, args[10])
 
 
 def _scale_from_temperature(temperature, device):
-    t = temperature if isinstance(temperature, torch.Tensor) else torch.tensor(float(temperature), device=device)
-    return (1.0 / t.reshape(())).clamp(max=MAX_SCALE)
+    if isinstance(temperature, torch.Tensor):
+        return (1.0 / temperature.reshape(())).clamp(max=MAX_SCALE)
+    # torch.full writes the value on the device with a kernel: no host-to-device copy, no sync
+    return torch.full((), min(1.0 / float(temperature), MAX_SCALE), dtype=torch.float32, device=device)
 
 
 def _check_options(similarity, reduction, backend, chunk_size, chunk_memory=None):
-    _check_choice("similarity", similarity, SIMILARITIES)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    _check_choice("backend", backend, BACKENDS)
+    check_choice("similarity", similarity, SIMILARITIES)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("backend", backend, BACKENDS)
     for name, value in (("chunk_size", chunk_size), ("chunk_memory", chunk_memory)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive int or None, got {value!r}")
@@ -381,8 +151,8 @@ def hybrid_contrastive_loss(q, p, labels=None, query_groups=None, passage_groups
     `temperature` may be a one-element tensor with requires_grad=True: its
     gradient flows (the logit scale 1/temperature is capped at 100).
     `chunk_size`: rows per chunk of the chunked engine ("torch", "chunked"); None
-    derives it from `chunk_memory`, the bytes one chunk may hold (None: 512 MiB on
-    CUDA, 48 MiB on the CPU).
+    derives it from `chunk_memory`, the bytes one chunk may hold (None: on CUDA a third
+    of the fp32 gradient accumulators, between 64 and 512 MiB; 48 MiB on the CPU).
     Returns a float32 loss for fp32/bf16/fp16 inputs, float64 for float64.
     """
     _check_temperature(temperature)

@@ -31,7 +31,7 @@ try:  # the ptxas Triton itself uses for sm90 (its bundled one; "ptxas-blackwell
 except Exception:  # older Triton: one bundled ptxas
     PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 INT_PTRS = {"A_IDX", "A_POS", "A_KEY", "A_GRP", "B_KEY", "B_GRP"}
-FP32_PTRS = {"SCALE", "M_PART", "L_PART", "POS_PART", "LSE", "POS", "W", "DA", "DB", "DS_PART", "DS_ROW", "S"}
+FP32_PTRS = {"RA", "RB", "CONSTS", "SCALE", "M_PART", "L_PART", "POS_PART", "LSE", "POS", "W", "DA", "DB", "DS_PART", "DS_ROW", "S"}
 ELT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 SPILL = re.compile(r"(\d+) bytes spill (?:stores|loads)")
 
@@ -96,7 +96,8 @@ def main() -> int:
         for dtype in dtypes:
             for flags in (False, True):
                 for m, n, d, warps, stages in configs:
-                    consts = dict(HAS_AIDX=flags, HAS_BKEY=flags, HAS_GROUPS=flags, IEEE=dtype == torch.float32,
+                    consts = dict(HAS_AIDX=flags, HAS_BKEY=flags, HAS_GROUPS=flags, HAS_SCALES=flags,
+                                  IEEE=dtype == torch.float32,
                                   UPCAST=False, BLOCK_M=m, BLOCK_N=n, BLOCK_D=d)
                     row = compile_one(kernel, ELT[dtype], consts, warps, stages)
                     print(json.dumps(dict(kernel=pass_, dtype=ELT[dtype], config=[m, n, d, warps, stages],
