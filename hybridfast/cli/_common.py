@@ -12,6 +12,7 @@ help text shows it.
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import os
 import sys
 import typing
@@ -23,12 +24,17 @@ from typing import Callable, Dict, Optional
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
+_LISTS = (list, tuple, collections.abc.Sequence)
+
+
 def _scalar_type(annotation):
     """int / float / str from a field annotation such as Optional[int]; lists are given as
     comma-separated text and split by the config."""
     if annotation in (int, float, str):
         return annotation
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in _LISTS or any(typing.get_origin(a) in _LISTS for a in args):
+        return str  # "0,1,2": split by the config
     for a in args:
         if a in (int, float):
             return a
@@ -149,6 +155,18 @@ def run_guarded(prog: str, work: Callable[[], object], rerun: str = "resume with
 
 
 # ----------------------------------------------------------------------------- threads
+
+def prepare_run(prog: str, args, config_from_args: Callable):
+    """(config, 0), or (None, exit code 2) after one line naming the bad setting; torch's threads
+    set from --threads."""
+    try:
+        config = config_from_args(args)
+        configure_threads(args.threads)
+    except (ValueError, TypeError) as e:
+        error(prog, e)
+        return None, EXIT_USAGE
+    return config, 0
+
 
 def add_threads_argument(parser):
     parser.add_argument("--threads", default="auto",

@@ -12,23 +12,23 @@ Default protocol: zero-shot (train on MLQA-R, evaluate on all 11 XQuAD-R languag
 articles. Default models: multilingual-e5-small cut to its first 3, 6 and 12 layers
 (`multilingual-e5-small@K`, via hybridfast.models.get(name, layers=K)).
 
-Modules: config (settings, model specs), identity (which model a cell holds,
+Modules: config (settings, model choices), identity (which model a cell holds,
 parameter counts), cells (running and resuming the grid), stats (per-query values,
 intervals), report (CSV, JSON, Markdown, plots), mpnet (all-mpnet-base-v2 from pip).
-The command line is hybridfast/cli/study.py.
+The command line is hybridfast/cli/study.py, generated from StudyConfig's fields.
 """
 import os
 from typing import Callable, Dict, List, Optional
 
-from hybridfast.study.cells import (build_evaluators, cell_dir, jsonable, plan, run_cell, run_cells,
-                                    subset_articles, write_json)
+from hybridfast.study.cells import (benchmark_fingerprint, build_evaluators, cell_dir, fingerprint_data, jsonable,
+                                    plan, run_cell, run_cells, study_folder, subset_articles, write_json)
 from hybridfast.study.config import (BASE, DEFAULT_MODELS, LOWER_IS_BETTER, METRIC_KEYS, MODES, PROTOCOLS, SETTINGS,
-                                     TABLE_COLUMNS, ModelSpec, StudyConfig, configure_threads, eval_split_for,
+                                     TABLE_COLUMNS, ModelChoice, ModelSpec, StudyConfig, eval_split_for,
                                      prefix_kwargs, train_split_for)
 from hybridfast.study.identity import (ResolvedModel, content_hash, parameter_counts, resolve_models)
 from hybridfast.models.mpnet import assemble_mpnet
-from hybridfast.study.report import (CSV_COLUMNS, best_marks, result_rows, study_markdown, summarize,
-                                     write_outputs)
+from hybridfast.study.report import (CSV_COLUMNS, STUDY_RESULTS, best_marks, result_rows, study_markdown,
+                                     summarize, write_outputs)
 from hybridfast.study.stats import (contrast_interval, macro_map, paired_bootstrap, per_query_values,
                                     question_weights)
 
@@ -38,7 +38,7 @@ def model_label(name: str) -> str:
     """Readable label of one model argument (the demo's header) without fetching anything: a folder
     by its name (the bundled MiniLM as all-MiniLM-L6-v2), a named model as given. The study itself
     labels models with resolve_models, which keeps labels unique."""
-    spec = ModelSpec.parse(str(name))
+    spec = ModelChoice.parse(str(name))
     if spec.layers is None and os.path.isdir(spec.name):
         return resolve_models([spec])[0].label
     return str(spec)
@@ -46,7 +46,9 @@ def model_label(name: str) -> str:
 
 def run_study(config: StudyConfig, train_fn: Optional[Callable] = None, evaluators: Optional[Dict] = None,
               log=print) -> List[dict]:
-    """run_cells, then write results.csv/.json/.md and the plots under config.out."""
-    results = run_cells(config, train_fn=train_fn, evaluators=evaluators, log=log)
-    write_outputs(config, results)
+    """run_cells, then write results.csv/.json/.md and the plots under config.out (the folder
+    locked and its result names claimed first: a user's results.* there stop the study at once)."""
+    with study_folder(config.out, STUDY_RESULTS, config.overwrite):
+        results = run_cells(config, train_fn=train_fn, evaluators=evaluators, log=log)
+        write_outputs(config, results)
     return results

@@ -8,18 +8,27 @@
 
 Resuming: run the same command again. Finished cells are skipped; a cell whose
 training was interrupted restarts from its last checkpoint. The settings hash
-covers everything that changes a cell's numbers, so a changed budget never reuses
-stale cells; adding a model, a mode or a seed runs only the new cells. After a
-cell is evaluated its fine-tuned weights and checkpoints are removed (its log and
-config stay) unless keep_models is set.
+covers everything that changes a cell's numbers, the contents of the training and
+evaluation data included (a fingerprint, not the path), so a changed budget or
+changed data never reuses stale cells; adding a model, a mode or a seed runs only the
+new cells. After a cell is evaluated its fine-tuned weights and checkpoints are
+removed (its log and config stay) unless keep_models is set.
+
+One study per folder: the study holds OUT/.hybridfast.lock while it runs and each cell's
+train/ folder holds the lock of `hybridfast train` (the same file), so a second study or
+a `hybridfast train` on a folder in use stops at once naming the process. The folder's
+ownership record (OUT/.hybridfast-run.json, as for training) lists what the study wrote;
+a user's own results.* there are never replaced without overwrite.
 """
+import hashlib
 import json
 import math
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -63,7 +72,8 @@ def cell_dir(config: StudyConfig, model: ResolvedModel, mode: str, seed: Optiona
     return model_dir(config, model) / f"{mode}-s{seed}-{config.settings_hash()}"
 
 
-def train_config(config: StudyConfig, model_path: str, mode: str, seed: int, output: Path, resume: bool):
+def train_config(config: StudyConfig, model_path: str, mode: str, seed: int, output: Path, resume: bool,
+                 overwrite: bool = False):
     from hybridfast.training import TrainConfig
 
     if config.save_steps is None:
@@ -74,7 +84,7 @@ def train_config(config: StudyConfig, model_path: str, mode: str, seed: int, out
                   languages=config.languages, mode=mode, mono_prob=config.mono_prob,
                   batch_size=config.batch_size, max_steps=config.steps, lr=config.lr,
                   max_length=config.max_length, seed=seed, device=config.device,
-                  save_steps=save_steps, output=str(output), resume=resume,
+                  save_steps=save_steps, output=str(output), resume=resume, overwrite=overwrite,
                   show_progress=config.show_progress, **prefix_kwargs(config.prefixes))
     kwargs.update(config.extra_train)
     return TrainConfig(**kwargs)
@@ -97,16 +107,24 @@ def _train(config, model, mode, seed, cdir, train_fn, log):
         if (final / "config.json").exists():
             log(f"[study] {model.label} / {mode} / seed {seed}: trained earlier, evaluating {final}")
             return str(final), info["train_seconds"]
+    from hybridfast.training import OutputFolderError, RunFolder, run_status
+
     train_out = cdir / "train"
-    # an interrupted run restarts from its last checkpoint
-    resume = train_out.exists() and any(train_out.glob("checkpoint-*"))
-    if train_out.exists() and not resume:
-        # a run killed before its first checkpoint: only the study wrote here, start the cell over
-        shutil.rmtree(train_out)
-    log(f"[study] {model.label} / {mode} / seed {seed}: training {config.steps} steps (batch {config.batch_size}, "
-        f"max_length {config.max_length})" + (", resuming from its last checkpoint" if resume else ""))
-    t0 = time.perf_counter()
-    final = str(train_fn(train_config(config, model.path, mode, seed, train_out, resume)))
+    # the lock of `hybridfast train` on the cell's folder, held from the decision on: a second
+    # study (or a train) waits for nothing and removes nothing here while this one trains
+    with RunFolder(train_out).lock(kind="study cell"):
+        status = run_status(train_out)
+        if status == "foreign":
+            raise OutputFolderError(f"study: {train_out} holds files hybridfast did not write; move them away")
+        # resumable: from its last checkpoint; unfinished (killed before one): the trainer's overwrite
+        # removes only its own files; finished (killed before trained.json): resume returns final/
+        resume = status in ("resumable", "finished")
+        log(f"[study] {model.label} / {mode} / seed {seed}: training {config.steps} steps (batch "
+            f"{config.batch_size}, max_length {config.max_length})"
+            + (", resuming from its last checkpoint" if status == "resumable" else ""))
+        t0 = time.perf_counter()
+        final = str(train_fn(train_config(config, model.path, mode, seed, train_out, resume,
+                                          overwrite=status == "unfinished")))
     seconds = time.perf_counter() - t0
     write_json(trained_file, {"final": final, "train_seconds": seconds})
     return final, seconds
@@ -178,16 +196,23 @@ def subset_articles(benchmark, n_articles: int):
     return RetrievalBenchmark(queries, candidates, qrels, name=f"{benchmark.name}[{len(keep)} articles]")
 
 
+def load_benchmarks(config: StudyConfig) -> Dict:
+    """{eval name: benchmark} of config.evals (split, languages and article subset applied)."""
+    from hybridfast.data import load_benchmark
+
+    benchmarks = {name: load_benchmark(name, data_dir=config.data_dir, languages=config.languages,
+                                       split=eval_split_for(config, name)) for name in config.evals}
+    if config.eval_articles is not None:
+        benchmarks = {n: subset_articles(b, config.eval_articles) for n, b in benchmarks.items()}
+    return benchmarks
+
+
 def build_evaluators(config: StudyConfig, benchmarks: Optional[Dict] = None) -> Dict:
     """{eval name: (benchmark, RetrievalEvaluator(keep_per_query=True))}; benchmarks from config.evals unless given."""
-    from hybridfast.data import load_benchmark
     from hybridfast.evaluation.evaluator import RetrievalEvaluator
 
     if benchmarks is None:
-        benchmarks = {name: load_benchmark(name, data_dir=config.data_dir, languages=config.languages,
-                                           split=eval_split_for(config, name)) for name in config.evals}
-        if config.eval_articles is not None:
-            benchmarks = {n: subset_articles(b, config.eval_articles) for n, b in benchmarks.items()}
+        benchmarks = load_benchmarks(config)
     return {name: (bench, RetrievalEvaluator(bench, device=config.device, show_progress=config.show_progress,
                                              keep_per_query=True))
             for name, bench in benchmarks.items()}
@@ -211,13 +236,65 @@ def run_cells(config: StudyConfig, train_fn: Optional[Callable] = None, evaluato
         from hybridfast import training
 
         train_fn = training.train
-    Path(config.out).mkdir(parents=True, exist_ok=True)
-    models = resolve_models(config.models)
-    if evaluators is None:
-        evaluators = build_evaluators(config)
-    todo = plan(config, models)
-    results, t0 = [], time.perf_counter()
-    for i, (model, mode, seed) in enumerate(todo):
-        log(f"[study] cell {i + 1}/{len(todo)} ({(time.perf_counter() - t0) / 60:.1f} min so far)")
-        results.append(run_cell(config, model, mode, seed, evaluators, train_fn, log=log))
+    with study_folder(config.out, ("cells",), config.overwrite):
+        models = resolve_models(config.models)
+        if evaluators is None:
+            evaluators = build_evaluators(config)
+        fingerprint_data(config, evaluators)
+        todo = plan(config, models)
+        results, t0 = [], time.perf_counter()
+        for i, (model, mode, seed) in enumerate(todo):
+            log(f"[study] cell {i + 1}/{len(todo)} ({(time.perf_counter() - t0) / 60:.1f} min so far)")
+            results.append(run_cell(config, model, mode, seed, evaluators, train_fn, log=log))
     return results
+
+
+# ----------------------------------------------------------------------------- the study's folder
+
+@contextmanager
+def study_folder(out, names: Sequence[str], overwrite: bool = False, kind: str = "study"):
+    """Hold OUT's lock (the training lock file; re-entrant within this process) and claim the
+    names the study writes there: a name that exists but that no hybridfast run recorded is
+    the user's, refused unless overwrite. Nothing is written before both pass."""
+    from hybridfast.training import OutputFolderError, RunFolder
+
+    folder = RunFolder(out)
+    if folder.path.exists() and not folder.path.is_dir():
+        raise OutputFolderError(f"out: {folder.path} exists and is not a folder")
+    with folder.lock(kind=kind):
+        own = set(folder.own_names())
+        # a study folder from before the ownership record: its cells/ shows the study wrote it
+        legacy = folder.record() is None and any((folder.path / "cells").glob("*/*/result.json"))
+        clash = [n for n in names if (folder.path / n).exists() and n not in own]
+        if clash and not (overwrite or legacy):
+            raise OutputFolderError(f"out: {folder.path} holds {clash}, which hybridfast did not write; it will "
+                                    "not replace them. Move them away, choose another --out, or pass --overwrite")
+        for name in names:
+            folder.own(name)
+        yield folder
+
+
+def benchmark_fingerprint(benchmark) -> str:
+    """sha256 of a benchmark's queries, candidates and qrels as loaded (not its path)."""
+    h = hashlib.sha256()
+    for part in (benchmark.queries, benchmark.candidates, benchmark.qrels):
+        h.update(json.dumps(part, sort_keys=True, default=sorted).encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
+def fingerprint_data(config: StudyConfig, evaluators: Optional[Dict] = None) -> dict:
+    """Fingerprints of the evaluation data (of `evaluators`' benchmarks, else of config.evals)
+    and, when anything is trained, of the training data, stored on the config: the cells'
+    settings hashes follow the data's contents, so edited or regenerated data never reuses a
+    cell computed on the old data."""
+    benchmarks = ({name: bench for name, (bench, _) in evaluators.items()} if evaluators is not None
+                  else load_benchmarks(config))
+    found = {"evals": {name: benchmark_fingerprint(bench) for name, bench in sorted(benchmarks.items())}}
+    if config.modes:
+        from hybridfast.data import load_training_pairs
+
+        pairs = load_training_pairs(config.train, data_dir=config.data_dir, split=train_split_for(config),
+                                    languages=config.languages)
+        found["train"] = pairs.fingerprint()[:16]
+    config.data_fingerprints = found
+    return found

@@ -1,21 +1,30 @@
-"""Study settings: modes, model specs, StudyConfig, prefixes and threads."""
+"""Study settings: the grid's StudyConfig (its fields generate `hybridfast study`'s options,
+hybridfast/cli/_common.py), the model choices of --models, prefixes, and data identity.
+
+Constants come from the modules that own them: the batch modes from hybridfast.sampler,
+the evaluation settings from hybridfast.evaluation, the lower-is-better metrics from
+hybridfast.evaluation.metrics; the protocols are defined here (the demo uses them too).
+"""
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from hybridfast.rules import MODES as _RULE_MODES
+from hybridfast.evaluation import SETTINGS
+from hybridfast.evaluation.metrics import LOWER_IS_BETTER
+from hybridfast.sampler import MODES as BATCH_MODES
 
-MODES = ("mono", "cross", "hybrid")  # display order; the set is hybridfast.rules.MODES
-assert set(MODES) == set(_RULE_MODES)
+# The order of the study's tables and plots: the two pure modes, then hybrid, which mixes them.
+MODES = ("mono", "cross", "hybrid")
+if set(MODES) != set(BATCH_MODES):  # a new batch mode must get its place in the tables
+    raise ImportError(f"hybridfast.study: MODES {MODES} do not match hybridfast.sampler.MODES {BATCH_MODES}")
 BASE = "base"
-SETTINGS = ("mono", "cross", "multi")
 # The study's metrics: (setting, metric, header). Their per-query values are kept for the intervals.
 TABLE_COLUMNS = (("mono", "map", "mono mAP"), ("cross", "map", "cross mAP"),
                  ("multi", "map", "multi mAP"), ("multi", "recall@1", "multi R@1"),
                  ("multi", "rank_distance", "rank dist."))
-LOWER_IS_BETTER = ("rank_distance",)
+# protocol -> (training data, evaluation benchmarks)
 PROTOCOLS = {"zero-shot": ("mlqa-r", ("xquad-r",)), "held-out": ("xquad-r", ("xquad-r",))}
 INTERVALS = ("t", "bootstrap")
 DEFAULT_MODELS = ("multilingual-e5-small@L3", "multilingual-e5-small@L6", "multilingual-e5-small@L12")
@@ -30,7 +39,7 @@ METRIC_KEYS = tuple(metric_key(s, m) for s, m, _ in TABLE_COLUMNS)
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelChoice:
     """One --models entry: `[FAMILY=]NAME_OR_FOLDER[@LK]`.
 
     `multilingual-e5-small@L3` (or `@3`) is multilingual-e5-small cut to its first 3 layers
@@ -40,10 +49,10 @@ class ModelSpec:
 
     name: str                      # name or folder as given (no family, no @layers)
     layers: Optional[int] = None   # truncate to the first N layers (hybridfast.models.get)
-    family: Optional[str] = None   # None: the name for @layers specs, else the model's own label
+    family: Optional[str] = None   # None: the name for @layers choices, else the model's own label
 
     @classmethod
-    def parse(cls, text: str) -> "ModelSpec":
+    def parse(cls, text: str) -> "ModelChoice":
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"models: {text!r} is not a model name or folder")
         text = text.strip()
@@ -54,59 +63,105 @@ class ModelSpec:
             family, text = (s.strip() for s in text.split("=", 1))
             if not family or not text:
                 raise ValueError(f"models: {text!r}: give FAMILY=MODEL")
-        layers = None
-        if "@" in text:
-            text, _, k = text.rpartition("@")
-            k = k[1:] if k[:1] in ("L", "l") else k
-            if not k.isdigit() or int(k) < 1 or not text:
-                raise ValueError(f"models: {text}@{k}: give NAME@LK with K a positive number of layers")
-            layers = int(k)
-        return cls(text, layers, family)
+        name, layers = _split_layers(text)
+        return cls(name, layers, family)
 
     def __str__(self):
         return (f"{self.family}=" if self.family else "") + self.name + (f"@L{self.layers}" if self.layers else "")
+
+
+ModelSpec = ModelChoice  # the name before 0.2; kept for one release
+
+
+def _split_layers(text: str):
+    """NAME@LK / NAME@K -> (NAME, K): the grammar of hybridfast.models when it provides one."""
+    try:
+        from hybridfast.models.registry import split_layers
+    except ImportError:  # an installation without the registry's parser
+        split_layers = None
+    if split_layers is not None:
+        return split_layers(text, arg="models")
+    if "@" not in text:
+        return text, None
+    name, _, k = text.rpartition("@")
+    k = k[1:] if k[:1] in ("L", "l") else k
+    if not k.isdigit() or int(k) < 1 or not name:
+        raise ValueError(f"models: {name}@{k}: give NAME@LK with K a positive number of layers")
+    return name, int(k)
+
+
+def _setting(default, help=None, **meta):
+    """A StudyConfig field; `help` puts it on the command line (hybridfast/cli/_common.py)."""
+    if help is not None:
+        meta["help"] = help
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class StudyConfig:
     """The grid: models x (base + modes) x seeds, trained on `train`, evaluated on `evals`.
 
-    eval_split "auto": the held-out test articles for a benchmark that is also the
-    training data, else all of it. train_split "auto": "train" when the training
-    data is one of the benchmarks, else "all" (zero-shot). interval: "t"
-    (default) or "bootstrap", see hybridfast.study.stats.
+    Each field with a help text is an option of `hybridfast study` (the dataclass's default
+    is the only default). eval_split "auto": the held-out test articles for a benchmark that
+    is also the training data, else all of it. train_split "auto": "train" when the training
+    data is one of the benchmarks, else "all" (zero-shot). interval: "t" (default) or
+    "bootstrap", see hybridfast.study.stats.
     """
 
-    models: Sequence = DEFAULT_MODELS
-    modes: Sequence[str] = MODES
-    train: str = "mlqa-r"
-    evals: Sequence[str] = ("xquad-r",)
-    out: str = "runs/study"
-    seeds: Sequence[int] = (0,)
-    steps: int = 200
-    batch_size: int = 32
-    max_length: int = 128
-    languages: Optional[Sequence[str]] = None
-    data_dir: Optional[str] = None
-    device: str = "auto"
-    lr: float = 3e-5
-    mono_prob: float = 0.5
+    models: Sequence = _setting(DEFAULT_MODELS, "comma-separated [FAMILY=]NAME_OR_FOLDER[@LK]; NAME@LK is the "
+                                                "named model cut to its first K layers (hybridfast models get "
+                                                "NAME --layers K)")
+    modes: Sequence[str] = _setting(MODES, "comma-separated subset of mono,cross,hybrid")
+    seeds: Sequence[int] = _setting((0, 1, 2), "training seeds: every (model, mode) cell is trained once per seed")
+    protocol: str = _setting("zero-shot", "zero-shot: train mlqa-r, evaluate xquad-r (all of it); held-out: train "
+                                          "on xquad-r's train articles, evaluate on its test articles. --train / "
+                                          "--eval override it", choices=tuple(PROTOCOLS))
+    train: Optional[str] = _setting(None, "training data: mlqa-r, xquad-r, or a folder/file (default: the "
+                                          "protocol's)")
+    evals: Optional[Sequence[str]] = _setting(None, "comma-separated benchmarks (xquad-r, mlqa-r or folders; "
+                                                    "default: the protocol's)", cli="--eval")
+    eval_split: str = _setting("auto", "auto: held-out test articles when the benchmark is the training data, "
+                                       "else all", choices=("auto", "test", "all"))
+    out: str = _setting("runs/study", "output folder (run the same command again to resume)")
+    steps: int = _setting(200, "training steps per cell")
+    batch_size: int = _setting(32, "examples per training step")
+    max_length: int = _setting(128, "tokens per text, training and evaluation")
+    lr: float = _setting(3e-5, "peak learning rate")
+    mono_prob: float = _setting(0.5, "alpha of hybrid batches")
+    languages: Optional[Sequence[str]] = _setting(None, "comma-separated language subset (default: all)")
+    eval_articles: Optional[int] = _setting(None, "evaluate on the first N articles of the eval split only "
+                                                  "(cheap CPU runs)")
+    interval: str = _setting("t", "95% interval method over seeds and test questions (see results.md)",
+                             choices=INTERVALS)
+    bootstrap: int = _setting(2000, "question resamples for the intervals")
+    data_dir: Optional[str] = _setting(None, "where benchmarks live (else $HYBRIDFAST_DATA, the cache)")
+    device: str = _setting("auto", "auto, cpu, cuda, cuda:1 ...")
+    save_steps: Optional[int] = _setting(None, "checkpoint every N steps (default: 4 per cell; 0: none)")
+    keep_models: bool = _setting(False, "keep each cell's fine-tuned weights (default: removed once the cell is "
+                                        "evaluated)", flag=True)
+    prefixes: str = _setting("auto", '"query: "/"passage: " prefixes; auto: the model\'s own (none for '
+                                     'sentence-transformers models, the paper\'s for e5)', choices=("auto", "on", "off"))
+    include_base: bool = _setting(True, "skip evaluating the untouched models", flag=True, cli="--no-base")
+    overwrite: bool = _setting(False, "replace results.csv / .json / .md and plots/ in --out although "
+                                      "hybridfast did not write them (a user's files)", flag=True)
     train_split: str = "auto"
-    eval_split: str = "auto"
-    eval_articles: Optional[int] = None  # evaluate on the first N articles of the eval split only (cheap CPU runs)
     eval_subset: Optional[str] = None    # label of any further restriction of the eval data (part of the hash)
-    include_base: bool = True
-    save_steps: Optional[int] = None     # None: about 4 checkpoints per cell; 0: none (no mid-cell resume)
-    keep_models: bool = False            # keep each cell's fine-tuned weights after it is evaluated
-    prefixes: str = "auto"               # "auto" | "on" | "off", see prefix_kwargs
-    interval: str = "t"
-    bootstrap: int = 2000
     show_progress: bool = True
-    extra_train: Dict = field(default_factory=dict)  # more TrainConfig fields
+    extra_train: Dict = _setting({})     # more TrainConfig fields
     seed: Optional[int] = None           # one seed (older callers): same as seeds=(seed,)
+    # {"train": ..., "evals": {...}}: fingerprints of the data contents, set by the study before the
+    # first cell (hybridfast.study.cells.fingerprint_data); part of the cells' hashes
+    data_fingerprints: Optional[Dict] = None
 
     def __post_init__(self):
-        self.models = [m if isinstance(m, ModelSpec) else ModelSpec.parse(str(m))
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {tuple(PROTOCOLS)}, got {self.protocol!r}")
+        train, evals = PROTOCOLS[self.protocol]
+        self.train = train if self.train is None else self.train
+        self.evals = list(evals) if self.evals is None else self.evals
+        self.models = [m if isinstance(m, ModelChoice) else ModelChoice.parse(str(m))
                        for m in _as_list(self.models, "models")]
         if not self.models:
             raise ValueError("models: give at least one model")
@@ -127,10 +182,15 @@ class StudyConfig:
         self.seed = self.seeds[0]
         if self.languages is not None:
             self.languages = sorted(l.strip() for l in _as_list(self.languages, "languages"))
+        self._check_numbers_and_choices()
+
+    def _check_numbers_and_choices(self):
         for name in ("steps", "batch_size", "max_length", "bootstrap"):
             _int(getattr(self, name), name, 1)
         if self.eval_articles is not None:
             _int(self.eval_articles, "eval_articles", 1)
+        if self.save_steps is not None:
+            _int(self.save_steps, "save_steps", 0)
         for name, choices in (("eval_split", ("auto", "test", "all")), ("train_split", ("auto", "train", "all")),
                               ("prefixes", ("auto", "on", "off")), ("interval", INTERVALS)):
             if getattr(self, name) not in choices:
@@ -138,17 +198,29 @@ class StudyConfig:
         if not 0.0 <= self.mono_prob <= 1.0:
             raise ValueError(f"mono_prob must be in [0, 1], got {self.mono_prob}")
 
+    def fingerprints(self) -> dict:
+        """The data fingerprints of the cells' hashes; computed (the data loaded) on first use
+        when the study has not set them yet."""
+        if self.data_fingerprints is None:
+            from hybridfast.study.cells import fingerprint_data
+
+            fingerprint_data(self)
+        return self.data_fingerprints
+
     def eval_settings(self) -> dict:
-        """What changes an untouched model's numbers."""
+        """What changes an untouched model's numbers (the evaluation data's content included)."""
+        fp = self.fingerprints()
         return {"evals": list(self.evals), "eval_splits": [eval_split_for(self, e) for e in self.evals],
                 "max_length": self.max_length, "languages": self.languages, "prefixes": self.prefixes,
-                "eval_subset": self.eval_subset, "eval_articles": self.eval_articles}
+                "eval_subset": self.eval_subset, "eval_articles": self.eval_articles,
+                "eval_data": fp.get("evals")}
 
     def cell_settings(self) -> dict:
         """What changes a fine-tuned cell's numbers (model, mode and seed name the cell)."""
-        return {**self.eval_settings(), "train": str(self.train), "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
-                "mono_prob": self.mono_prob, "train_split": self.train_split,
-                "extra_train": dict(sorted(self.extra_train.items()))}
+        fp = self.fingerprints()
+        return {**self.eval_settings(), "train": str(self.train), "steps": self.steps, "batch_size": self.batch_size,
+                "lr": self.lr, "mono_prob": self.mono_prob, "train_split": self.train_split,
+                "extra_train": dict(sorted(self.extra_train.items())), "train_data": fp.get("train")}
 
     def settings_hash(self, base: bool = False) -> str:
         blob = json.dumps(self.eval_settings() if base else self.cell_settings(), sort_keys=True, default=str)
@@ -213,32 +285,3 @@ def prefix_kwargs(prefixes: str = "auto") -> dict:
     on = prefixes == "on"
     return {"query_prefix": DEFAULT_QUERY_PREFIX if on else "",
             "passage_prefix": DEFAULT_PASSAGE_PREFIX if on else ""}
-
-
-def configure_threads(threads="auto", log=print) -> int:
-    """Set torch's CPU threads: an int, or "auto".
-
-    "auto" uses one thread when the 1-minute load average already exceeds the
-    core count: on a busy shared CPU, several spinning intra-op threads per
-    process made training steps 7-13x slower than one thread (measured on the
-    2-core development machine), and leaves torch's default otherwise.
-    """
-    import torch
-
-    if threads in (None, "auto"):
-        try:
-            busy = os.getloadavg()[0] > (os.cpu_count() or 1)
-        except OSError:  # no load average on this platform
-            busy = False
-        if busy and torch.get_num_threads() > 1:
-            torch.set_num_threads(1)
-            log("[threads] the CPU is busy (load average above the core count): using 1 torch thread")
-        return torch.get_num_threads()
-    try:
-        n = int(threads)
-    except (TypeError, ValueError):
-        raise ValueError(f"threads must be 'auto' or a positive int, got {threads!r}") from None
-    if n < 1:
-        raise ValueError(f"threads must be 'auto' or a positive int, got {threads!r}")
-    torch.set_num_threads(n)
-    return n

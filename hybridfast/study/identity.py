@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from hybridfast.study.config import ModelSpec
+from hybridfast.study.config import ModelChoice
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
 BUNDLED_LABEL = "all-MiniLM-L6-v2"
@@ -22,7 +22,7 @@ _BUNDLED_NAMES = ("all-minilm-l6-v2", "minilm", "sentence-transformers/all-minil
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    spec: ModelSpec
+    spec: ModelChoice
     path: str        # what Encoder/TrainConfig load: a folder, or a hub name
     name: str        # identity name: the requested name (+@layers), or the absolute folder
     content: str     # hash of config and weight file names/sizes ("" for a hub name not on disk)
@@ -46,9 +46,9 @@ def content_hash(folder) -> str:
 
 
 def _bundled() -> str:
-    from hybridfast.encoder import default_model_path
+    from hybridfast.models import minilm_path
 
-    return default_model_path()
+    return minilm_path()
 
 
 def _models_get(name: str, layers: Optional[int]) -> Optional[str]:
@@ -68,7 +68,7 @@ def _models_get(name: str, layers: Optional[int]) -> Optional[str]:
         return None  # a name hybridfast.models does not know: left to the Encoder (hub name)
 
 
-def resolve(spec: ModelSpec) -> tuple:
+def resolve(spec: ModelChoice) -> tuple:
     """(path to load, identity name) of one spec."""
     if spec.layers is None and os.path.exists(spec.name):
         path = str(Path(spec.name).resolve())
@@ -81,7 +81,7 @@ def resolve(spec: ModelSpec) -> tuple:
     if spec.layers is None and spec.name.strip().lower() in _BUNDLED_NAMES:
         return _bundled(), BUNDLED_LABEL
     got = _models_get(spec.name, spec.layers)
-    ident = str(ModelSpec(spec.name, spec.layers))
+    ident = str(ModelChoice(spec.name, spec.layers))
     if got is not None:
         return got, ident
     return spec.name, ident  # a hub name: the Encoder and trainer download it
@@ -100,11 +100,11 @@ def _suffix_labels(paths: Sequence[str]) -> List[str]:
     return labels
 
 
-def resolve_models(specs: Sequence[ModelSpec]) -> List[ResolvedModel]:
+def resolve_models(specs: Sequence[ModelChoice]) -> List[ResolvedModel]:
     """Resolve every spec; labels are unique (folders by their shortest distinguishing path)."""
     resolved = [(s, *resolve(s)) for s in specs]
     folders = [i for i, (s, path, ident) in enumerate(resolved) if ident == path]
-    labels = [str(ModelSpec(s.name, s.layers)) if ident != path else None for s, path, ident in resolved]
+    labels = [str(ModelChoice(s.name, s.layers)) if ident != path else None for s, path, ident in resolved]
     labels = [BUNDLED_LABEL if ident == BUNDLED_LABEL else l for l, (_, _, ident) in zip(labels, resolved)]
     for i, label in zip(folders, _suffix_labels([resolved[i][1] for i in folders])):
         labels[i] = label

@@ -2,6 +2,8 @@
 (mean and 95% interval per (model, mode), hybrid's gain over the better of mono and
 cross), and two plots per benchmark."""
 import csv
+import io
+import json
 import math
 import re
 from pathlib import Path
@@ -9,7 +11,8 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from hybridfast.study.cells import write_json
+from hybridfast.rules import atomic_write_many
+from hybridfast.study.cells import jsonable
 from hybridfast.study.config import (BASE, LOWER_IS_BETTER, METRIC_KEYS, MODES, SETTINGS, TABLE_COLUMNS,
                                      StudyConfig, eval_split_for, train_split_for)
 from hybridfast.study.stats import METHOD_TEXT, better_of, contrast_interval, macro_replicates, question_weights
@@ -276,23 +279,27 @@ def _plot_gains(name, gains, families, path) -> Path:
     return path
 
 
+STUDY_RESULTS = ("results.csv", "results.json", "results.md", "plots")
+
+
 def write_outputs(config: StudyConfig, results: List[dict]) -> Dict[str, Path]:
-    """results.csv / .json / .md and the plots under config.out."""
+    """results.csv / .json / .md (replaced together: a failed write, a full disk included,
+    leaves the previous three byte-identical) and the plots under config.out."""
     out = Path(config.out)
     rows = result_rows(results, config)
     summaries, gains = summarize(results, config)
     paths = {"csv": out / "results.csv", "json": out / "results.json", "md": out / "results.md"}
     columns = list(CSV_COLUMNS) + [k for k in dict.fromkeys(k for r in rows for k in r) if k not in CSV_COLUMNS]
-    tmp = paths["csv"].with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(paths["csv"])
-    write_json(paths["json"], {"settings": config.cell_settings(), "seeds": config.seeds,
-                               "models": [str(m) for m in config.models], "modes": list(config.modes),
-                               "interval_method": METHOD_TEXT[config.interval], "rows": rows,
-                               "cells": summaries, "hybrid_gain": gains})
-    paths["md"].write_text(study_markdown(config, summaries, gains))
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=columns)
+    w.writeheader()
+    w.writerows(rows)
+    record = jsonable({"settings": config.cell_settings(), "seeds": config.seeds,
+                       "models": [str(m) for m in config.models], "modes": list(config.modes),
+                       "interval_method": METHOD_TEXT[config.interval], "rows": rows,
+                       "cells": summaries, "hybrid_gain": gains})
+    atomic_write_many({paths["csv"]: table.getvalue().encode("utf-8"),
+                       paths["json"]: (json.dumps(record, indent=2) + "\n").encode("utf-8"),
+                       paths["md"]: study_markdown(config, summaries, gains).encode("utf-8")})
     paths.update(plot_study(summaries, gains, out / "plots"))
     return paths

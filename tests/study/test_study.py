@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from hybridfast import study
-from hybridfast.study import (CSV_COLUMNS, METRIC_KEYS, ModelSpec, StudyConfig, assemble_mpnet, contrast_interval,
+from hybridfast.study import (CSV_COLUMNS, METRIC_KEYS, ModelChoice, StudyConfig, assemble_mpnet, contrast_interval,
                               macro_map, paired_bootstrap, run_study)
 from hybridfast.study.identity import content_hash, resolve_models
 
@@ -333,20 +333,20 @@ def test_identity_hash_follows_content(tmp_path):
     (m / "extra.safetensors").write_bytes(b"0" * 10)
     assert content_hash(m) != h
     c = write_tiny_bert(tmp_path / "y" / "final", hidden=16, layers=1)
-    ids = resolve_models([ModelSpec.parse(str(m)), ModelSpec.parse(str(c))])
+    ids = resolve_models([ModelChoice.parse(str(m)), ModelChoice.parse(str(c))])
     assert ids[0].model_id != ids[1].model_id and [i.label for i in ids] == ["x/final", "y/final"]
     with pytest.raises(ValueError, match="same model"):
-        resolve_models([ModelSpec.parse(str(m)), ModelSpec.parse(str(tmp_path / "x" / ".." / "x" / "final"))])
+        resolve_models([ModelChoice.parse(str(m)), ModelChoice.parse(str(tmp_path / "x" / ".." / "x" / "final"))])
 
 
 def test_model_specs():
-    assert ModelSpec.parse("multilingual-e5-small@L3") == ModelSpec("multilingual-e5-small", 3, None)
-    assert ModelSpec.parse("multilingual-e5-small@3") == ModelSpec("multilingual-e5-small", 3, None)
-    assert ModelSpec.parse("english=models/all-mpnet-base-v2") == ModelSpec("models/all-mpnet-base-v2", None, "english")
-    assert str(ModelSpec.parse("f=name@6")) == "f=name@L6"
+    assert ModelChoice.parse("multilingual-e5-small@L3") == ModelChoice("multilingual-e5-small", 3, None)
+    assert ModelChoice.parse("multilingual-e5-small@3") == ModelChoice("multilingual-e5-small", 3, None)
+    assert ModelChoice.parse("english=models/all-mpnet-base-v2") == ModelChoice("models/all-mpnet-base-v2", None, "english")
+    assert str(ModelChoice.parse("f=name@6")) == "f=name@L6"
     for bad in ("e5@x", "e5@0", "e5@L", "@3", "=x", ""):
         with pytest.raises(ValueError, match="models"):
-            ModelSpec.parse(bad)
+            ModelChoice.parse(bad)
 
 
 def test_truncated_family_through_models_get(tmp_path, synthetic, monkeypatch):
@@ -374,7 +374,7 @@ def test_truncated_family_through_models_get(tmp_path, synthetic, monkeypatch):
     assert ("fake-e5", 1) in calls and ("fake-e5", 2) in calls
     monkeypatch.setitem(sys.modules, "hybridfast.models", None)  # the module missing
     with pytest.raises(ValueError, match="hybridfast.models"):
-        resolve_models([ModelSpec.parse("fake-e5@1")])
+        resolve_models([ModelChoice.parse("fake-e5@1")])
 
 
 # ---------------------------------------------------------------------------
@@ -494,13 +494,15 @@ def test_cli_protocol_and_bad_arguments(capsys):
 def test_configure_threads():
     import torch
 
+    from hybridfast.cli._common import configure_threads
+
     before = torch.get_num_threads()
     try:
-        assert study.configure_threads(1) == 1 == torch.get_num_threads()
-        assert study.configure_threads("auto", log=quiet) >= 1
+        assert configure_threads(1) == 1 == torch.get_num_threads()
+        assert configure_threads("auto", log=quiet) >= 1
         for bad in ("many", 0, -2):
             with pytest.raises(ValueError, match="threads"):
-                study.configure_threads(bad)
+                configure_threads(bad)
     finally:
         torch.set_num_threads(before)
 
