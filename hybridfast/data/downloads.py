@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
 from hybridfast import rules
+from hybridfast.data.beir import detect_layout
 from hybridfast.data.benchmark import is_language_file
 from hybridfast.data.checksums import verify_files
 from hybridfast.data.lareqa import LAReQAFormatError, check_file
@@ -87,7 +88,8 @@ def resolve_dataset(name_or_path, data_dir=None) -> Path:
     A known name ("xquad-r", "mlqa-r") is looked up as <root>/<name> (or a root that
     is itself the dataset folder) under data_dir, then $HYBRIDFAST_DATA, then the
     cache folder, then as a folder of that name here; anything else must be an
-    existing folder of <lang>.json files.
+    existing benchmark folder: <lang>.json files (LAReQA), or a BEIR / MIRACL folder, so that
+    callers that resolve before loading (demo, study) take every format load_benchmark reads.
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
@@ -102,8 +104,9 @@ def resolve_dataset(name_or_path, data_dir=None) -> Path:
                 if _has_lang_files(cand):
                     return cand
     if given.is_dir():
-        if not _has_lang_files(given):
-            raise FileNotFoundError(f"name_or_path: {given} holds no <lang>.json files")
+        if not _has_lang_files(given) and detect_layout(given) is None:
+            raise FileNotFoundError(f"name_or_path: {given} holds no <lang>.json files and is no BEIR or "
+                                    "MIRACL folder")
         return given
     if name not in DATASETS:
         raise FileNotFoundError(

@@ -512,3 +512,14 @@ def test_download_on_a_full_disk_says_so_and_leaves_nothing(tmp_path, monkeypatc
     with pytest.raises(DownloadError, match="no space left on device"):
         data.download("fake-r", to=tmp_path / "new", show_progress=False)
     assert not (tmp_path / "new").exists()
+
+
+def test_resolve_and_ensure_take_beir_folders_for_demo_and_study(tmp_path):
+    """The demo and the study resolve a data argument before loading it: a BEIR folder passes."""
+    from oracles import synthetic_beir, write_beir_per_language
+
+    beir = write_beir_per_language(tmp_path / "beir", synthetic_beir(langs=("de", "en")))
+    assert resolve_dataset(beir) == beir and data.ensure_dataset(str(beir)) == beir
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(FileNotFoundError, match="no BEIR or MIRACL folder"):
+        resolve_dataset(tmp_path / "plain")
