@@ -285,7 +285,7 @@ def atomic_write_many(files) -> List[Path]:
 _DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
-def _free_bytes(path: Union[str, Path]) -> Optional[int]:
+def free_bytes(path: Union[str, Path]) -> Optional[int]:
     """Free bytes on the file system of `path` (or of its nearest existing parent)."""
     p = Path(path).absolute()
     for candidate in (p, *p.parents):
@@ -308,7 +308,7 @@ def is_disk_full(error: BaseException, path: Union[str, Path], margin: int = 1 <
         return True
     if "No space left on device" in str(error) or "os error 28" in str(error):
         return True
-    free = _free_bytes(path)
+    free = free_bytes(path)
     return free is not None and free < margin
 
 
@@ -316,7 +316,7 @@ def write_error_message(error: BaseException, path: Union[str, Path]) -> str:
     """One line for a failed write of `path`: "no space left on device" with the path and the
     free space when the disk is full (see is_disk_full), else the error's own text."""
     if is_disk_full(error, path):
-        free = _free_bytes(path)
+        free = free_bytes(path)
         left = f" ({free:,} bytes free)" if free is not None else ""
         return f"{path}: no space left on device{left}; free some space and run again"
     reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
