@@ -192,3 +192,21 @@ def write_synthetic_lareqa(root: Path, langs=("de", "en", "es"), n_articles=8, p
             articles.append({"title": title, "paragraphs": out})
         (root / f"{lang}.json").write_text(json.dumps({"data": articles, "version": "synthetic"}))
     return root
+
+
+def full_disk_in_final(monkeypatch):
+    """Make Encoder.save_pretrained fail into OUT/.tmp-final as safetensors does on a full disk
+    (half a file written, its own error type, no errno)."""
+    from hybridfast.encoder import Encoder
+
+    real = Encoder.save_pretrained
+
+    def save_pretrained(self, folder, *a, **k):
+        if str(folder).endswith(".tmp-final"):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / "model.safetensors").write_bytes(b"\0" * 100)
+            raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                               "\"No space left on device\" })")
+        return real(self, folder, *a, **k)
+
+    monkeypatch.setattr(Encoder, "save_pretrained", save_pretrained)

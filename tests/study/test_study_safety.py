@@ -161,21 +161,9 @@ def test_18_a_users_results_are_not_replaced_without_overwrite(tmp_path, model, 
 # ----------------------------------------------------------------------------- 9, 10: full disk
 
 def test_10_full_disk_during_training_is_one_line(tmp_path, model, monkeypatch, capsys):
-    from hybridfast.encoder import Encoder
-
     syn = data(tmp_path / "syn")
     out = tmp_path / "full"
-    real = Encoder.save_pretrained
-
-    def save_pretrained(self, folder, *a, **k):
-        if str(folder).endswith(".tmp-final"):
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "model.safetensors").write_bytes(b"\0" * 10)
-            raise RuntimeError("Error while serializing: IoError(Os { code: 28, message: \"No space left on "
-                               "device\" })")
-        return real(self, folder, *a, **k)
-
-    monkeypatch.setattr(Encoder, "save_pretrained", save_pretrained)
+    helpers.full_disk_in_final(monkeypatch)
     rc = main(cli(out, model, syn))
     err = capsys.readouterr().err
     assert rc != 0 and "no space left on device" in err and "Traceback" not in err

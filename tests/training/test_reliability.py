@@ -14,7 +14,7 @@ from collections import namedtuple
 import pytest
 import torch
 
-from helpers import Killed, kill_at, read_log, toy_config, write_lareqa
+from helpers import Killed, full_disk_in_final, kill_at, read_log, toy_config, write_lareqa
 from helpers import load_weights as weights
 from hybridfast import rules
 from hybridfast.cli import main
@@ -125,20 +125,8 @@ def test_9_torch_save_failing_on_a_full_disk_is_named(toy, tmp_path, monkeypatch
 
 def test_10_full_disk_while_writing_final_is_one_line_and_leaves_no_partial_copy(toy, tmp_path, monkeypatch,
                                                                                  capsys):
-    from hybridfast.encoder import Encoder
-
     out = tmp_path / "full-final"
-    real = Encoder.save_pretrained
-
-    def save_pretrained(self, folder, *a, **k):
-        if str(folder).endswith(".tmp-final"):  # safetensors' own error, half a file written
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "model.safetensors").write_bytes(b"\0" * 100)
-            raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
-                               "\"No space left on device\" })")
-        return real(self, folder, *a, **k)
-
-    monkeypatch.setattr(Encoder, "save_pretrained", save_pretrained)
+    full_disk_in_final(monkeypatch)
     rc = main(cli_args(toy, out, "--max-steps", "4", "--save-steps", "2"))
     err = capsys.readouterr().err
     assert rc != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1
