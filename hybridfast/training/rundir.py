@@ -1,6 +1,6 @@
 """The output folder of a training run: what it owns, who holds it (see docs/architecture.md).
 
-Rules (the README's Training section states them for users):
+Rules (docs/training.md states them for users):
 * A run writes only into a folder that is new, empty, or holds an earlier run of
   hybridfast train. OUT/.hybridfast-run.json lists every name the runs wrote there
   (recorded before the file or folder is created); anything else is the user's.
