@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 from hybridfast.evaluation import SETTINGS
 from hybridfast.evaluation.metrics import LOWER_IS_BETTER
+from hybridfast.models.registry import split_layers
 from hybridfast.sampler import MODES as BATCH_MODES
 
 # The order of the study's tables and plots: the two pure modes, then hybrid, which mixes them.
@@ -63,7 +64,7 @@ class ModelChoice:
             family, text = (s.strip() for s in text.split("=", 1))
             if not family or not text:
                 raise ValueError(f"models: {text!r}: give FAMILY=MODEL")
-        name, layers = _split_layers(text)
+        name, layers = split_layers(text, arg="models")  # THE NAME@LK grammar (hybridfast.models)
         return cls(name, layers, family)
 
     def __str__(self):
@@ -71,23 +72,6 @@ class ModelChoice:
 
 
 ModelSpec = ModelChoice  # the name before 0.2; kept for one release
-
-
-def _split_layers(text: str):
-    """NAME@LK / NAME@K -> (NAME, K): the grammar of hybridfast.models when it provides one."""
-    try:
-        from hybridfast.models.registry import split_layers
-    except ImportError:  # an installation without the registry's parser
-        split_layers = None
-    if split_layers is not None:
-        return split_layers(text, arg="models")
-    if "@" not in text:
-        return text, None
-    name, _, k = text.rpartition("@")
-    k = k[1:] if k[:1] in ("L", "l") else k
-    if not k.isdigit() or int(k) < 1 or not name:
-        raise ValueError(f"models: {name}@{k}: give NAME@LK with K a positive number of layers")
-    return name, int(k)
 
 
 def _setting(default, help=None, **meta):

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from hybridfast.models.registry import BUNDLED_MINILM, canonical_name
 from hybridfast.study.config import ModelChoice
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
-BUNDLED_LABEL = "all-MiniLM-L6-v2"
-_BUNDLED_NAMES = ("all-minilm-l6-v2", "minilm", "sentence-transformers/all-minilm-l6-v2")
+BUNDLED_LABEL = BUNDLED_MINILM  # its aliases ("minilm", the hub id) are the registry's
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def resolve(spec: ModelChoice) -> tuple:
         except (FileNotFoundError, ImportError, OSError):
             pass
         return path, path
-    if spec.layers is None and spec.name.strip().lower() in _BUNDLED_NAMES:
+    if spec.layers is None and canonical_name(spec.name) == BUNDLED_MINILM:
         return _bundled(), BUNDLED_LABEL
     got = _models_get(spec.name, spec.layers)
     ident = str(ModelChoice(spec.name, spec.layers))

@@ -178,7 +178,9 @@ def build_sampler(config, pairs, rank, world):
 
 def load_encoder(config, checkpoint: Optional[Path], device):
     """The Encoder from the checkpoint (resume) or config.model, with clear errors for a model
-    that cannot be loaded and a max_length beyond its position table."""
+    that cannot be loaded. The length rule is the Encoder's: without max_length the model's
+    saved length clamped to its position table; an explicit one beyond the table is refused
+    (its ValueError names max_length and passes through as it is)."""
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -188,31 +190,13 @@ def load_encoder(config, checkpoint: Optional[Path], device):
         if getattr(config, name) is not None:
             kwargs[name] = getattr(config, name)
     try:
-        encoder = encoder_module.Encoder(path, **kwargs)
+        return encoder_module.Encoder(path, **kwargs)
     except (OSError, ValueError) as err:
+        if isinstance(err, ValueError) and str(err).startswith("max_length"):
+            raise
         where = "a local folder" if looks_local(path) else "a hub name: not in the local cache and the hub " \
                                                              "could not be reached or has no such model"
         raise ValueError(f"model {path!r} could not be loaded ({where}): {str(err).splitlines()[0]}") from err
-    limit = position_limit(encoder.model.config)
-    if limit is not None and config.max_length is not None and config.max_length > limit:
-        raise ValueError(f"max_length={config.max_length} exceeds the model's position table ({limit} tokens); "
-                         f"use --max-length {limit} or less")
-    if limit is not None and config.max_length is None and encoder.max_length > limit:
-        # the saved length (or the Encoder's default 256) would overflow the table: the first step
-        # would fail inside the model (probe 2, #8); train_config.json records the length used
-        encoder.max_length = limit
-    return encoder
-
-
-def position_limit(model_config) -> Optional[int]:
-    """Tokens the model can embed; RoBERTa-style models reserve padding_idx + 1 positions."""
-    limit = getattr(model_config, "max_position_embeddings", None)
-    if not isinstance(limit, int) or limit <= 0:
-        return None
-    if "roberta" in str(getattr(model_config, "model_type", "")) and getattr(model_config, "pad_token_id", None) \
-            is not None:
-        limit -= model_config.pad_token_id + 1
-    return limit
 
 
 def epoch_steps(sampler, epochs):
