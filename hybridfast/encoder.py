@@ -10,11 +10,11 @@ dtype, so fp16/bf16 models only lose precision inside the transformer.
 Encoding (encode_queries / encode_passages) tokenizes everything once, sorts by
 token length (longest first, so a batch that does not fit shows up at once),
 pads each batch only to its own longest text, and writes the rows back in the
-caller's order. On CUDA it runs under bf16 (or fp16) autocast by default.
+caller's order. It runs in half precision where the hardware computes it natively: on CUDA
+under bf16 (or fp16) autocast, on a CPU with AVX512-BF16 / AMX through a bf16 copy of the
+model laid out for its GEMMs (hybridfast.models.packed); amp=None keeps fp32.
 """
 import contextlib
-import importlib
-import json
 import os
 import time
 import warnings
@@ -28,6 +28,7 @@ from hybridfast._backends import resolve_device
 from hybridfast.models import st_folder
 from hybridfast.models.cache import apply_umask
 from hybridfast.models.checks import check_model_folder, repair_hint
+from hybridfast.models.packed import cpu_bf16_native, inference_copy, weights_version
 from hybridfast.models.fetch import resolve
 from hybridfast.models.registry import DamagedModelError
 from hybridfast.rules import atomic_write_json, check_bool
@@ -91,51 +92,6 @@ def _default_prefixes(folder: Path, saved: dict):
     if "query_prefix" in saved or "passage_prefix" in saved:
         return saved.get("query_prefix", ""), saved.get("passage_prefix", "")
     return st_folder.prompts(folder) or (DEFAULT_QUERY_PREFIX, DEFAULT_PASSAGE_PREFIX)
-
-
-class _Dense(torch.nn.Module):
-    """sentence-transformers' Dense module (Linear + activation after pooling, e.g. LaBSE), in float32.
-
-    Parameter names match its saved files ("linear.weight", "linear.bias")."""
-
-    def __init__(self, in_features, out_features, bias=True, activation="torch.nn.modules.activation.Tanh"):
-        super().__init__()
-        self.linear = torch.nn.Linear(in_features, out_features, bias=bias)
-        module, _, name = activation.rpartition(".")
-        cls = getattr(importlib.import_module(module), name, None) if activation.startswith("torch.") else None
-        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
-            raise ValueError(f"Dense activation_function {activation!r} is not a torch.nn module")
-        self.activation = cls()
-
-    @classmethod
-    def load(cls, folder: Path):
-        cfg = _read_json(folder / "config.json")
-        if cfg.get("use_residual"):
-            raise ValueError(f"{folder / 'config.json'}: Dense with use_residual is not supported")
-        dense = cls(cfg["in_features"], cfg["out_features"], cfg.get("bias", True),
-                    cfg.get("activation_function", "torch.nn.modules.activation.Tanh"))
-        if (folder / "model.safetensors").is_file():
-            from safetensors.torch import load_file
-
-            state = load_file(str(folder / "model.safetensors"))
-        else:
-            state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        dense.load_state_dict(state)
-        return dense
-
-    def save(self, folder: Path):
-        from safetensors.torch import save_file
-
-        folder.mkdir(parents=True, exist_ok=True)
-        act = type(self.activation)
-        cfg = {"in_features": self.linear.in_features, "out_features": self.linear.out_features,
-               "bias": self.linear.bias is not None, "activation_function": f"{act.__module__}.{act.__name__}"}
-        (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(folder / "model.safetensors"))
-
-    def forward(self, x):
-        return self.activation(self.linear(x)).float()
 
 
 def _resolve_dtype(dtype):
@@ -236,8 +192,10 @@ class Encoder(torch.nn.Module):
     table; an explicit length beyond the table raises ValueError. `encoder.max_length`
     is the length actually used. model_name_or_path: a folder, a name known to `hybridfast.models`
     (e.g. "multilingual-e5-small", fetched or rebuilt on first use) or a hub id.
-    amp: autocast for encode_* on CUDA ("auto": bf16 where supported, else fp16;
-    "bf16"; "fp16"; None: off). Never used on CPU.
+    amp: the precision of encode_* ("auto": on CUDA bf16 autocast where supported, else
+    fp16; on a CPU bf16 where it computes bf16 natively (AVX512-BF16, AMX), else fp32;
+    "bf16"; "fp16" (CUDA only); None: fp32). `encoder.precision` says what encode_* uses.
+    Pooling and normalisation are fp32 in every case; `forward` (training) is never changed.
     """
 
     def __init__(self, model_name_or_path, pooling="auto", normalize=None, query_prefix=None,
@@ -269,10 +227,11 @@ class Encoder(torch.nn.Module):
         self.passage_prefix = default_passage if passage_prefix is None else passage_prefix
         self.show_progress = bool(show_progress)
         self.amp = amp or None
+        self._packed = None  # (weights version, packed half-precision copy) for CPU encoding
         check_model_folder(folder, model_dir)
         self.tokenizer, self.model, self.max_length = _load(model_dir, source, dtype, max_length, saved, folder)
         # Dense layers after pooling (sentence-transformers folders such as LaBSE's)
-        self.dense = torch.nn.ModuleList(_Dense.load(d) for d in dense_dirs)
+        self.dense = torch.nn.ModuleList(st_folder.Dense.load(d) for d in dense_dirs)
         self.model.to(resolve_device(device))
         self.dense.to(resolve_device(device))
         self.eval()  # inference by default, as from_pretrained leaves models; trainers call .train()
@@ -323,14 +282,36 @@ class Encoder(torch.nn.Module):
 
     # ------------------------------------------------------------------ batched encoding
 
-    def _autocast(self):
-        if self.device.type != "cuda" or self.amp is None or next(self.model.parameters()).dtype != torch.float32:
-            return torch.autocast("cpu", enabled=False)
-        if self.amp == "auto":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            dtype = _DTYPES[self.amp]
-        return torch.autocast("cuda", dtype=dtype)
+    @property
+    def precision(self) -> str:
+        """What encode_* computes in: "bf16", "fp16" or "fp32" (or the model's own dtype name
+        when it was loaded in half precision)."""
+        weights = next(self.model.parameters()).dtype
+        if weights != torch.float32:
+            return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(weights, str(weights))
+        if self.amp is None:
+            return "fp32"
+        if self.device.type == "cuda":
+            if self.amp == "auto":
+                return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return self.amp
+        if self.amp == "fp16":
+            raise ValueError("amp='fp16' needs a CUDA device (fp16 GEMMs are emulated on CPUs); use 'bf16' or None")
+        return "bf16" if self.amp == "bf16" or cpu_bf16_native() else "fp32"
+
+    def _inference_model(self):
+        """(model, autocast context) for encode_*: the model itself (fp32, or CUDA autocast), or
+        on a CPU in bf16 a packed bf16 copy, rebuilt only when the weights changed."""
+        precision = self.precision
+        if precision == "fp32" or next(self.model.parameters()).dtype != torch.float32:
+            return self.model, contextlib.nullcontext()
+        if self.device.type == "cuda":
+            return self.model, torch.autocast("cuda", dtype=_DTYPES[precision])
+        version = weights_version(self.model)
+        if self._packed is None or self._packed[0] != version:
+            self._packed = None  # free the stale copy before building the new one
+            self._packed = (version, inference_copy(self.model, _DTYPES[precision]))
+        return self._packed[1], contextlib.nullcontext()
 
     def _pad(self, rows, key):
         """Pad lists of ids to a [len(rows), longest] long tensor on the tokenizer's side."""
@@ -360,12 +341,13 @@ class Encoder(torch.nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with torch.no_grad(), self._autocast(), tqdm(total=len(texts), desc=f"encode {kind} texts", unit="text",
-                                                         disable=not self.show_progress) as bar:
+            model, autocast = self._inference_model()
+            with torch.no_grad(), autocast, tqdm(total=len(texts), desc=f"encode {kind} texts", unit="text",
+                                                 disable=not self.show_progress) as bar:
                 for start in range(0, len(order), batch_size):
                     idx = order[start:start + batch_size]
                     batch = {k: self._pad([tokens[k][i] for i in idx], k).to(self.device) for k in keys}
-                    emb = self(**batch)
+                    emb = self.pool(model(**batch)[0], batch["attention_mask"])
                     out[torch.as_tensor(idx)] = emb.float().cpu()
                     bar.update(len(idx))
         finally:

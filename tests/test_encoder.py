@@ -1,6 +1,7 @@
 """hybridfast.encoder.Encoder: pooling by hand, prefixes, batching order, saving, MiniLM parity."""
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -388,3 +389,78 @@ def test_default_model_path_is_deprecated_and_not_the_default_model():
     with pytest.warns(DeprecationWarning, match="minilm_path"):
         assert default_model_path() == minilm_path()
     assert models.DEFAULT_MODEL == "multilingual-e5-small" and models.label(minilm_path()) == "all-MiniLM-L6-v2"
+
+
+# ---------------------------------------------------------------- precision of encode_* (issue 21)
+
+@pytest.mark.parametrize("native,amp,expected", [
+    ("1", "auto", "bf16"), ("0", "auto", "fp32"),     # auto: bf16 only where the CPU computes it natively
+    ("1", None, "fp32"), ("0", None, "fp32"),          # amp=None (--fp32): always fp32
+    ("0", "bf16", "bf16"),                             # asked for explicitly: honoured
+])
+def test_cpu_precision_follows_the_hardware_and_the_opt_out(tiny_dir, monkeypatch, native, amp, expected):
+    monkeypatch.setenv("HYBRIDFAST_CPU_BF16", native)
+    assert Encoder(tiny_dir, device="cpu", amp=amp).precision == expected
+
+
+def test_cpu_precision_refuses_fp16_and_a_bad_override(tiny_dir, monkeypatch):
+    with pytest.raises(ValueError, match="amp='fp16' needs a CUDA device"):
+        Encoder(tiny_dir, device="cpu", amp="fp16").precision  # noqa: B018
+    monkeypatch.setenv("HYBRIDFAST_CPU_BF16", "yes")
+    with pytest.raises(ValueError, match="HYBRIDFAST_CPU_BF16 must be 0 or 1"):
+        Encoder(tiny_dir, device="cpu").precision  # noqa: B018
+
+
+def test_the_cpu_flags_decide_without_an_override(monkeypatch):
+    from hybridfast.models import packed
+
+    monkeypatch.delenv("HYBRIDFAST_CPU_BF16", raising=False)
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    assert packed.cpu_bf16_native() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_bf16_encoding_is_close_to_fp32_and_leaves_the_model_alone(tiny_dir):
+    from hybridfast.models.packed import PackedLinear
+
+    texts = _sentences(23, seed=3)
+    fp32 = Encoder(tiny_dir, device="cpu", batch_size=5, show_progress=False, amp=None).encode_passages(texts)
+    enc = Encoder(tiny_dir, device="cpu", batch_size=5, show_progress=False, amp="bf16")
+    got = enc.encode_passages(texts)
+    assert got.dtype == torch.float32 and got.shape == fp32.shape
+    assert F.cosine_similarity(got, fp32).min() > 0.995
+    assert not torch.equal(got, fp32)  # it did run in bf16
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(texts)))  # normalised in fp32
+    packed = enc._packed[1]
+    linears = [m for m in packed.modules() if isinstance(m, PackedLinear)]
+    assert linears and all(m.weight_t.dtype == torch.bfloat16 and m.weight_t.is_contiguous() for m in linears)
+    # the trainable model is untouched: fp32, plain nn.Linear, gradients on
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in enc.model.parameters())
+    assert not any(isinstance(m, PackedLinear) for m in enc.model.modules())
+
+
+def test_packed_copy_is_rebuilt_only_when_the_weights_change(tiny_dir):
+    texts = _sentences(9, seed=4)
+    enc = Encoder(tiny_dir, device="cpu", show_progress=False, amp="bf16")
+    first = enc.encode_passages(texts)
+    copy_before = enc._packed[1]
+    torch.testing.assert_close(enc.encode_passages(texts), first, rtol=0, atol=0)
+    assert enc._packed[1] is copy_before  # same weights: reused
+    with torch.no_grad():  # an optimizer step updates in place
+        for p in enc.model.parameters():
+            p.mul_(1.5)
+    again = enc.encode_passages(texts)
+    assert enc._packed[1] is not copy_before
+    enc.amp = None  # an fp32 pass over the updated weights
+    assert F.cosine_similarity(again, enc.encode_passages(texts)).min() > 0.995
+    assert F.cosine_similarity(again, first).min() < 0.9999  # the update is visible
+
+
+def test_packed_linear_is_exactly_linear_in_fp32():
+    from hybridfast.models.packed import PackedLinear
+
+    torch.manual_seed(0)
+    for bias in (True, False):
+        lin = torch.nn.Linear(37, 100, bias=bias)
+        x = torch.randn(3, 5, 37)
+        torch.testing.assert_close(PackedLinear(lin, torch.float32)(x), lin(x), rtol=1e-6, atol=1e-6)

@@ -7,11 +7,15 @@
 
 `write` serves both the named models (models.fetch / models.me5) and
 `Encoder.save_pretrained`, so a folder hybridfast writes loads the same way in
-Encoder and in sentence_transformers.SentenceTransformer whoever wrote it.
+Encoder and in sentence_transformers.SentenceTransformer whoever wrote it. `Dense`
+reads and writes a Dense module folder (Linear + activation after pooling, e.g. LaBSE).
 """
+import importlib
 import json
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
+
+import torch
 
 from hybridfast.rules import atomic_write_json
 
@@ -112,3 +116,48 @@ def max_seq_length(folders: Sequence) -> Optional[int]:
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
     return None
+
+
+class Dense(torch.nn.Module):
+    """sentence-transformers' Dense module (Linear + activation after pooling, e.g. LaBSE), in float32.
+
+    Parameter names match its saved files ("linear.weight", "linear.bias")."""
+
+    def __init__(self, in_features, out_features, bias=True, activation="torch.nn.modules.activation.Tanh"):
+        super().__init__()
+        self.linear = torch.nn.Linear(in_features, out_features, bias=bias)
+        module, _, name = activation.rpartition(".")
+        cls = getattr(importlib.import_module(module), name, None) if activation.startswith("torch.") else None
+        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+            raise ValueError(f"Dense activation_function {activation!r} is not a torch.nn module")
+        self.activation = cls()
+
+    @classmethod
+    def load(cls, folder: Path):
+        cfg = read_json(folder / "config.json")
+        if cfg.get("use_residual"):
+            raise ValueError(f"{folder / 'config.json'}: Dense with use_residual is not supported")
+        dense = cls(cfg["in_features"], cfg["out_features"], cfg.get("bias", True),
+                    cfg.get("activation_function", "torch.nn.modules.activation.Tanh"))
+        if (folder / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            state = load_file(str(folder / "model.safetensors"))
+        else:
+            state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        dense.load_state_dict(state)
+        return dense
+
+    def save(self, folder: Path):
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        act = type(self.activation)
+        cfg = {"in_features": self.linear.in_features, "out_features": self.linear.out_features,
+               "bias": self.linear.bias is not None, "activation_function": f"{act.__module__}.{act.__name__}"}
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(folder / "model.safetensors"))
+
+    def forward(self, x):
+        return self.activation(self.linear(x)).float()
