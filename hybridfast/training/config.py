@@ -1,6 +1,6 @@
 """TrainConfig: every setting of `hybridfast train`, with its help text and its check, once.
 
-The command line is generated from these fields (hybridfast/cli/train.py); the
+The command line is generated from these fields (hybridfast/cli/_common.py); the
 metadata says how: `help`, `choices`, `flag` (a store_true switch) and `cli`
 (False: not on the command line). See docs/architecture.md.
 """
