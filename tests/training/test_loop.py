@@ -306,3 +306,27 @@ def test_cli_smoothed_language_weights_reach_the_sampler(toy, tmp_path, monkeypa
                "--no-progress"])
     assert rc == 0 and seen and seen[0] == "size^0.3"
     assert json.loads((out / "train_config.json").read_text())["lang_weights"] == "size^0.3"
+
+
+def test_optimizer_is_fused_adamw_where_available(toy, monkeypatch):
+    from types import SimpleNamespace
+
+    from hybridfast.encoder import Encoder
+    from hybridfast.training.loop import make_optimizer
+
+    enc = Encoder(toy["model"], device="cpu", show_progress=False)
+    config = SimpleNamespace(lr=3e-5, weight_decay=0.01)
+    opt = make_optimizer(enc, config)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+
+    real = torch.optim.AdamW
+
+    def no_fused_kernel(params, **kw):
+        if kw.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused_kernel)
+    fallback = make_optimizer(enc, config)
+    assert not fallback.defaults.get("fused") and fallback.defaults["lr"] == 3e-5
