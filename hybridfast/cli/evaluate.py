@@ -40,7 +40,11 @@ def add_arguments(parser):
     parser.add_argument("--search", default="auto", choices=BACKENDS, help="search backend (default: auto)")
     parser.add_argument("--device", default="auto", help="device for encoding and search (default: auto)")
     parser.add_argument("--batch-size", type=int, default=64, help="encoding batch size")
-    parser.add_argument("--max-length", type=int, default=256, help="max tokens per text")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="max tokens per text (default: the model's own length, within its position table)")
+    parser.add_argument("--fp32", action="store_true",
+                        help="encode in float32 (default: bf16 where the hardware computes it natively: "
+                             "CUDA, or a CPU with AVX512-BF16 / AMX; fp32 elsewhere)")
     parser.add_argument("--query-prefix", default=None, help="query prefix (default: the model's own; '' for none)")
     parser.add_argument("--passage-prefix", default=None,
                         help="passage prefix (default: the model's own; '' for none)")
@@ -107,7 +111,7 @@ def _encoder(args):
     model = args.model or default_model()  # fetched or rebuilt on first use
     return model, Encoder(model, query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
                           max_length=args.max_length, device=args.device, batch_size=args.batch_size,
-                          show_progress=not args.no_progress)
+                          show_progress=not args.no_progress, amp=None if args.fp32 else "auto")
 
 
 def run(args) -> int:
@@ -133,6 +137,8 @@ def _run(args) -> int:
         model, encoder = _encoder(args)
     except (OSError, ValueError, TypeError, ModelUnavailableError) as e:
         return _error(f"--model {args.model or 'multilingual-e5-small'}: {e}")
+    print(f"{PROG}: encoding in {encoder.precision} on {encoder.device.type}, max_length {encoder.max_length}"
+          + ("" if args.fp32 or encoder.precision == "fp32" else " (--fp32 to opt out)"), file=sys.stderr)
     try:
         result = evaluator.evaluate(encoder, save_run=args.save_run, run_depth=args.run_depth)
     except OSError as e:  # the TREC export: its earlier files stay as they were
@@ -141,7 +147,7 @@ def _run(args) -> int:
         return _error(f"--save-run {rules.write_error_message(e, args.save_run)}")
     result.config.update(model=str(model), dataset=str(args.dataset), split=args.split,
                          query_prefix=encoder.query_prefix, passage_prefix=encoder.passage_prefix,
-                         max_length=args.max_length)
+                         max_length=encoder.max_length, precision=encoder.precision)
     print(result.to_markdown())
     try:
         written = result.save(args.out, overwrite=args.overwrite)

