@@ -109,7 +109,8 @@ class GradCache:
         self._states: List[List[RngState]] = []
 
     def embed(self, columns: Sequence[Mapping[str, Any]], requires_grad: bool = True) -> List[Tensor]:
-        """Pass 1: each column's embeddings (at least float32), computed without a graph; leaves
+        """Pass 1: each column's embeddings in the dtype the model gives (bf16 under bf16 autocast:
+        the loss takes it as is and accumulates in fp32 itself), computed without a graph; leaves
         with requires_grad (when `requires_grad`) so a loss's backward fills their .grad."""
         self._plan = [row_chunks(f, self.chunk_size, self.trim_padding) for f in columns]
         self._states = []
@@ -122,7 +123,7 @@ class GradCache:
                     states.append(RngState(chunk.values()))
                     with self.autocast():
                         emb = self.embed_fn(chunk)
-                    parts.append(emb.to(torch.promote_types(emb.dtype, torch.float32)))
+                    parts.append(emb)
                     bar.update(1)
                 self._states.append(states)
                 column = torch.cat(parts)

@@ -18,7 +18,7 @@ Given per-row weights w_i (dL/dloss_i, the reduction folded in), the gradients a
     G_ij = w_i * (kept_ij * exp(z_ij - lse_i) - [j == a_pos[i]])      (= dL/dz_ij)
     dA_i += s * sum_j G_ij B_j,   dB_j += s * sum_i G_ij A_i,   ds += sum_ij G_ij <A_i, B_j>
 
-Two engines compute them (hybridfast/loss_engines.py drives both):
+Two engines compute them (hybridfast/loss/engines.py drives both):
 
 * fused (backend "triton"): `_contrastive_fwd_kernel` streams B past BLOCK_M rows
   of A with an online log-sum-exp (split over N into partial (m, l, pos) when the
@@ -27,7 +27,7 @@ Two engines compute them (hybridfast/loss_engines.py drives both):
   fp32 atomics (the default acq_rel ordering puts MEMBAR.ALL.GPU before every
   atomic; nothing here reads what another program adds, so no fence is needed).
   Never stores B x N. Both are autotuned (dtype, D, power-of-two buckets of the
-  row counts and the flags) over config lists that tests/test_loss.py compiles
+  row counts and the flags) over config lists that tests/loss/test_kernels.py compiles
   for sm90 ahead of time: no spills, shared memory within 227 KiB, wgmma for half.
 * chunked (backend "chunked", Liger-Kernel's fused-linear-cross-entropy shape):
   per chunk of C rows, S = A_c @ B^T by cuBLAS with fp32 output, then
@@ -36,35 +36,48 @@ Two engines compute them (hybridfast/loss_engines.py drives both):
   G*s in the input dtype; then cuBLAS again: dA_c = (G*s) @ B, dB += (G*s)^T @ A_c.
 
 Cost model (B query rows, N passage rows, D dims, e bytes per input element,
-one term, forward + backward with gradients; F = 2*B*N*D flops = one matmul):
+one term, forward + backward with gradients; F = 2*B*N*D flops = one matmul).
+"Extra memory" = peak beyond the inputs and the gradient buffers returned
+(hybridfast.loss.dispatch.estimated_extra_bytes is this column in code):
 
-    engine    flops        extra memory               B x N traffic (bytes)     atomic fp32 adds
-    eager     3F           B*N*(4 + 4 + e)            ~5 passes of B*N*4        none
-                           (logits, softmax grad, cast)
-    fused     4F (z twice) (B + N)*D*4 (fp32 dA, dB)  none                      (N/BLOCK_N)*B*D + (B/BLOCK_M)*N*D
-    chunked   3F           C*N*(4 + e) + N*D*4        B*N*(12 + 3e): S written  none
-                                                      once, read twice; G written
-                                                      once, read by two GEMMs
+    engine    flops        extra memory                                B x N traffic (bytes)   atomic fp32 adds
+    eager     3F (6BND)    B*N*(4 + 4 + e) (logits, softmax grad, cast) ~5 passes of B*N*4     none
+    fused     4F (8BND)    A: (B + N)*D*4 fp32 accumulators            none                    (N/BLOCK_N)*B*D
+                           (first call per bucket: autotune clones,                            + (B/BLOCK_M)*N*D
+                           another A)
+    chunked   3F (6BND)    A + C*N*(4 + e') + C*D*8 + min(N, 8192)*D*4  B*N*(12 + 3e)           none
+                           (S fp32, G in the input dtype e' = e on CUDA half, else G reuses S;
+                           scaled A_c and dA_c; the dB GEMM's fp32 temporary, half only)
+
+A = 0 for fp32 inputs (the accumulators are the returned gradients). Cosine adds
+no copy: 1/|q|, 1/|p| are row/column scales ((B + N)*4 bytes) and the normalisation
+backward runs once, in row blocks of 4096. The chunk budget C*N*(4 + e') is a
+third of A, between 64 and 512 MiB, on CUDA (48 MiB on the CPU). ESTIMATE at B =
+N = 65536, D = 768, bf16: A = 384 MiB; fused 0.375 GiB; chunked 384 + 128 + ~1 +
+24 MiB = 0.52 GiB (< 0.6 GiB). Measured on the CPU path (fp32, B = N = 8192,
+D = 256, 128 MiB chunks): within 10% of this model (tests/loss/test_gpu.py). No GPU
+figure here is measured.
 
 ESTIMATES, not measurements (no GPU was available when they were written): at
 D = 768, B = N = 16384, bf16 on an H100 SXM (~700 TFLOP/s for large cuBLAS GEMMs,
 ~3 TB/s HBM), F = 0.41 TFLOP. Chunked ~ 3F/700T + 4.8 GB/3 TB/s ~ 1.8 + 1.6 =
-3.4 ms (~70% of matmul throughput counting 8*B*N*D flops). Fused ~ 4F/700T =
-2.4 ms of dots plus 2 * 128 * 16384 * 768 = 3.2e9 atomic adds at 128x128 tiles
-(12.9 GB of L2 reduction traffic), which is why it is estimated slower than
-chunked at this size. Eager ~ 1.8 ms of GEMMs plus ~5 GB of elementwise passes and
-B*N*10 bytes of memory (24 GiB at B = N = 65536). bench/gpu_suite.py measures all
-of them and `backend="auto"` picks by timing on the device, not by this model.
+3.4 ms. Fused ~ 4F/700T = 2.4 ms of dots plus 2 * 128 * 16384 * 768 = 3.2e9 atomic
+adds at 128x128 tiles (12.9 GB of L2 reduction traffic). bench/gpu_suite.py
+measures all of them and `backend="auto"` picks by timing on the device, not by
+this model.
 
 Known limits:
 - the fused backward recomputes z (4 matmul-equivalents, as flash-attention does),
   and at D = 768 no [BLOCK_M, D] fp32 accumulator fits in registers, so dA/dB
   must be scattered with atomics (flash-attention's atomic-free backward needs
   D <= 256); atomic adds make dA/dB non-deterministic in the last bits;
-- cosine similarity is normalised in PyTorch before the kernels (one extra copy
-  of q and p, differentiable by autograd);
+- cosine similarity: the kernels take raw rows and RA/RB inverse norms (HAS_SCALES);
+- the half-precision operand G is s * (w / max w) * (softmax - onehot) (times
+  RA/max RA and RB/max RB): in [-s, s], so fp16 does not flush it to zero at large
+  B; the maxima multiply the fp32 dot results back before the atomic adds;
 - inputs must be fp32, bf16 or fp16 with unit stride along D; fp32 uses IEEE
-  (not TF32) dots so that temperature 0.01 keeps fp32 accuracy;
+  (not TF32) dots, and the chunked engine turns TF32 off around its GEMMs too
+  (one rule for every engine);
 - under TRITON_INTERPRET=1 bf16 tiles are upcast to fp32 before tl.dot (the
   interpreter's dot misreads bf16), and no autotuning happens (fixed CPU tiles);
 - labels, keys and groups are int64 tensors; the running max starts at -1e30,
@@ -335,12 +348,13 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # of time because ptxas spills (Triton 3.9, sm90): forward 128x256 / 256x128 and a
 # 4-warp 64x128 (half, with groups); backward 128x128 with 2 stages (half, with
 # groups: 16 bytes) and 64x64/4 warps (fp32: 5.5 KB); fp32 32x32/4 warps and
-# 64x64/8 warps. None of these is tuned on a device yet: the autotuner picks.
+# 64x64/8 warps; backward half 128x128/8 warps/1 stage since the cosine scales moved into the
+# kernel (64 bytes with every flag on, 255 registers), and backward fp32 64x32/4 warps (24 bytes). None of these is tuned on a device yet: the autotuner picks.
 CUDA_CONFIGS = {
     ("fwd", "half"): [(128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (128, 128, 64, 8, 2), (64, 128, 64, 8, 3)],
-    ("bwd", "half"): [(128, 128, 64, 8, 1), (64, 64, 64, 4, 2), (128, 64, 64, 8, 2), (64, 128, 64, 8, 2)],
+    ("bwd", "half"): [(64, 64, 64, 4, 2), (128, 64, 64, 8, 2), (64, 128, 64, 8, 2)],
     ("fwd", "fp32"): [(32, 64, 32, 4, 2), (64, 32, 32, 4, 2), (32, 128, 32, 8, 2), (16, 64, 32, 4, 2)],
-    ("bwd", "fp32"): [(32, 64, 32, 4, 2), (64, 32, 32, 4, 2), (32, 32, 32, 2, 2), (32, 64, 16, 4, 2)],
+    ("bwd", "fp32"): [(32, 64, 32, 4, 2), (32, 32, 32, 2, 2), (32, 64, 16, 4, 2)],
 }
 AUTOTUNE_KEY = ["D", "A_BUCKET", "B_BUCKET", "HAS_AIDX", "HAS_BKEY", "HAS_GROUPS", "HAS_SCALES"]  # + tensor dtypes (Triton adds them)
 MAX_SPLITS = 64

@@ -85,11 +85,12 @@ def pick(backend, q):
 
 # ----------------------------------------------------------------------------- memory
 
-def chunk_budget(q, n_rows_all, n_cols, chunk_memory=None) -> int:
-    """Bytes one chunk may hold: the user's, else derived from the problem (see the module docstring)."""
+def chunk_budget(q, n_rows_all, n_cols, chunk_memory=None, cuda=None) -> int:
+    """Bytes one chunk may hold: the user's, else derived from the problem (see the module docstring).
+    `cuda`: budget as for a CUDA tensor (default: whether q is one)."""
     if chunk_memory:
         return chunk_memory
-    if not q.is_cuda:
+    if not (q.is_cuda if cuda is None else cuda):
         return DEFAULT_CHUNK_MEMORY_CPU
     accumulators = (n_rows_all + n_cols) * q.shape[1] * 4
     return int(min(CUDA_CHUNK_MAX, max(CUDA_CHUNK_MIN, accumulators // 3)))
@@ -120,9 +121,11 @@ def estimated_extra_bytes(name, B, N, D, symmetric, element_size, chunk_memory, 
         return acc
     half_g = cuda and element_size == 2
     C = chunk_rows_for(N, 4, element_size if half_g else 0, chunk_memory)
-    chunk = min(C, max(B, N)) * N * (4 + (element_size if half_g else 0))
+    C = min(C, max(B, N))
+    chunk = C * N * (4 + (element_size if half_g else 0))
+    rows = C * D * 8  # per chunk: the scaled A_c (fp32, then its GEMM copy) and dA_c in fp32
     db_temp = min(N, 8192) * D * 4 if half_g else 0
-    return acc + chunk + db_temp
+    return acc + chunk + rows + db_temp
 
 
 def free_bytes(device) -> float:

@@ -189,6 +189,7 @@ def chunked_term(term, s, w, dA, dB, chunk_rows, compute_dtype, row_fn=rows_torc
         lse_c, pos_c, G, ds_c = row_fn(S, s, term, start, stop, wn[start:stop] if w is not None else None)
         lse[start:stop], pos[start:stop] = lse_c, pos_c
         if w is None:
+            del S
             continue
         if rbn is not None:
             G.mul_(rbn.to(G.dtype))  # columns: G o r_b, so that G @ B = sum_j G_ij u_j
@@ -197,7 +198,7 @@ def chunked_term(term, s, w, dA, dB, chunk_rows, compute_dtype, row_fn=rows_torc
         if factor is not None:
             gA.mul_(factor)
         if ds_c is None:  # <gA_i, A_i> / s = sum_j G_ij sim_ij (gA already times `factor`)
-            ds_c = (gA * Ac.to(gA.dtype)).sum() / s
+            ds_c = torch.vdot(gA.reshape(-1), Ac.to(gA.dtype).reshape(-1)) / s  # no [C, D] product
         elif wmax is not None:  # the row kernel saw w / wmax
             ds_c = ds_c * wmax
         ds += ds_c
@@ -208,6 +209,7 @@ def chunked_term(term, s, w, dA, dB, chunk_rows, compute_dtype, row_fn=rows_torc
             dA.index_put_((idx,), gA.to(dA.dtype), accumulate=True)  # repeated labels add up
         else:
             dA[start:stop] += gA
+        del S, G  # freed before the next chunk's S is allocated: one chunk alive, not two
     return lse, pos, ds
 
 

@@ -116,7 +116,7 @@ def _contrastive(q, p, labels, query_groups, passage_groups, scale, similarity, 
     need_grad = torch.is_grad_enabled() and (q_all.requires_grad or p.requires_grad or scale.requires_grad)
     # Under autocast the inputs keep their dtype here: the engines pick their own
     # accumulation precision and write into fp32 buffers in place.
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    with torch.autocast(device_type="cuda" if q.is_cuda else "cpu", enabled=False):
         args = [q_all.contiguous(), p.contiguous(), scale, labels_all, q_grp_all, passage_groups, offset, B,
                 symmetric, reduction, similarity == "cos"]
         if backend == "measure":

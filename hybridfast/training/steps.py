@@ -46,7 +46,8 @@ def plain_step(encoder, loss_fn, q_in, p_in, q_groups, p_groups, amp_dtype=None,
             q = model(**q_in)
         with ddp_sync(model, last=True):
             p = model(**p_in)
-    loss = loss_fn(q.float(), p.float(), query_groups=q_groups, passage_groups=p_groups)
+    # no upcast: under --bf16 the loss takes bf16 embeddings (tensor-core GEMMs, fp32 accumulation inside)
+    loss = loss_fn(q, p, query_groups=q_groups, passage_groups=p_groups)
     (scaler.scale(loss) if scaler is not None else loss).backward()
     return loss.detach()
 

@@ -108,3 +108,59 @@ def test_gather_equals_single_process(per_rank, index):
 def test_unequal_local_batches_are_refused_on_every_rank(per_rank):
     for rank in range(WORLD):
         assert "same q and p sizes on every rank" in per_rank[rank][-1]
+
+
+# ----------------------------------------------------------------------------- first GPU run (issue 18, finding 2)
+
+def _uneven_worker(rank, port, out_dir):
+    """Uneven last batches without gather, and a bucket only rank 0 meets, with "auto" timing (the CUDA
+    path, patched on): no rank may enter a collective the other does not, so the all_reduce after
+    the losses pairs with the other rank's all_reduce (before the fix rank 0 stalled in a broadcast)."""
+    import datetime
+
+    from hybridfast.loss import dispatch
+
+    dispatch.wants_timing = lambda q: True
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=15))
+    try:
+        g = torch.Generator().manual_seed(rank)
+        b = 6 - rank  # uneven: a new shape bucket on each rank
+        hybrid_contrastive_loss(torch.randn(b, 8, generator=g, requires_grad=True), torch.randn(2 * b, 8, generator=g),
+                                backend="auto", reduction="sum").backward()
+        if rank == 0:  # validation on rank 0 only
+            hybrid_contrastive_loss(torch.randn(3, 8, generator=g), torch.randn(40, 8, generator=g), backend="auto")
+        # with gather (ranks in lockstep) the ranks agree on one engine
+        q, p = torch.randn(4, 8, generator=g, requires_grad=True), torch.randn(8, 8, generator=g)
+        hybrid_contrastive_loss(q, p, backend="auto", gather_across_devices=True).backward()
+        chosen = [v["backend"] for k, v in dispatch.backend_choices().items() if k.endswith("ranks")]
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        torch.save(dict(sum=float(t), agreed=chosen), os.path.join(out_dir, f"uneven{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu_first_run
+@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"), reason="timing needs the Triton engines")
+def test_uneven_batches_and_one_rank_buckets_never_stall(tmp_path):
+    import time
+
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_uneven_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
+    t0 = time.monotonic()
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=max(1.0, 55 - (time.monotonic() - t0)))
+    alive = [proc for proc in procs if proc.is_alive()]
+    for proc in alive:
+        proc.kill()  # only the processes this test started
+    assert not alive, "a rank hung in a collective"
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    results = [torch.load(tmp_path / f"uneven{r}.pt") for r in range(WORLD)]
+    assert all(r["sum"] == WORLD for r in results)
+    assert results[0]["agreed"] == results[1]["agreed"] and len(results[0]["agreed"]) == 1
+    assert time.monotonic() - t0 < 60
