@@ -84,6 +84,7 @@ def train_config(config: StudyConfig, model_path: str, mode: str, seed: int, out
                   languages=config.languages, mode=mode, mono_prob=config.mono_prob,
                   batch_size=config.batch_size, max_steps=config.steps, lr=config.lr,
                   max_length=config.max_length, seed=seed, device=config.device,
+                  lang_weights=config.train_lang_weights(), bf16=config.resolved_precision() == "bf16",
                   save_steps=save_steps, output=str(output), resume=resume, overwrite=overwrite,
                   show_progress=config.show_progress, **prefix_kwargs(config.prefixes))
     kwargs.update(config.extra_train)
@@ -151,7 +152,8 @@ def run_cell(config: StudyConfig, model: ResolvedModel, mode: str, seed: Optiona
     # a fine-tuned folder records its prefixes; the base model gets the training choice
     kw = prefix_kwargs(config.prefixes) if mode == BASE else {}
     encoder = Encoder(eval_path, max_length=config.max_length, device=config.device,
-                      show_progress=config.show_progress, **kw)
+                      show_progress=config.show_progress, amp="bf16" if config.resolved_precision() == "bf16" else None,
+                      **kw)
     result = {"model": str(model.spec), "model_name": model.name, "model_id": model.model_id,
               "model_content": model.content, "model_path": model.path, "label": model.label,
               "family": model.family, **parameter_counts(encoder.model), "mode": mode,

@@ -28,6 +28,7 @@ TABLE_COLUMNS = (("mono", "map", "mono mAP"), ("cross", "map", "cross mAP"),
 # protocol -> (training data, evaluation benchmarks)
 PROTOCOLS = {"zero-shot": ("mlqa-r", ("xquad-r",)), "held-out": ("xquad-r", ("xquad-r",))}
 INTERVALS = ("t", "bootstrap")
+PRECISIONS = ("auto", "bf16", "fp32")
 DEFAULT_MODELS = ("multilingual-e5-small@L3", "multilingual-e5-small@L6", "multilingual-e5-small@L12")
 
 
@@ -114,6 +115,11 @@ class StudyConfig:
     max_length: int = _setting(128, "tokens per text, training and evaluation")
     lr: float = _setting(3e-5, "peak learning rate")
     mono_prob: float = _setting(0.5, "alpha of hybrid batches")
+    lang_weights: str = _setting("size", "mono-batch language weights: size (by examples per language, the "
+                                         "paper's sampling), size^TAU (smoothed), uniform")
+    precision: str = _setting("auto", "training and evaluation precision; auto: bf16 where the hardware computes "
+                                      "it natively (CUDA, CPUs with AVX512-BF16 / AMX), else fp32",
+                              choices=PRECISIONS)
     languages: Optional[Sequence[str]] = _setting(None, "comma-separated language subset (default: all)")
     eval_articles: Optional[int] = _setting(None, "evaluate on the first N articles of the eval split only "
                                                   "(cheap CPU runs)")
@@ -176,11 +182,24 @@ class StudyConfig:
         if self.save_steps is not None:
             _int(self.save_steps, "save_steps", 0)
         for name, choices in (("eval_split", ("auto", "test", "all")), ("train_split", ("auto", "train", "all")),
-                              ("prefixes", ("auto", "on", "off")), ("interval", INTERVALS)):
+                              ("prefixes", ("auto", "on", "off")), ("interval", INTERVALS),
+                              ("precision", PRECISIONS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if not 0.0 <= self.mono_prob <= 1.0:
             raise ValueError(f"mono_prob must be in [0, 1], got {self.mono_prob}")
+        if self.lang_weights != "uniform":
+            from hybridfast.sampler import parse_lang_weights
+
+            parse_lang_weights(self.lang_weights)  # a ValueError naming lang_weights
+
+    def train_lang_weights(self):
+        """lang_weights as TrainConfig takes it (None: uniform)."""
+        return None if self.lang_weights == "uniform" else self.lang_weights
+
+    def resolved_precision(self) -> str:
+        """"bf16" or "fp32": what `precision` means on this study's device."""
+        return resolve_precision(self.precision, self.device)
 
     def fingerprints(self) -> dict:
         """The data fingerprints of the cells' hashes; computed (the data loaded) on first use
@@ -196,6 +215,7 @@ class StudyConfig:
         fp = self.fingerprints()
         return {"evals": list(self.evals), "eval_splits": [eval_split_for(self, e) for e in self.evals],
                 "max_length": self.max_length, "languages": self.languages, "prefixes": self.prefixes,
+                "precision": self.resolved_precision(),
                 "eval_subset": self.eval_subset, "eval_articles": self.eval_articles,
                 "eval_data": fp.get("evals")}
 
@@ -203,12 +223,29 @@ class StudyConfig:
         """What changes a fine-tuned cell's numbers (model, mode and seed name the cell)."""
         fp = self.fingerprints()
         return {**self.eval_settings(), "train": str(self.train), "steps": self.steps, "batch_size": self.batch_size,
-                "lr": self.lr, "mono_prob": self.mono_prob, "train_split": self.train_split,
+                "lr": self.lr, "mono_prob": self.mono_prob, "lang_weights": self.lang_weights,
+                "train_split": self.train_split,
                 "extra_train": dict(sorted(self.extra_train.items())), "train_data": fp.get("train")}
 
     def settings_hash(self, base: bool = False) -> str:
         blob = json.dumps(self.eval_settings() if base else self.cell_settings(), sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+
+def resolve_precision(precision: str, device) -> str:
+    """"auto" -> "bf16" where the device computes bf16 natively (CUDA with bf16, a CPU with
+    AVX512-BF16 / AMX), else "fp32"; "bf16" and "fp32" stay as they are."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    from hybridfast._backends import resolve_device
+    from hybridfast.models.packed import cpu_bf16_native
+
+    device = resolve_device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_bf16_native() else "fp32"
 
 
 def _int(v, name, minimum):

@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from hybridfast.study import (BASE, MODES, PROTOCOLS, StudyConfig, build_evaluators, model_label, paired_bootstrap,
                               run_cells, study_folder, subset_articles, write_json)
-from hybridfast.study.config import _setting
+from hybridfast.study.config import PRECISIONS, _setting, resolve_precision
 # the tables and plots live in demo_report; their names stay importable from here
 from hybridfast.study.demo_report import (RUNS, format_table, header_text, per_language_table,  # noqa: F401
                                           plot_demo, print_summary, table_rows, write_markdown)
@@ -216,6 +216,9 @@ class DemoConfig:
     eval_languages: Optional[Sequence[str]] = _setting(None, "comma-separated evaluation languages (default: by "
                                                              "budget; held-out: --languages)")
     eval_articles: Optional[int] = _setting(None, "evaluate on the first N articles only (default: by budget)")
+    precision: str = _setting("auto", "training and evaluation precision; auto: bf16 where the hardware computes "
+                                      "it natively (CUDA, CPUs with AVX512-BF16 / AMX), else fp32",
+                              choices=PRECISIONS)
     overwrite: bool = _setting(False, "replace results.* and plots in --out although hybridfast did not write "
                                       "them (a user's files)", flag=True)
     show_progress: bool = True       # encoding / training bars (the command line prints one line per phase)
@@ -240,6 +243,7 @@ class Setup:
     eval_split: str
     n_articles_all: int
     train_languages: Optional[List[str]] = None
+    precision: str = "fp32"       # resolved: "bf16" or "fp32"
 
     @property
     def languages(self):
@@ -328,7 +332,8 @@ def _setup(config: DemoConfig, phase) -> Setup:
     test, eval_split, n_articles_all = _load_test(eval_path, budget, budget.protocol)
     return Setup(budget, budget.protocol, dev, device_description(dev), model_path, model_label(model_path),
                  str(train_name), train_path, eval_path, test, eval_split, n_articles_all,
-                 list(budget.languages) if budget.languages is not None else None)
+                 list(budget.languages) if budget.languages is not None else None,
+                 resolve_precision(config.precision, dev))
 
 
 def _announce(log, setup: Setup, header: str):
@@ -349,6 +354,7 @@ def _study_config(config: DemoConfig, setup: Setup) -> StudyConfig:
                        data_dir=config.data_dir, device=str(setup.device), eval_split=setup.eval_split,
                        train_split="train" if setup.protocol == "held-out" else "all", save_steps=0,
                        show_progress=config.show_progress, overwrite=config.overwrite,
+                       precision=setup.precision, lang_weights="size",
                        eval_subset=(f"{setup.protocol}: {', '.join(setup.languages)}; first {setup.n_articles} of "
                                     f"{setup.n_articles_all} articles"))
 
@@ -358,6 +364,7 @@ def _record(setup: Setup, runs, rows, comparisons, text_verdict, plots, wall) ->
     return {"model": str(setup.model_path), "model_label": setup.label,
             "model_source": _model_source(setup.model_path), "params": next(iter(runs.values()))["params"],
             "device": str(setup.device), "device_description": setup.device_text, "budget": asdict(setup.budget),
+            "precision": setup.precision, "lang_weights": "size",
             "protocol": setup.protocol, "train_data": str(setup.train_path),
             "train_languages": setup.train_languages, "languages": list(setup.languages),
             "unseen_languages": setup.unseen, "data": str(setup.eval_path),

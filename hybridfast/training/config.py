@@ -45,8 +45,9 @@ class TrainConfig:
     mode: str = _f("hybrid", "batch kind: mono, cross, or hybrid (paper, alpha=mono-prob)", choices=rules.MODES)
     mono_prob: float = _f(0.5, "probability of a monolingual batch in hybrid mode")
     lang_weights: Optional[Union[Dict[str, float], str]] = _f(
-        None, "mono-batch language weights, e.g. en=2,de=1, 'size' (by examples per language) or 'size^TAU' "
-              "(by examples^TAU, 0 <= TAU <= 1, e.g. size^0.3: smoothed, as in multilingual pre-training)")
+        "size", "mono-batch language weights: 'size' (by examples per language, the paper's sampling), "
+                "'size^TAU' (by examples^TAU, 0 <= TAU <= 1, e.g. size^0.3: smoothed, as in multilingual "
+                "pre-training; size^0: uniform) or per language, e.g. en=2,de=1")
     batch_size: int = _f(100, "examples per step per process (global batch = batch size x processes)")
     max_steps: Optional[int] = _f(None, "stop after this many steps (overrides --epochs; may grow on --resume)")
     epochs: int = _f(1, "epochs when --max-steps is not given")

@@ -67,6 +67,9 @@ def test_demo_states_budget_and_verdict(tiny_demo):
     out, result, printed = tiny_demo
     assert "2 steps x batch 4" in printed and "de, en, es" in printed and "device: CPU" in printed
     assert "held-out" in printed
+    # issue 21/22: the precision and the language sampling are stated (the suite pins fp32 on CPUs)
+    assert "fp32 training and encoding" in printed and "sampled by their number of examples" in printed
+    assert result["precision"] == "fp32" and result["lang_weights"] == "size"
     assert result["verdict"] and result["verdict"] in printed
     md = (out / "results.md").read_text()
     assert "2 steps x batch 4" in md and "| run | mono mAP |" in md and "| run | de | en | es |" in md
@@ -141,6 +144,7 @@ def test_default_model_is_multilingual_e5_small(tmp_path, tiny_model, monkeypatc
 
 
 def test_missing_dataset_is_downloaded_on_first_use(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.delenv("HYBRIDFAST_DATA", raising=False)  # the test's own data dir is the only place to look
     fetched = []
 
     def fake_download(name, to=None, show_progress=True):

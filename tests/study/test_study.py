@@ -569,3 +569,28 @@ def test_assemble_mpnet_missing_or_corrupt(tmp_path):
     p.write_bytes(bytes(data))
     with pytest.raises((ValueError, zipfile.BadZipFile)):
         assemble_mpnet(tmp_path / "m2", parts=str(tmp_path / "bad"), show_progress=False)
+
+
+@pytest.mark.parametrize("native,precision,expected", [("1", "auto", "bf16"), ("0", "auto", "fp32"),
+                                                       ("1", "fp32", "fp32"), ("0", "bf16", "bf16")])
+def test_precision_is_resolved_recorded_and_passed_on(tmp_path, synthetic, tiny_models, monkeypatch, native,
+                                                      precision, expected):
+    """Issue 21: bf16 by default where the hardware computes it; part of the cells' settings (so a
+    changed precision never reuses a cell); the trainer gets --bf16 and the paper's size sampling."""
+    from hybridfast.study.cells import train_config
+
+    monkeypatch.setenv("HYBRIDFAST_CPU_BF16", native)
+    config = tiny_config(tmp_path / "s", tiny_models[:1], synthetic, precision=precision)
+    assert config.resolved_precision() == expected
+    assert config.eval_settings()["precision"] == expected and config.cell_settings()["lang_weights"] == "size"
+    tc = train_config(config, str(tiny_models[0]), "hybrid", 0, tmp_path / "t", resume=False)
+    assert tc.bf16 is (expected == "bf16") and tc.lang_weights == "size"
+    other = tiny_config(tmp_path / "s", tiny_models[:1], synthetic,
+                        precision="fp32" if expected == "bf16" else "bf16")
+    assert other.settings_hash() != config.settings_hash()
+    uniform = tiny_config(tmp_path / "s", tiny_models[:1], synthetic, precision=precision, lang_weights="uniform")
+    assert train_config(uniform, str(tiny_models[0]), "hybrid", 0, tmp_path / "t", resume=False).lang_weights is None
+    with pytest.raises(ValueError, match="lang_weights"):
+        tiny_config(tmp_path / "s", tiny_models[:1], synthetic, lang_weights="sizes")
+    with pytest.raises(ValueError, match="precision"):
+        tiny_config(tmp_path / "s", tiny_models[:1], synthetic, precision="fp16")
