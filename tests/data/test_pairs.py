@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from hybridfast.data import candidate_text
 from hybridfast.data.pairs import ParallelPairs, load_training_pairs
 from helpers import write_lareqa
 
@@ -153,9 +154,6 @@ def test_mmarco_triples_in_language_folder_and_errors(tmp_path):
 
 
 def test_lareqa_reader(tmp_path):
-    data = pytest.importorskip("hybridfast.data")
-    if not hasattr(data, "lareqa_examples"):
-        pytest.skip("hybridfast.data.lareqa_examples not landed yet")
     root = write_lareqa(tmp_path / "toy")
     pairs = load_training_pairs(root, split="all")
     assert pairs.languages == ["de", "en"]
@@ -164,20 +162,17 @@ def test_lareqa_reader(tmp_path):
     e1, e2, e3 = (pairs.example_ids.index(q) for q in ("q1", "q2", "q3"))
     en = pairs.languages.index("en")
     assert pairs.query(e1, en) == "Who sat?"
-    assert pairs.positive(e1, en) == data.candidate_text("The cat sat.", "The cat sat. The dog ran.")
+    assert pairs.positive(e1, en) == candidate_text("The cat sat.", "The cat sat. The dog ran.")
     # q1 and q2 are answered by the same sentence: one group
     assert pairs.groups is not None and pairs.groups[e1] == pairs.groups[e2] != pairs.groups[e3]
     # hard negatives: the other answer sentence of the paragraph
-    assert pairs.negatives(e1, en) == [data.candidate_text("The dog ran.", "The cat sat. The dog ran.")]
+    assert pairs.negatives(e1, en) == [candidate_text("The dog ran.", "The cat sat. The dog ran.")]
     assert load_training_pairs(root, split="all", languages=["de"]).languages == ["de"]
     with pytest.raises(ValueError, match=r"\['fr'\] not in"):
         load_training_pairs(root, languages=["fr"])
 
 
 def test_xquad_r_by_name(xquad_dir):
-    data = pytest.importorskip("hybridfast.data")
-    if not hasattr(data, "resolve_dataset"):
-        pytest.skip("hybridfast.data.resolve_dataset not landed yet")
     pairs = load_training_pairs("xquad-r", data_dir=xquad_dir.parent, split="train", languages=["en", "de"])
     test = load_training_pairs(xquad_dir, split="test", languages=["en", "de"])
     assert pairs.languages == ["de", "en"] and pairs.availability.all()
