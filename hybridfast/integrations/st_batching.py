@@ -378,7 +378,7 @@ class HybridSTBatchSampler:
         self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        steps = len(self.sampler)
+        steps = self.sampler.epoch_length()
         return steps if self.split_batches else steps * self.world_size
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:

@@ -79,8 +79,9 @@ class HybridBatchSampler:
 
     Iterating yields this rank's list of (example, query_lang, passage_lang) tuples
     per step, so it works as ``DataLoader(dataset, batch_sampler=sampler)``.
-    ``len()`` is the number of steps of the whole epoch (exact). The epoch is planned
-    once (in C++) and cached; call ``set_epoch(e)`` before each epoch.
+    ``len()`` is the exact number of steps the next iteration yields (the whole epoch, or its
+    rest after ``load_state_dict``); ``epoch_length()`` is the whole epoch's. The epoch is
+    planned once (in C++) and cached; call ``set_epoch(e)`` before each epoch.
     """
 
     def __init__(self, availability, batch_size, mode="hybrid", mono_prob=0.5, lang_weights="size",
@@ -173,8 +174,14 @@ class HybridBatchSampler:
             self.epoch, self._start, self._yielded = epoch, 0, 0
             self._cached = None
 
+    def epoch_length(self, epoch: Optional[int] = None) -> int:
+        """Steps of the whole epoch (default: the current one)."""
+        return int(self.plan(epoch).shape[0])
+
     def __len__(self) -> int:
-        return int(self.plan().shape[0])
+        """Steps the next iteration yields: the whole epoch, or what is left of it after
+        load_state_dict (so a DataLoader or progress bar over a resumed sampler counts right)."""
+        return self.epoch_length() - self._start
 
     def _rank_slice(self, batch: np.ndarray) -> List[Tuple[int, int, int]]:
         per = self.batch_size

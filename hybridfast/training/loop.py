@@ -155,7 +155,7 @@ def load_data(config: TrainConfig, rank=0, world=1):
         raise ValueError(f"mode={config.mode!r} needs at least two languages; the training data has "
                          f"{pairs.languages} (use mode='mono')")
     sampler = build_sampler(config, pairs, rank, world)
-    if len(sampler) == 0:
+    if sampler.epoch_length() == 0:
         raise ValueError(f"batch_size={config.batch_size} x {world} process(es) leaves no full batch in "
                          f"{len(pairs)} examples")
     benchmark = None
@@ -204,7 +204,7 @@ def epoch_steps(sampler, epochs):
     current, total = sampler.epoch, 0
     for e in range(epochs):
         sampler.set_epoch(e)
-        total += len(sampler)
+        total += sampler.epoch_length()
     sampler.set_epoch(current)
     return total
 
@@ -255,7 +255,7 @@ class _Run:
             ckpt.restore(prep.checkpoint, self.objects, self.rank, self.device)
         else:
             sampler.set_epoch(self.epoch)
-        self.steps_this_epoch = len(sampler)
+        self.steps_this_epoch = sampler.epoch_length()
         self.collate = Collator(prep.pairs, encoder, config.hard_negatives, config.seed, encoder.max_length)
         # resuming drops log rows of steps that will be redone
         self.logger = Logger(self.output, self.rank == 0, self.step if prep.checkpoint is not None else None,
@@ -332,7 +332,7 @@ class _Run:
     def next_epoch(self):
         self.epoch, self.in_epoch = self.epoch + 1, 0
         self.sampler.set_epoch(self.epoch)
-        self.steps_this_epoch = len(self.sampler)
+        self.steps_this_epoch = self.sampler.epoch_length()
         if self.steps_this_epoch == 0:
             raise RuntimeError(f"epoch {self.epoch} of the sampler has no batch")
 

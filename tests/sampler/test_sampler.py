@@ -655,3 +655,18 @@ def test_default_lang_weights_sample_by_size_as_the_paper():
     assert not np.array_equal(default, uniform)
     first_lang = [int(step[0, 1]) for step in default[:12]]
     assert first_lang.count(0) >= 8  # 300 of 420 examples: the large language dominates the early steps
+
+
+def test_len_after_resume_counts_what_the_iteration_yields():
+    """Probe #28: after load_state_dict, len() was the whole epoch while iteration yielded the rest."""
+    avail, _ = random_case(0, 300, 3, 1.0, 0)
+    s = HybridBatchSampler(avail, 5, seed=3)
+    full = s.epoch_length()
+    assert len(s) == full == len(list(s))
+    t = HybridBatchSampler(avail, 5, seed=3)
+    t.load_state_dict(s.state_dict(step=4))
+    assert t.epoch_length() == full and len(t) == full - 4 == len(list(t))
+    assert len(t) == full  # the resumed pass is over: the next iteration is a whole epoch again
+    loader = torch.utils.data.DataLoader(ToyPairs(avail), batch_sampler=t)
+    t.load_state_dict(s.state_dict(step=full - 1))
+    assert len(loader) == 1 == len(list(loader))
