@@ -25,7 +25,6 @@ from typing import Callable, List, Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from hybridfast import encoder as encoder_module
@@ -40,7 +39,7 @@ from hybridfast.training import checkpoint as ckpt
 from hybridfast.training import distributed
 from hybridfast.training.batches import Collator, batch_kind, prefetch
 from hybridfast.training.config import TrainConfig, looks_local
-from hybridfast.training.log import Logger, Window, read_log
+from hybridfast.training.log import Logger, Progress, Window, read_log
 from hybridfast.training.periodic_eval import PeriodicEvaluator
 from hybridfast.training.resume import (FINAL_EVAL_FILE, check_finished, check_total_steps, final_eval_missing,
                                         resume_state, run_settings)
@@ -261,19 +260,19 @@ class _Run:
         self.logger = Logger(self.output, self.rank == 0, self.step if prep.checkpoint is not None else None,
                              self.run_dir.own)
         self.window = Window()
+        self.progress: Optional[Progress] = None  # set by loop()
         if self.rank == 0:
             self._write_config(state["changes"], prep.checkpoint is not None)
 
     def loop(self, on_step: StepCallback) -> Path:
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
-                   disable=not self.config.show_progress or self.rank != 0)
+        bar = self.progress = Progress(self.total_steps, self.step, self.config.show_progress and self.rank == 0)
         try:
             with graceful_stop() as stop:
                 while self.step < self.total_steps:
                     # a resumed sampler starts at its saved position; the next batch is tokenised meanwhile
                     for batch, inputs in prefetch(self.sampler, self.collate, self.step):
                         self.train_step(batch, inputs)
-                        bar.update(1)
+                        bar.update()
                         if on_step is not None:
                             on_step(self.step)
                         self.stop_if_asked(stop)
@@ -328,6 +327,8 @@ class _Run:
             self.window.restart_clock()  # saving and evaluating are not training time
         if row is not None:
             self.logger.log(row)
+            if self.progress is not None:
+                self.progress.row(row)
 
     def next_epoch(self):
         self.epoch, self.in_epoch = self.epoch + 1, 0

@@ -330,3 +330,18 @@ def test_optimizer_is_fused_adamw_where_available(toy, monkeypatch):
     monkeypatch.setattr(torch.optim, "AdamW", no_fused_kernel)
     fallback = make_optimizer(enc, config)
     assert not fallback.defaults.get("fused") and fallback.defaults["lr"] == 3e-5
+
+
+@pytest.mark.parametrize("show", [True, False])
+def test_progress_in_a_log_is_one_line_per_log_row(toy, tmp_path, capsys, show):
+    """Issue 21: off a terminal (stderr captured, as in a log file) training prints plain lines with
+    the rate and an ETA at every log row instead of a bar's carriage returns; --no-progress: none."""
+    train(base_config(toy, tmp_path / "p", max_steps=4, log_steps=2, show_progress=show))
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.startswith("train: step")]
+    if not show:
+        assert lines == []
+        return
+    assert [l.split(",")[0] for l in lines] == ["train: step 2/4 (50%)", "train: step 4/4 (100%)"]
+    assert all(" steps/s, loss " in l and ", ETA " in l for l in lines)
+    assert lines[-1].endswith("ETA 0:00") and "\r" not in err
