@@ -137,8 +137,11 @@ def _run(args) -> int:
         model, encoder = _encoder(args)
     except (OSError, ValueError, TypeError, ModelUnavailableError) as e:
         return _error(f"--model {args.model or 'multilingual-e5-small'}: {e}")
-    print(f"{PROG}: encoding in {encoder.precision} on {encoder.device.type}, max_length {encoder.max_length}"
-          + ("" if args.fp32 or encoder.precision == "fp32" else " (--fp32 to opt out)"), file=sys.stderr)
+    # what the encoder will really use (an Encoder says; a stand-in object need not)
+    precision, max_length = getattr(encoder, "precision", None), getattr(encoder, "max_length", args.max_length)
+    if precision is not None:
+        print(f"{PROG}: encoding in {precision} on {encoder.device.type}, max_length {max_length}"
+              + ("" if precision == "fp32" else " (--fp32 to opt out)"), file=sys.stderr)
     try:
         result = evaluator.evaluate(encoder, save_run=args.save_run, run_depth=args.run_depth)
     except OSError as e:  # the TREC export: its earlier files stay as they were
@@ -147,7 +150,7 @@ def _run(args) -> int:
         return _error(f"--save-run {rules.write_error_message(e, args.save_run)}")
     result.config.update(model=str(model), dataset=str(args.dataset), split=args.split,
                          query_prefix=encoder.query_prefix, passage_prefix=encoder.passage_prefix,
-                         max_length=encoder.max_length, precision=encoder.precision)
+                         max_length=max_length, precision=precision)
     print(result.to_markdown())
     try:
         written = result.save(args.out, overwrite=args.overwrite)
