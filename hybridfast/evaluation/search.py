@@ -41,7 +41,6 @@ Backends:
 The top-k lists (over the whole pool) are in trec_eval order too: candidates
 tied with the k-th score are taken by id, descending.
 """
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
@@ -50,9 +49,13 @@ import numpy as np
 import torch
 
 from hybridfast._backends import fallback_warning, faiss_has_gpu, faiss_module, resolve_device
+from hybridfast.evaluation.counting import _count_numpy, _count_torch, trec_topk  # noqa: F401 (tests, trec.py)
 from hybridfast.evaluation.faiss_lists import faiss_index, faiss_topk, ranks_from_lists
+from hybridfast.evaluation.tiles import ArrayTiles, tile_chunk_scores, tiled_search
 
 BACKENDS = ("auto", "torch", "faiss")
+ENGINES = ("tiles", "rows")   # CPU exact search: one pass over cached tiles | whole rows (the reference)
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -73,23 +76,31 @@ class SearchResult:
     exact: bool = True
 
 
-def _as_matrix(x, name):
+def _as_matrix(x, name, keep_bf16=False):
+    """float32 numpy [n, D] (a bfloat16 tensor stays bfloat16 with keep_bf16: no float32 copy)."""
     if isinstance(x, torch.Tensor):
-        x = x.detach().to("cpu", torch.float32).numpy()
-    x = np.asarray(x)
+        x = x.detach().cpu()
+        if not (keep_bf16 and x.dtype == torch.bfloat16):
+            x = x.to(torch.float32).numpy()
+    if not isinstance(x, torch.Tensor):
+        x = np.asarray(x)
+        if not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(f"{name} must be floating point, got {x.dtype}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [n, D], got shape {x.shape}")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(f"{name} must be floating point, got {x.dtype}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise ValueError(f"{name} holds NaN or infinite values")
+        raise ValueError(f"{name} must be 2-D [n, D], got shape {tuple(x.shape)}")
+    # in row blocks: a whole-array isfinite would be a temporary as large as the input
+    step = max(1, (64 << 20) // max(1, x.shape[1] * 4))
+    for s in range(0, x.shape[0], step):
+        block = x[s:s + step]
+        if not (torch.isfinite(block).all() if isinstance(block, torch.Tensor) else np.isfinite(block).all()):
+            raise ValueError(f"{name} holds NaN or infinite values")
     return x
 
 
-def _check_inputs(queries, candidates, relevant, offsets, tie_priority, k):
+def _check_inputs(queries, candidates, relevant, offsets, tie_priority, k, keep_bf16=False):
     q = _as_matrix(queries, "queries")
-    c = _as_matrix(candidates, "candidates")
+    c = _as_matrix(candidates, "candidates", keep_bf16)
     if q.shape[1] != c.shape[1]:
         raise ValueError(f"queries have dimension {q.shape[1]} but candidates {c.shape[1]}")
     if c.shape[0] == 0:
@@ -136,123 +147,6 @@ def _progress(total, show, desc):
 
 
 # ---------------------------------------------------------------------------
-# rank counting for one chunk of scores
-
-
-def _count_numpy(scores, cols, offsets, block_of, prio, pool=None, work=None):
-    """numpy: (#ranked above r in r's block, #ranked above r in the pool), each int64 [b, R].
-
-    Per relevant slot j: one float compare gives the mask of strictly higher
-    scores; its row sums (bool viewed as uint8, summed in uint16/uint32: several
-    times faster than count_nonzero along an axis) give the pool count, and a
-    slice of the same mask the own-block count (slots are sorted by block, so a
-    slot usually maps to one block for all rows). A second compare counts equal
-    scores: rows where another candidate ties with r (rare with float scores) are
-    then resolved with the tie priority. Slots run on a thread pool: numpy
-    releases the GIL in compares and sums.
-    """
-    b, R = cols.shape
-    own = np.zeros((b, R), dtype=np.int64)
-    total = np.zeros((b, R), dtype=np.int64)
-    valid = cols >= 0
-    safe = np.where(valid, cols, 0)
-    rs = np.take_along_axis(scores, safe, axis=1)
-    slot_block = np.where(valid, block_of[safe], -1)
-    acc = np.uint16 if scores.shape[1] < (1 << 16) else np.uint32
-    work = {} if work is None else work
-    lock = threading.Lock()
-
-    def buffer():
-        key = (threading.get_ident(), scores.shape)
-        with lock:
-            if key not in work:
-                work[key] = np.empty(scores.shape, dtype=bool)
-            return work[key]
-
-    def slot(j):
-        if not valid[:, j].any():
-            return
-        thr = rs[:, j:j + 1]
-        mask = buffer()
-        above = np.greater(scores, thr, out=mask).view(np.uint8)
-        total[:, j] = above.sum(axis=1, dtype=acc)
-        for blk in np.unique(slot_block[:, j]):
-            if blk < 0:
-                continue
-            s, e = offsets[blk], offsets[blk + 1]
-            rows = slot_block[:, j] == blk
-            if rows.all():
-                own[:, j] = above[:, s:e].sum(axis=1, dtype=acc)
-            else:
-                own[rows, j] = above[rows, s:e].sum(axis=1, dtype=acc)
-        # ties with r other than r itself (-0.0 == +0.0, as for trec_eval's doubles)
-        n_equal = np.equal(scores, thr, out=mask).view(np.uint8).sum(axis=1, dtype=acc)
-        tied_rows = np.nonzero(valid[:, j] & (n_equal > 1))[0]
-        _add_ties(scores, tied_rows, safe[tied_rows, j], offsets, block_of, prio, own[:, j], total[:, j])
-
-    if pool is None:
-        for j in range(R):
-            slot(j)
-    else:
-        list(pool.map(slot, range(R)))
-    return own, total
-
-
-def _add_ties(scores, rows, cols, offsets, block_of, prio, own, total):
-    """Rows where candidate r = cols[i] shares its score with others: those ranked before r by
-    the tie priority are added to its pool count `total` and own-block count `own` (in place)."""
-    for i, r in zip(rows, cols):
-        before = (scores[i] == scores[i, r]) & (prio > prio[r])
-        total[i] += np.count_nonzero(before)
-        s, e = offsets[block_of[r]], offsets[block_of[r] + 1]
-        own[i] += np.count_nonzero(before[s:e])
-
-
-def _count_torch(scores, cols, offsets_t, block_of_t, prio_t):
-    """torch (GPU path; also runs on CPU for tests): same as _count_numpy."""
-    valid = cols >= 0
-    safe = cols.clamp(min=0)
-    rs = scores.gather(1, safe)                                   # [b, R]
-    s3, r3 = scores.unsqueeze(1), rs.unsqueeze(2)
-    above = (s3 > r3) | ((s3 == r3) & (prio_t.view(1, 1, -1) > prio_t[safe].unsqueeze(2)))
-    cum = above.cumsum(2, dtype=torch.int32)                      # [b, R, C]
-    cum = torch.nn.functional.pad(cum, (1, 0))                   # cum[..., c] = # above among columns < c
-    per_block = cum[:, :, offsets_t[1:]] - cum[:, :, offsets_t[:-1]]  # [b, R, L]
-    total = per_block.sum(2)
-    own = per_block.gather(2, block_of_t[safe].unsqueeze(2)).squeeze(2)
-    zero = torch.zeros_like(total)
-    return (torch.where(valid, own, zero).to(torch.int64).cpu().numpy(),
-            torch.where(valid, total, zero).to(torch.int64).cpu().numpy())
-
-
-def trec_topk(scores, k, prio):
-    """Top-k columns of each row of a numpy score chunk in trec_eval order."""
-    b, C = scores.shape
-    if k >= C:
-        idx = np.broadcast_to(np.arange(C), (b, C)).copy()
-    else:
-        idx = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        kth = np.take_along_axis(scores, idx, 1).min(1)
-        # rows where the k-th score is shared by candidates left out: choose those by id
-        n_ge = np.count_nonzero(scores >= kth[:, None], axis=1)
-        for i in np.nonzero(n_ge > k)[0]:
-            above = np.nonzero(scores[i] > kth[i])[0]
-            tied = np.nonzero(scores[i] == kth[i])[0]
-            tied = tied[np.argsort(-prio[tied], kind="stable")][:k - len(above)]
-            idx[i] = np.concatenate([above, tied])
-    return _trec_sort(scores, idx, prio)
-
-
-def _trec_sort(scores, idx, prio):
-    """Sort the candidate columns `idx` of each row by (score desc, tie priority desc)."""
-    vals = np.take_along_axis(scores, idx, 1)
-    order = np.argsort(-prio[idx], axis=1, kind="stable")
-    idx, vals = np.take_along_axis(idx, order, 1), np.take_along_axis(vals, order, 1)
-    order = np.argsort(-vals, axis=1, kind="stable")
-    return np.take_along_axis(idx, order, 1), np.take_along_axis(vals, order, 1)
-
-
-# ---------------------------------------------------------------------------
 # backends
 
 
@@ -267,13 +161,21 @@ def _score_chunk(q_chunk, c, ct, on_gpu, work):
     return torch.from_numpy(np.matmul(q_chunk, c.T, out=buf))
 
 
-def chunk_scores(queries, candidates, device="auto", n_relevant=1, chunk_size=None):
+def chunk_scores(queries, candidates, device="auto", n_relevant=1, chunk_size=None, engine="auto",
+                 precision="auto"):
     """Yield (start, end, float32 numpy [end - start, C]) score chunks computed exactly as
-    search() computes them (same device, chunking and matmul, hence the same float32
-    values and ties); used to write TREC run files. The array may be reused by the next
-    chunk: consume it before advancing."""
-    q, c = _as_matrix(queries, "queries"), _as_matrix(candidates, "candidates")
+    search() computes them (same device, engine, precision, chunking and matmul calls, hence
+    the same float32 values and ties); used to write TREC run files. The array may be reused
+    by the next chunk: consume it before advancing."""
     dev = resolve_device(device)
+    engine, precision = resolve_engine(engine, dev, "torch"), resolve_precision(precision, dev, engine)
+    q = _as_matrix(queries, "queries")
+    c = _as_matrix(candidates, "candidates", keep_bf16=precision == "bf16")
+    if engine == "tiles":
+        if precision == "bf16":
+            q = _bf16_rounded(q)
+        yield from tile_chunk_scores(q, ArrayTiles(c, precision), chunk_size)
+        return
     chunk = _chunk_rows(c.shape[0], max(1, int(n_relevant)), dev, chunk_size)
     ct = torch.from_numpy(c).to(dev)
     work = {}
@@ -281,6 +183,11 @@ def chunk_scores(queries, candidates, device="auto", n_relevant=1, chunk_size=No
         for s in range(0, q.shape[0], chunk):
             e = min(q.shape[0], s + chunk)
             yield s, e, _score_chunk(q[s:e], c, ct, dev.type == "cuda", work).cpu().numpy()
+
+
+def _bf16_rounded(x):
+    """x rounded to bfloat16, held as float32: products of two bf16 values are exact in fp32."""
+    return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).float().numpy()
 
 
 def _exact_torch(q, c, rel, offsets, prio, k, device, chunk, show, topk_fn=None):
@@ -376,8 +283,35 @@ def resolve_backend(search="auto", ivf_lists=None):
     return search
 
 
+def resolve_engine(engine, device, backend):
+    """'tiles' (CPU, torch backend) or 'rows' (CUDA, faiss, or asked for)."""
+    if engine not in ("auto",) + ENGINES:
+        raise ValueError(f"engine must be one of {('auto',) + ENGINES}, got {engine!r}")
+    if engine == "auto":
+        return "tiles" if device.type == "cpu" and backend == "torch" else "rows"
+    if engine == "tiles" and (device.type != "cpu" or backend != "torch"):
+        raise ValueError(f"engine='tiles' is the CPU engine of backend 'torch' (device={device.type!r}, "
+                         f"backend={backend!r}); use engine='auto'")
+    return engine
+
+
+def resolve_precision(precision, device, engine):
+    """'bf16' (candidates stored in bfloat16, fp32 accumulation) where the CPU computes bf16
+    natively (hybridfast.models.packed.cpu_bf16_native) and the engine is 'tiles'; else 'fp32'."""
+    from hybridfast.models.packed import cpu_bf16_native
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if engine == "tiles" and cpu_bf16_native() else "fp32"
+    if precision == "bf16" and engine != "tiles":
+        raise ValueError("precision='bf16' needs the CPU engine 'tiles' (engine='auto' on device='cpu')")
+    return precision
+
+
 def search(queries, candidates, relevant, *, offsets=None, tie_priority=None, k=0, backend="auto",
-           device="auto", chunk_size=None, ivf_lists=None, nprobe=16, show_progress=False) -> SearchResult:
+           device="auto", chunk_size=None, ivf_lists=None, nprobe=16, show_progress=False, engine="auto",
+           precision="auto") -> SearchResult:
     """Rank the relevant candidates of every query (and optionally return top-k lists).
 
     queries [Q, D], candidates [C, D]: float arrays or tensors (scores = dot products).
@@ -387,10 +321,18 @@ def search(queries, candidates, relevant, *, offsets=None, tie_priority=None, k=
     tie_priority: int [C], distinct, larger = ranked first among equal scores
       (metrics.tie_priority(ids)); default: later column first.
     k: length of the top-k lists over the pool (0: none). ivf_lists / nprobe: approximate faiss IVF.
+    engine: CPU exact search, "tiles" (one pass over cached score tiles, hybridfast.evaluation.tiles)
+      or "rows" (whole score rows, the plain reference); "auto": tiles on the CPU.
+    precision: "bf16" stores the candidates in bfloat16 (half the memory) and scores bf16-rounded
+      vectors with fp32 accumulation, compared in fp32; "auto": bf16 where the CPU computes it
+      natively (tiles engine only), "fp32" opts out. chunk_size: query rows per chunk / tile.
     """
-    q, c, rel, offsets, prio, k = _check_inputs(queries, candidates, relevant, offsets, tie_priority, k)
-    backend = resolve_backend(backend, ivf_lists)
     dev = resolve_device(device)
+    backend = resolve_backend(backend, ivf_lists)
+    engine = resolve_engine(engine, dev, backend)
+    precision = resolve_precision(precision, dev, engine)
+    q, c, rel, offsets, prio, k = _check_inputs(queries, candidates, relevant, offsets, tie_priority, k,
+                                                keep_bf16=precision == "bf16")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}: CUDA is not available (use device='auto' or 'cpu')")
     chunk = _chunk_rows(c.shape[0], rel.shape[1], dev, chunk_size)
@@ -405,6 +347,12 @@ def search(queries, candidates, relevant, *, offsets=None, tie_priority=None, k=
     rel_sorted = np.take_along_axis(rel, order, 1)
     if backend == "faiss":
         res = _faiss(q, c, rel_sorted, offsets, prio, k, dev, chunk, show_progress, ivf_lists, nprobe)
+    elif engine == "tiles":
+        bar = _progress(q.shape[0], show_progress, "search")
+        res = SearchResult(*tiled_search(_bf16_rounded(q) if precision == "bf16" else q, ArrayTiles(c, precision),
+                                         rel_sorted, offsets, prio, k, chunk_size, bar))
+        if bar is not None:
+            bar.close()
     else:
         res = _exact_torch(q, c, rel_sorted, offsets, prio, k, dev, chunk, show_progress)
     for name in ("ranks", "block_ranks"):  # back to the caller's slot order

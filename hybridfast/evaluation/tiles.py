@@ -1,0 +1,259 @@
+"""Exact ranks and running top-k in ONE pass over score tiles (the CPU engine "tiles" of search).
+
+The engine "rows" (hybridfast.evaluation.search) scores a chunk of queries against every
+candidate and then sweeps each full score row again per relevant slot: the rows are larger
+than the caches, so every sweep is a trip to memory, and the chunk is a few rows at large C
+(a slow matrix shape). Here a query tile (TILE_ROWS) is scored against one candidate tile
+(TILE_COLS) at a time, and the counts and the top-k are updated while the tile is in cache.
+
+The catch is the threshold. rank(r) = 1 + #{c : s_c > s_r} + #{c : s_c == s_r, prio_c > prio_r}
+needs s_r, the float32 GEMM's score of the relevant candidate r, before r's tile is reached;
+and a GEMM's value depends on the tiling (blocking, edge kernels, threads), so s_r cannot be
+recomputed apart from the sweep. Instead a float64 dot t_r brackets it: the band
+[lo, hi] = t_r -/+ BAND_SCALE * sqrt(D) * 2^-24 * sum_k |q_k c_k| (rounded outwards to
+float32). Per tile and slot two compares count the sure ones (s_c > hi) and flag rows holding
+band members (s_c >= lo); those members are kept (row, slot, column, score) and resolved
+exactly against s_r, read from r's own tile, once the sweep is over. So every comparison
+is still on the float32 scores of the sweep, with trec_eval's tie order.
+
+The band width is a few hundred times the rounding error seen in practice (about
+sqrt(D) * u * sum|q_k c_k|), not a worst-case bound (D * u * sum|q_k c_k|, far wider, which would
+flag most rows at large C). It is therefore CHECKED: a relevant candidate whose sweep score
+lies outside its band has its query tile swept again with lo = hi = s_r (an exact count, the
+same GEMM calls giving the same scores). Tests force that path.
+
+Blocks (one per candidate language) never share a tile, so a tile's sure count adds to the
+own-block rank of the slots whose relevant candidate lives in that block. The top-k keeps,
+per row, every candidate >= the running k-th score (ties at the cut are chosen by priority
+at the end of each merge, trec_eval's order).
+"""
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+TILE_ROWS = 512     # queries per tile: the fastest sgemm shape measured on the 2-core CPU (bench_search)
+TILE_COLS = 16384   # candidates per tile: 32 MB of float32 scores at 512 rows
+BAND_SCALE = 2.0    # band half-width in units of sqrt(D) * 2^-24 * sum_k |q_k c_k|
+_SUB_ROWS = 32      # rows counted together: their scores stay in L2 between the compares
+
+
+class ArrayTiles:
+    """Candidates held in memory: float32, or bfloat16 (half the bytes) turned into float32
+    tile by tile. The tiles, the gathered rows and chunk_scores all see the same values."""
+
+    def __init__(self, candidates, precision="fp32"):
+        if precision == "bf16":
+            self.data = torch.as_tensor(candidates).to(torch.bfloat16).contiguous()
+        else:
+            self.data = np.ascontiguousarray(candidates, dtype=np.float32)
+        self.precision = precision
+        self.n, self.dim = self.data.shape
+
+    def tile(self, start, end, buf):
+        if self.precision == "bf16":
+            out = buf[:end - start]
+            torch.from_numpy(out).copy_(self.data[start:end])
+            return out
+        return self.data[start:end]
+
+    def rows(self, cols):
+        """float32 vectors of the candidate columns `cols` (any shape)."""
+        if self.precision == "bf16":
+            return self.data[torch.from_numpy(np.ascontiguousarray(cols))].float().numpy()
+        return self.data[cols]
+
+
+def tile_bounds(n, offsets, cols=None):
+    """(start, end, pieces) of every candidate tile: regular tiles of <= cols over all n columns
+    (the GEMM calls do not depend on the blocks, so chunk_scores needs no offsets), each with
+    its (start, end, block) pieces, one per block it overlaps."""
+    cols = TILE_COLS if cols is None else cols
+    out = []
+    for t in range(0, n, cols):
+        e = min(n, t + cols)
+        pieces = [(max(t, int(a)), min(e, int(b)), blk) for blk, (a, b) in enumerate(zip(offsets[:-1], offsets[1:]))
+                  if a < e and b > t and a < b]
+        out.append((t, e, pieces))
+    return out
+
+
+def score_tile(q_tile, cand, start, end, work):
+    """float32 scores of a query tile against candidates [start, end): the one place the
+    tiles engine computes scores (numpy sgemm into a reused buffer, so that the search and
+    chunk_scores make the very same call)."""
+    b, t = q_tile.shape[0], end - start
+    cols = min(TILE_COLS, cand.n)  # buffers no wider than the corpus
+    buf = work.get("scores")
+    if buf is None or buf.shape[0] < b or buf.shape[1] < t:
+        buf = work["scores"] = np.empty((b, cols), np.float32)
+    if cand.precision != "fp32" and "cand" not in work:
+        work["cand"] = np.empty((cols, cand.dim), np.float32)
+    c = cand.tile(start, end, work.get("cand"))
+    return np.matmul(q_tile, c.T, out=buf[:b, :t])
+
+
+def bands(q_tile, cand_rows, valid):
+    """float32 [b, R] lo, hi around each relevant candidate's score (+inf for padding)."""
+    prod = q_tile.astype(np.float64)[:, None, :] * cand_rows.astype(np.float64)
+    thr = prod.sum(-1)
+    width = BAND_SCALE * np.sqrt(q_tile.shape[1]) * 2.0 ** -24 * np.abs(prod).sum(-1)
+    lo = np.nextafter((thr - width).astype(np.float32), np.float32(-np.inf))
+    hi = np.nextafter((thr + width).astype(np.float32), np.float32(np.inf))
+    inf = np.float32(np.inf)
+    return np.where(valid, lo, inf), np.where(valid, hi, inf)
+
+
+class _TileState:
+    """Counts, band members and top-k of one query tile while its candidate tiles stream by."""
+
+    def __init__(self, rel, slot_block, lo, hi, k, prio):
+        b, R = rel.shape
+        self.rel, self.slot_block, self.lo, self.hi, self.k, self.prio = rel, slot_block, lo, hi, k, prio
+        self.total = np.zeros((b, R), np.int64)
+        self.own = np.zeros((b, R), np.int64)
+        self.score_r = np.full((b, R), np.nan, np.float32)
+        self.band = []
+        self.active = [j for j in range(R) if (rel[:, j] >= 0).any()]
+        if k:
+            self.best_ids = np.full((b, k), -1, np.int64)
+            self.best_vals = np.full((b, k), -np.inf, np.float32)
+
+    def count_rows(self, S, r0, r1, t0, pieces, mask):
+        """Sure counts and band members of rows r0:r1 of one tile, block piece by block piece
+        (thread-safe: callers give disjoint rows)."""
+        for a, b, blk in pieces:
+            sub, m = S[r0:r1, a - t0:b - t0], mask[:r1 - r0, :b - a]
+            u8 = m.view(np.uint8)
+            for j in self.active:
+                np.greater(sub, self.hi[r0:r1, j, None], out=m)
+                sure = u8.sum(1, dtype=np.uint16)
+                np.greater_equal(sub, self.lo[r0:r1, j, None], out=m)
+                flagged = np.nonzero(u8.sum(1, dtype=np.uint16) > sure)[0]
+                self.total[r0:r1, j] += sure
+                self.own[r0:r1, j] += np.where(self.slot_block[r0:r1, j] == blk, sure, 0)
+                if flagged.size:
+                    part = sub[flagged]
+                    inside = (part >= self.lo[r0 + flagged, j, None]) & (part <= self.hi[r0 + flagged, j, None])
+                    ii, cc = np.nonzero(inside)
+                    self.band.append((r0 + flagged[ii], np.full(ii.size, j), cc + a, part[ii, cc]))
+        if self.k:
+            self.merge_topk(S[r0:r1], r0, r1, t0)
+
+    def merge_topk(self, sub, r0, r1, t0):
+        """Keep every score >= the running k-th (a lower bound from a sample on the first tile)."""
+        k, kth = self.k, self.best_vals[r0:r1, -1]
+        if np.isneginf(kth).any() and sub.shape[1] > 8 * k:
+            m = min(sub.shape[1], max(8 * k, 1024))  # the k-th of m columns bounds the tile's k-th
+            kth = np.maximum(kth, np.partition(sub[:, :m], m - k, axis=1)[:, m - k])
+        rows, cols = np.nonzero(sub >= kth[:, None])
+        n = r1 - r0
+        all_rows = np.concatenate([np.repeat(np.arange(n), k), rows])
+        all_ids = np.concatenate([self.best_ids[r0:r1].ravel(), cols + t0])
+        all_vals = np.concatenate([self.best_vals[r0:r1].ravel(), sub[rows, cols]])
+        pr = np.where(all_ids >= 0, self.prio[np.maximum(all_ids, 0)], -1)
+        order = np.lexsort((-pr, -all_vals.astype(np.float64), all_rows))
+        first = np.searchsorted(all_rows[order], np.arange(n))
+        take = order[(first[:, None] + np.arange(k)).ravel()]
+        self.best_ids[r0:r1] = all_ids[take].reshape(n, k)
+        self.best_vals[r0:r1] = all_vals[take].reshape(n, k)
+
+    def read_own_scores(self, S, t0, t1):
+        rows, slots = np.nonzero((self.rel >= t0) & (self.rel < t1))
+        self.score_r[rows, slots] = S[rows, self.rel[rows, slots] - t0]
+
+    def resolve(self, block_of):
+        """Band members ranked before r (by score, then priority) join its counts; returns the
+        rows whose own score fell outside its band (to sweep again)."""
+        valid = self.rel >= 0
+        g = self.score_r
+        outside = valid & ~((g >= self.lo) & (g <= self.hi))
+        if self.band:
+            rows, slots, cols, vals = (np.concatenate(x) for x in zip(*self.band))
+            r, gr = self.rel[rows, slots], g[rows, slots]
+            before = (cols != r) & ((vals > gr) | ((vals == gr) & (self.prio[cols] > self.prio[r])))
+            np.add.at(self.total, (rows[before], slots[before]), 1)
+            same = before & (block_of[cols] == block_of[r])
+            np.add.at(self.own, (rows[same], slots[same]), 1)
+        return np.nonzero(outside.any(1))[0]
+
+
+def _sweep(q_tile, cand, bounds, state, pool, work):
+    b = q_tile.shape[0]
+    halves = [(r0, min(b, r0 + _SUB_ROWS)) for r0 in range(0, b, _SUB_ROWS)]
+    masks = work.setdefault("masks", {})
+    for t0, t1, pieces in bounds:
+        S = score_tile(q_tile, cand, t0, t1, work)
+        state.read_own_scores(S, t0, t1)
+
+        def run(part):
+            mask = masks.setdefault(part, np.empty((_SUB_ROWS, min(TILE_COLS, cand.n)), dtype=bool))
+            for r0, r1 in halves[part::2]:
+                state.count_rows(S, r0, r1, t0, pieces, mask)
+
+        if pool is None:
+            run(0), run(1)
+        else:
+            list(pool.map(run, (0, 1)))
+
+
+def query_tile(q_tile, rel, cand, offsets, block_of, prio, k, bounds, pool, work):
+    """(total, own, top-k ids, top-k scores) of one query tile, exact (see the module doc)."""
+    valid = rel >= 0
+    lo, hi = bands(q_tile, cand.rows(np.maximum(rel, 0)), valid)
+    slot_block = np.where(valid, block_of[np.maximum(rel, 0)], -1)
+    for attempt in range(2):
+        state = _TileState(rel, slot_block, lo, hi, k, prio)
+        _sweep(q_tile, cand, bounds, state, pool, work)
+        redo = state.resolve(block_of)
+        if not redo.size:
+            return state
+        if attempt:
+            raise RuntimeError("search: the scores changed between two identical sweeps (non-deterministic GEMM)")
+        # exact count for these rows: the band is the relevant candidate's own sweep score
+        lo, hi = lo.copy(), hi.copy()
+        lo[redo] = np.where(valid[redo], state.score_r[redo], lo[redo])
+        hi[redo] = lo[redo]
+
+
+def tiled_search(q, cand, rel, offsets, prio, k, rows=None, progress=None):
+    """ranks, block_ranks, top-k ids, top-k scores of every query (the "tiles" engine)."""
+    rows = TILE_ROWS if rows is None else rows
+    Q = q.shape[0]
+    block_of = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    bounds = tile_bounds(cand.n, offsets)
+    ranks = np.zeros(rel.shape, np.int64)
+    block_ranks = np.zeros(rel.shape, np.int64)
+    ids = np.zeros((Q, k), np.int64) if k else None
+    vals = np.zeros((Q, k), np.float32) if k else None
+    work = {}
+    pool = ThreadPoolExecutor(2) if torch.get_num_threads() > 1 else None
+    try:
+        for s in range(0, Q, rows):
+            e = min(Q, s + rows)
+            st = query_tile(q[s:e], rel[s:e], cand, offsets, block_of, prio, k, bounds, pool, work)
+            valid = rel[s:e] >= 0
+            ranks[s:e] = np.where(valid, st.total + 1, 0)
+            block_ranks[s:e] = np.where(valid, st.own + 1, 0)
+            if k:
+                ids[s:e], vals[s:e] = st.best_ids, st.best_vals
+            if progress is not None:
+                progress.update(e - s)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return ranks, block_ranks, ids, vals
+
+
+def tile_chunk_scores(q, cand, rows=None):
+    """Yield (start, end, float32 [end - start, C]) rows scored exactly as tiled_search scores
+    them (same query tiles, same candidate tiles, same GEMM calls)."""
+    rows = TILE_ROWS if rows is None else rows
+    work = {}
+    bounds = tile_bounds(cand.n, np.array([0, cand.n]))
+    for s in range(0, q.shape[0], rows):
+        e = min(q.shape[0], s + rows)
+        out = np.empty((e - s, cand.n), np.float32)
+        for t0, t1, _ in bounds:
+            out[:, t0:t1] = score_tile(q[s:e], cand, t0, t1, work)
+        yield s, e, out
