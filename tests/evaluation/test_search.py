@@ -151,7 +151,8 @@ def test_bf16_candidates_equal_fp32_on_values_bf16_holds(monkeypatch):
         np.testing.assert_array_equal(a.block_ranks, b.block_ranks)
         np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
     stored = tiles.ArrayTiles(c, "bf16")
-    assert stored.data.dtype == torch.bfloat16 and stored.data.nbytes == c.nbytes // 2
+    assert stored.data.dtype == np.uint16 and stored.data.nbytes == c.nbytes // 2
+    np.testing.assert_array_equal(stored.rows(np.arange(300)), torch.from_numpy(c).bfloat16().float().numpy())
 
 
 def test_bf16_ranks_are_those_of_the_rounded_vectors(monkeypatch):
