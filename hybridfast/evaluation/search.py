@@ -100,7 +100,7 @@ def _as_matrix(x, name, keep_bf16=False):
 
 def _check_inputs(queries, candidates, relevant, offsets, tie_priority, k, keep_bf16=False):
     q = _as_matrix(queries, "queries")
-    c = _as_matrix(candidates, "candidates", keep_bf16)
+    c = candidates if is_tile_source(candidates) else _as_matrix(candidates, "candidates", keep_bf16)
     if q.shape[1] != c.shape[1]:
         raise ValueError(f"queries have dimension {q.shape[1]} but candidates {c.shape[1]}")
     if c.shape[0] == 0:
@@ -168,13 +168,16 @@ def chunk_scores(queries, candidates, device="auto", n_relevant=1, chunk_size=No
     the same float32 values and ties); used to write TREC run files. The array may be reused
     by the next chunk: consume it before advancing."""
     dev = resolve_device(device)
-    engine, precision = resolve_engine(engine, dev, "torch"), resolve_precision(precision, dev, engine)
+    engine = resolve_engine(engine, dev, "torch")
+    source = is_tile_source(candidates)
+    precision = (_source_precision(candidates, precision, engine) if source
+                 else resolve_precision(precision, dev, engine))
     q = _as_matrix(queries, "queries")
-    c = _as_matrix(candidates, "candidates", keep_bf16=precision == "bf16")
+    c = candidates if source else _as_matrix(candidates, "candidates", keep_bf16=precision == "bf16")
     if engine == "tiles":
         if precision == "bf16":
             q = _bf16_rounded(q)
-        yield from tile_chunk_scores(q, ArrayTiles(c, precision), chunk_size)
+        yield from tile_chunk_scores(q, c if source else ArrayTiles(c, precision), chunk_size)
         return
     chunk = _chunk_rows(c.shape[0], max(1, int(n_relevant)), dev, chunk_size)
     ct = torch.from_numpy(c).to(dev)
@@ -183,6 +186,20 @@ def chunk_scores(queries, candidates, device="auto", n_relevant=1, chunk_size=No
         for s in range(0, q.shape[0], chunk):
             e = min(q.shape[0], s + chunk)
             yield s, e, _score_chunk(q[s:e], c, ct, dev.type == "cuda", work).cpu().numpy()
+
+
+def is_tile_source(candidates):
+    """A candidate source streamed tile by tile (shards.ShardedTiles), not an array."""
+    return hasattr(candidates, "tile") and hasattr(candidates, "rows")
+
+
+def _source_precision(candidates, precision, engine):
+    """A tile source's precision is the stored one: 'auto' takes it, another is refused."""
+    if engine != "tiles":
+        raise ValueError("candidates from shards need the CPU engine 'tiles' (device='cpu', backend 'torch')")
+    if precision not in ("auto", candidates.precision):
+        raise ValueError(f"precision={precision!r}, but the candidate shards hold {candidates.precision}")
+    return candidates.precision
 
 
 def _bf16_rounded(x):
@@ -314,7 +331,8 @@ def search(queries, candidates, relevant, *, offsets=None, tie_priority=None, k=
            precision="auto") -> SearchResult:
     """Rank the relevant candidates of every query (and optionally return top-k lists).
 
-    queries [Q, D], candidates [C, D]: float arrays or tensors (scores = dot products).
+    queries [Q, D], candidates [C, D]: float arrays or tensors (scores = dot products), or a
+      hybridfast.evaluation.shards.ShardedTiles (a folder of shards streamed tile by tile).
     relevant: int [Q, R] candidate columns relevant to each query, -1 = padding.
     offsets: block boundaries over candidate columns, e.g. [0, C_en, C_en + C_de, ...]
       (None: one block). block_ranks are ranks inside each relevant column's block.
@@ -330,7 +348,9 @@ def search(queries, candidates, relevant, *, offsets=None, tie_priority=None, k=
     dev = resolve_device(device)
     backend = resolve_backend(backend, ivf_lists)
     engine = resolve_engine(engine, dev, backend)
-    precision = resolve_precision(precision, dev, engine)
+    source = is_tile_source(candidates)
+    precision = (_source_precision(candidates, precision, engine) if source
+                 else resolve_precision(precision, dev, engine))
     q, c, rel, offsets, prio, k = _check_inputs(queries, candidates, relevant, offsets, tie_priority, k,
                                                 keep_bf16=precision == "bf16")
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -349,8 +369,9 @@ def search(queries, candidates, relevant, *, offsets=None, tie_priority=None, k=
         res = _faiss(q, c, rel_sorted, offsets, prio, k, dev, chunk, show_progress, ivf_lists, nprobe)
     elif engine == "tiles":
         bar = _progress(q.shape[0], show_progress, "search")
-        res = SearchResult(*tiled_search(_bf16_rounded(q) if precision == "bf16" else q, ArrayTiles(c, precision),
-                                         rel_sorted, offsets, prio, k, chunk_size, bar))
+        res = SearchResult(*tiled_search(_bf16_rounded(q) if precision == "bf16" else q,
+                                         c if source else ArrayTiles(c, precision), rel_sorted, offsets, prio, k,
+                                         chunk_size, bar))
         if bar is not None:
             bar.close()
     else:
