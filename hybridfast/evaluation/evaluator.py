@@ -32,7 +32,7 @@ from hybridfast._backends import resolve_device
 from hybridfast.evaluation.layout import EvalLayout
 from hybridfast.evaluation.metrics import METRICS, macro_average, mean_metrics, per_query_metrics
 from hybridfast.evaluation.result import EvaluationResult
-from hybridfast.evaluation.search import BACKENDS, resolve_backend, search
+from hybridfast.evaluation.search import BACKENDS, is_tile_source, resolve_backend, search
 
 SETTINGS = ("mono", "cross", "multi")
 __all__ = ["RetrievalEvaluator", "EvaluationResult", "EvalLayout", "SETTINGS"]
@@ -206,20 +206,45 @@ class RetrievalEvaluator:
             return {}
         return {lang: float(fn(self.layout.texts_of(lang))) for lang in self.layout.languages}
 
-    def evaluate(self, encoder, save_run=None, run_depth="full") -> EvaluationResult:
+    def evaluate(self, encoder, save_run=None, run_depth="full", shards=None,
+                 shard_precision="auto") -> EvaluationResult:
         """Encode, search, score. save_run: a folder for TREC run and qrels files of this
-        evaluation (hybridfast.evaluation.trec; run_depth "full" or "k")."""
+        evaluation (hybridfast.evaluation.trec; run_depth "full" or "k"). shards: a folder the
+        candidate embeddings are written to as checksummed shards (resumed if a run stopped;
+        hybridfast.evaluation.shards) and streamed from by the search, for corpora larger than
+        memory; shard_precision "auto" (bf16 where the CPU computes it natively), "fp32", "bf16"."""
         if save_run is not None:  # before the encoding, not after
             self._check_save_run(save_run, run_depth)
+            if shards is not None:
+                raise ValueError("save_run needs the candidate embeddings in memory (run files hold whole "
+                                 "score rows); drop shards or save_run")
         t0 = time.perf_counter()
-        q, c = self.encode(encoder)
+        q, c = self.encode(encoder) if shards is None else self._encode_to_shards(encoder, shards, shard_precision)
         t1 = time.perf_counter()
         result = self.evaluate_embeddings(q, c, save_run=save_run, run_depth=run_depth)
         result.unk_rates = self.unk_rates(encoder)
         result.timings["encode_s"] = t1 - t0
         n_texts = len(self.layout.query_texts) + len(self.layout.candidate_texts)
         result.timings["encode_texts_per_s"] = n_texts / max(t1 - t0, 1e-9)
+        if shards is not None:
+            result.config.update(shards=str(shards), shard_precision=c.precision)
         return result
+
+    def _encode_to_shards(self, encoder, folder, precision):
+        from hybridfast.evaluation.search import shard_precision
+        from hybridfast.evaluation.shards import encode_to_shards
+
+        precision = shard_precision(precision)
+        texts = list(self.layout.candidate_texts)
+
+        def encode(batch):
+            return _embeddings(_call_encode(encoder.encode_passages, batch, self.batch_size), len(batch),
+                               "encode_passages")
+
+        lay = self.layout
+        q = _embeddings(_call_encode(encoder.encode_queries, list(lay.query_texts), self.batch_size),
+                        len(lay.query_texts), "encode_queries")
+        return q, encode_to_shards(encode, texts, folder, precision)
 
     def evaluate_embeddings(self, query_embeddings, candidate_embeddings, save_run=None,
                             run_depth="full") -> EvaluationResult:
@@ -230,7 +255,12 @@ class RetrievalEvaluator:
             self._check_save_run(save_run, run_depth)
         lay = self.layout
         q = _embeddings(query_embeddings, len(lay.query_texts), "encode_queries")
-        c = _embeddings(candidate_embeddings, len(lay.candidate_texts), "encode_passages")
+        if is_tile_source(candidate_embeddings):  # shards streamed by the search (hybridfast.evaluation.shards)
+            c = candidate_embeddings
+            if c.shape[0] != len(lay.candidate_texts):
+                raise ValueError(f"candidate shards hold {c.shape[0]} rows for {len(lay.candidate_texts)} candidates")
+        else:
+            c = _embeddings(candidate_embeddings, len(lay.candidate_texts), "encode_passages")
         if q.shape[1] != c.shape[1]:
             raise ValueError(f"query embeddings have dimension {q.shape[1]}, candidate embeddings {c.shape[1]}")
         t0 = time.perf_counter()

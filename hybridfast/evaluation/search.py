@@ -313,16 +313,30 @@ def resolve_engine(engine, device, backend):
 
 
 def resolve_precision(precision, device, engine):
-    """'bf16' (candidates stored in bfloat16, fp32 accumulation) where the CPU computes bf16
-    natively (hybridfast.models.packed.cpu_bf16_native) and the engine is 'tiles'; else 'fp32'."""
+    """'fp32' or 'bf16' for in-memory candidates; "auto" is fp32.
+
+    Why not bf16 by default where the CPU has AVX512-BF16: PyTorch 2.13 has no CPU GEMM from
+    bf16 inputs to fp32 scores (aten::mm.dtype is CUDA-only; a bf16 matmul returns bf16 scores,
+    8 mantissa bits, i.e. mass ties), so the tiles are widened to fp32 and the GEMM is the fp32
+    one: no faster (measured 1.64x vs 1.59x the matmul at C = 200k), and the caller's fp32 array
+    still lives beside the bf16 copy. bf16 pays where the candidates are stored, not held:
+    shards (shard_precision) halve the disk and the page cache the stream reads through."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" and engine != "tiles":
+        raise ValueError("precision='bf16' needs the CPU engine 'tiles' (engine='auto' on device='cpu')")
+    return "fp32" if precision == "auto" else precision
+
+
+def shard_precision(precision="auto"):
+    """Precision of candidate shards: "auto" is bf16 where the CPU computes bf16 natively
+    (hybridfast.models.packed.cpu_bf16_native; $HYBRIDFAST_CPU_BF16 overrides), else fp32."""
     from hybridfast.models.packed import cpu_bf16_native
 
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ValueError(f"shard_precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
-        return "bf16" if engine == "tiles" and cpu_bf16_native() else "fp32"
-    if precision == "bf16" and engine != "tiles":
-        raise ValueError("precision='bf16' needs the CPU engine 'tiles' (engine='auto' on device='cpu')")
+        return "bf16" if cpu_bf16_native() else "fp32"
     return precision
 
 
@@ -342,8 +356,8 @@ def search(queries, candidates, relevant, *, offsets=None, tie_priority=None, k=
     engine: CPU exact search, "tiles" (one pass over cached score tiles, hybridfast.evaluation.tiles)
       or "rows" (whole score rows, the plain reference); "auto": tiles on the CPU.
     precision: "bf16" stores the candidates in bfloat16 (half the memory) and scores bf16-rounded
-      vectors with fp32 accumulation, compared in fp32; "auto": bf16 where the CPU computes it
-      natively (tiles engine only), "fp32" opts out. chunk_size: query rows per chunk / tile.
+      vectors with fp32 accumulation, compared in fp32 (tiles engine only); "auto": fp32 for arrays
+      (see resolve_precision), the stored precision for shards. chunk_size: query rows per chunk / tile.
     """
     dev = resolve_device(device)
     backend = resolve_backend(backend, ivf_lists)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridfast.evaluation import tiles
-from hybridfast.evaluation.search import chunk_scores, resolve_precision, search
+from hybridfast.evaluation.search import chunk_scores, resolve_precision, search, shard_precision
 
 
 def small_tiles(monkeypatch, cols):
@@ -171,14 +171,16 @@ def test_bf16_ranks_are_those_of_the_rounded_vectors(monkeypatch):
     np.testing.assert_array_equal(res.topk_ids, ids)
 
 
-def test_precision_auto_follows_the_cpu(monkeypatch):
+def test_precision_auto_is_fp32_in_memory_and_follows_the_cpu_for_shards(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setenv("HYBRIDFAST_CPU_BF16", "1")
-    assert resolve_precision("auto", cpu, "tiles") == "bf16"
-    assert resolve_precision("auto", cpu, "rows") == "fp32"
-    assert resolve_precision("fp32", cpu, "tiles") == "fp32"
-    monkeypatch.setenv("HYBRIDFAST_CPU_BF16", "0")
-    assert resolve_precision("auto", cpu, "tiles") == "fp32"
+    for native in ("1", "0"):
+        monkeypatch.setenv("HYBRIDFAST_CPU_BF16", native)
+        assert resolve_precision("auto", cpu, "tiles") == "fp32"
+        assert resolve_precision("bf16", cpu, "tiles") == "bf16"
+        assert shard_precision("auto") == ("bf16" if native == "1" else "fp32")
+        assert shard_precision("fp32") == "fp32"
+    with pytest.raises(ValueError, match="shard_precision must be one of"):
+        shard_precision("int8")
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -2,8 +2,11 @@
 search exactly, resumable and checksummed writing, refusals that name the problem (issue 23)."""
 import json
 
+import hashlib
+
 import numpy as np
 import pytest
+import torch
 
 from hybridfast.evaluation import tiles
 from hybridfast.evaluation.search import chunk_scores, search
@@ -121,3 +124,46 @@ def test_refusals_name_the_problem(tmp_path):
         (tmp_path / "other").mkdir()
         (tmp_path / "other" / "manifest.json").write_text(json.dumps({"format": "x"}))
         ShardedTiles(tmp_path / "other")
+
+
+class FloatEncoder:
+    """Seeded float embeddings per text (no ties by construction), counting passage calls."""
+
+    def __init__(self):
+        self.passage_calls = 0
+
+    def _enc(self, texts):
+        seeds = [int(hashlib.md5(t.encode()).hexdigest()[:8], 16) for t in texts]
+        out = np.stack([np.random.default_rng(s).standard_normal(12) for s in seeds])
+        return out.astype(np.float32)
+
+    encode_queries = _enc
+
+    def encode_passages(self, texts):
+        self.passage_calls += 1
+        return self._enc(texts)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_evaluator_with_shards_equals_in_memory(tmp_path, monkeypatch, precision):
+    """evaluate(encoder, shards=DIR): candidates written to shards and streamed; the same metrics
+    as the in-memory evaluation with that precision; a second run reuses the complete shards."""
+    from oracles import partly_parallel_benchmark
+
+    from hybridfast.evaluation.evaluator import RetrievalEvaluator
+
+    monkeypatch.setattr(tiles, "TILE_COLS", 17)
+    ev = RetrievalEvaluator(partly_parallel_benchmark(1), show_progress=False, chunk_size=5)
+    enc = FloatEncoder()
+    q, c = ev.encode(enc)
+    if precision == "bf16":  # bf16 shards score the bf16-rounded vectors (queries too) in fp32
+        q, c = (torch.from_numpy(x).bfloat16().float().numpy() for x in (q, c))
+    want = ev.evaluate_embeddings(q, c)
+    got = ev.evaluate(enc, shards=tmp_path / "s", shard_precision=precision)
+    assert got.summary == want.summary and got.per_pair == want.per_pair
+    assert got.config["shard_precision"] == precision and read_manifest(tmp_path / "s")["complete"]
+    calls = enc.passage_calls
+    again = ev.evaluate(enc, shards=tmp_path / "s", shard_precision=precision)
+    assert enc.passage_calls == calls and again.summary == want.summary  # nothing encoded again
+    with pytest.raises(ValueError, match="save_run needs the candidate embeddings in memory"):
+        ev.evaluate(enc, shards=tmp_path / "s", save_run=tmp_path / "runs")
