@@ -23,9 +23,15 @@ scores, so -0.0 == +0.0 as for trec_eval's doubles.
 
 Backends:
 - ``torch``: matmul on the chosen device. On CUDA the counting is a batched
-  compare + cumulative sum on the GPU; on CPU the chunk's scores are counted
-  with numpy, whose compares and uint8 row sums are several times faster than
-  torch's on CPU (the CPU matmul is numpy's sgemm too, into a reused buffer).
+  compare + cumulative sum on the GPU. On the CPU, two engines (``engine=``):
+  ``tiles`` (the default; hybridfast.evaluation.tiles) scores a query tile against
+  one candidate tile at a time and counts ranks and keeps the running top-k while
+  the tile is in cache, one pass, no full score row; ``rows`` (the plain reference
+  the tests hold it to) scores whole rows and counts them with numpy, whose compares
+  and uint8 row sums are several times faster than torch's on CPU. Both use
+  numpy's sgemm into a reused buffer. ``precision="bf16"`` (tiles) keeps the
+  candidates as bfloat16; candidates may also be a folder of shards on disk
+  (hybridfast.evaluation.shards.ShardedTiles), streamed tile by tile.
 - ``faiss``: faiss-gpu when present, else faiss-cpu. Exact (``ivf_lists=None``):
   an IndexFlatIP answers the top-k lists; ranks of relevant candidates are
   counted as above (faiss has no rank-count primitive), from a BLAS matmul of

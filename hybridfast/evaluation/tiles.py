@@ -110,15 +110,21 @@ def score_tile(q_tile, cand, start, end, work):
     return np.matmul(q_tile, c.T, out=buf[:b, :t])
 
 
-def bands(q_tile, cand_rows, valid):
-    """float32 [b, R] lo, hi around each relevant candidate's score (+inf for padding)."""
-    prod = q_tile.astype(np.float64)[:, None, :] * cand_rows.astype(np.float64)
-    thr = prod.sum(-1)
-    width = BAND_SCALE * 2.0 ** -24 * np.abs(prod).sum(-1)
-    lo = np.nextafter((thr - width).astype(np.float32), np.float32(-np.inf))
-    hi = np.nextafter((thr + width).astype(np.float32), np.float32(np.inf))
-    inf = np.float32(np.inf)
-    return np.where(valid, lo, inf), np.where(valid, hi, inf)
+def bands(q_tile, cand, rel, valid, rows=256):
+    """float32 [b, R] lo, hi around each relevant candidate's score (+inf for padding), in row
+    chunks: the float64 [rows, R, D] products stay small whatever Q and R are."""
+    b, R = rel.shape
+    lo = np.full((b, R), np.inf, np.float32)
+    hi = np.full((b, R), np.inf, np.float32)
+    for s in range(0, b, rows):
+        e = min(b, s + rows)
+        prod = q_tile[s:e].astype(np.float64)[:, None, :] * cand.rows(np.maximum(rel[s:e], 0))
+        thr, width = prod.sum(-1), BAND_SCALE * 2.0 ** -24 * np.abs(prod).sum(-1)
+        down = np.nextafter((thr - width).astype(np.float32), np.float32(-np.inf))
+        up = np.nextafter((thr + width).astype(np.float32), np.float32(np.inf))
+        lo[s:e] = np.where(valid[s:e], down, np.inf)
+        hi[s:e] = np.where(valid[s:e], up, np.inf)
+    return lo, hi
 
 
 def _nonzero2d(mask):
@@ -212,7 +218,7 @@ class _TileState:
 
 def _sweep(q_tile, cand, bounds, state, pool, work):
     b = q_tile.shape[0]
-    halves = [(r0, min(b, r0 + _SUB_ROWS)) for r0 in range(0, b, _SUB_ROWS)]
+    blocks = [(r0, min(b, r0 + _SUB_ROWS)) for r0 in range(0, b, _SUB_ROWS)]
     masks = work.setdefault("masks", {})
     for t0, t1, pieces in bounds:
         S = score_tile(q_tile, cand, t0, t1, work)
@@ -220,7 +226,7 @@ def _sweep(q_tile, cand, bounds, state, pool, work):
 
         def run(part):
             mask = masks.setdefault(part, np.empty((_SUB_ROWS, min(TILE_COLS, cand.n)), dtype=bool))
-            for r0, r1 in halves[part::2]:
+            for r0, r1 in blocks[part::2]:  # two workers, interleaved row blocks
                 state.count_rows(S, r0, r1, t0, pieces, mask)
 
         if pool is None:
@@ -232,7 +238,7 @@ def _sweep(q_tile, cand, bounds, state, pool, work):
 def query_tile(q_tile, rel, cand, offsets, block_of, prio, k, bounds, pool, work):
     """(total, own, top-k ids, top-k scores) of one query tile, exact (see the module doc)."""
     valid = rel >= 0
-    lo, hi = bands(q_tile, cand.rows(np.maximum(rel, 0)), valid)
+    lo, hi = bands(q_tile, cand, rel, valid)
     slot_block = np.where(valid, block_of[np.maximum(rel, 0)], -1)
     for attempt in range(2):
         state = _TileState(rel, slot_block, lo, hi, k, prio)
