@@ -52,6 +52,7 @@ SHARD_POINTS = [(800_000, 384, 1000)]
 POINTS = [(50_000, 384, 2000), (200_000, 384, 2000), (800_000, 384, 1000), (3_200_000, 384, 512),
           (50_000, 768, 2000), (200_000, 768, 1000), (800_000, 768, 512), (1_600_000, 768, 512)]
 RECORDS = []
+RECORDS_10M = []  # saved under their own key, so that a 10M-only run keeps the sweep's figures
 
 
 def _points(env="HYBRIDFAST_BENCH_SEARCH", default=None):
@@ -126,11 +127,13 @@ def _cases():
 @pytest.fixture(scope="module", autouse=True)
 def report():
     yield
-    if RECORDS:
+    for op, records in (("search", RECORDS), ("search_10m", RECORDS_10M)):
+        if not records:
+            continue
         # a trial run can write elsewhere: HYBRIDFAST_BENCH_RESULTS_DIR=/tmp/x
-        path = save_results("search", CPU, RECORDS, os.environ.get("HYBRIDFAST_BENCH_RESULTS_DIR") or None)
-        print(f"\nsearch results -> {path}")
-        for r in RECORDS:
+        path = save_results(op, CPU, records, os.environ.get("HYBRIDFAST_BENCH_RESULTS_DIR") or None)
+        print(f"\n{op} results -> {path}")
+        for r in records:
             print({k: r.get(k) for k in ("engine", "precision", "source", "C", "D", "Q", "search_s", "matmul_s",
                                          "ratio", "peak_rss_bytes", "load_before")})
 
@@ -217,7 +220,7 @@ def test_10m_from_bf16_shards(tmp_path):
     res = search_mod.search(q, shards, rel, k=K, show_progress=True)
     search_s = time.perf_counter() - t0
     assert (res.ranks >= 1).all()
-    RECORDS.append(dict(
+    RECORDS_10M.append(dict(
         name="exact_search_10m_bf16_shards", engine="tiles", precision="bf16", source="shards", C=C, D=D, Q=Q,
         R=R, k=K, search_s=search_s, open_and_verify_included=True, write_s=write_s,
         matmul_s_estimate=matmul_1m_s * C / block, ratio_estimate=search_s / (matmul_1m_s * C / block),
