@@ -104,6 +104,15 @@ def _as_matrix(x, name, keep_bf16=False):
     return x
 
 
+def _distinct(values):
+    """Are the non-negative ints distinct? A count per value when they are dense (tie_priority's
+    are a permutation of 0..C-1): O(C), where np.unique took 0.23 s at C = 400k, a third of the
+    search at Q = 512; a sort otherwise."""
+    if values.max() < 4 * values.size:
+        return np.bincount(values).max() <= 1
+    return bool((np.diff(np.sort(values)) != 0).all())
+
+
 def _check_inputs(queries, candidates, relevant, offsets, tie_priority, k, keep_bf16=False):
     q = _as_matrix(queries, "queries")
     c = candidates if is_tile_source(candidates) else _as_matrix(candidates, "candidates", keep_bf16)
@@ -125,7 +134,7 @@ def _check_inputs(queries, candidates, relevant, offsets, tie_priority, k, keep_
     prio = np.asarray(tie_priority, dtype=np.int64)
     if prio.shape != (c.shape[0],):
         raise ValueError(f"tie_priority must have shape ({c.shape[0]},), got {prio.shape}")
-    if prio.size and (prio.min() < 0 or prio.max() >= 1 << 32 or np.unique(prio).size != prio.size):
+    if prio.size and (prio.min() < 0 or prio.max() >= 1 << 32 or not _distinct(prio)):
         raise ValueError("tie_priority must hold distinct integers in [0, 2**32) (see metrics.tie_priority)")
     if not isinstance(k, (int, np.integer)) or k < 0:
         raise ValueError(f"k must be an int >= 0, got {k!r}")

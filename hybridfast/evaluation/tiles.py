@@ -29,8 +29,6 @@ own-block rank of the slots whose relevant candidate lives in that block. The to
 per row, every candidate >= the running k-th score (ties at the cut are chosen by priority
 at the end of each merge, trec_eval's order).
 """
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 
@@ -150,8 +148,7 @@ class _TileState:
             self.best_vals = np.full((b, k), -np.inf, np.float32)
 
     def count_rows(self, S, r0, r1, t0, pieces, mask):
-        """Sure counts and band members of rows r0:r1 of one tile, block piece by block piece
-        (thread-safe: callers give disjoint rows)."""
+        """Sure counts and band members of rows r0:r1 of one tile, block piece by block piece."""
         for a, b, blk in pieces:
             sub, m = S[r0:r1, a - t0:b - t0], mask[:r1 - r0, :b - a]
             u8 = m.view(np.uint8)
@@ -216,33 +213,27 @@ class _TileState:
         return np.nonzero(outside.any(1))[0]
 
 
-def _sweep(q_tile, cand, bounds, state, pool, work):
+def _sweep(q_tile, cand, bounds, state, work):
+    """Score every candidate tile once and count it, row block by row block. One thread: two
+    numpy workers over the row blocks measured no faster on 2 cores (2.18 s vs 2.08 s, C = 200k,
+    Q = 2048), so the simpler loop stays."""
     b = q_tile.shape[0]
-    blocks = [(r0, min(b, r0 + _SUB_ROWS)) for r0 in range(0, b, _SUB_ROWS)]
-    masks = work.setdefault("masks", {})
+    mask = work.setdefault("mask", np.empty((_SUB_ROWS, min(TILE_COLS, cand.n)), dtype=bool))
     for t0, t1, pieces in bounds:
         S = score_tile(q_tile, cand, t0, t1, work)
         state.read_own_scores(S, t0, t1)
-
-        def run(part):
-            mask = masks.setdefault(part, np.empty((_SUB_ROWS, min(TILE_COLS, cand.n)), dtype=bool))
-            for r0, r1 in blocks[part::2]:  # two workers, interleaved row blocks
-                state.count_rows(S, r0, r1, t0, pieces, mask)
-
-        if pool is None:
-            run(0), run(1)
-        else:
-            list(pool.map(run, (0, 1)))
+        for r0 in range(0, b, _SUB_ROWS):
+            state.count_rows(S, r0, min(b, r0 + _SUB_ROWS), t0, pieces, mask)
 
 
-def query_tile(q_tile, rel, cand, offsets, block_of, prio, k, bounds, pool, work):
+def query_tile(q_tile, rel, cand, offsets, block_of, prio, k, bounds, work):
     """(total, own, top-k ids, top-k scores) of one query tile, exact (see the module doc)."""
     valid = rel >= 0
     lo, hi = bands(q_tile, cand, rel, valid)
     slot_block = np.where(valid, block_of[np.maximum(rel, 0)], -1)
     for attempt in range(2):
         state = _TileState(rel, slot_block, lo, hi, k, prio)
-        _sweep(q_tile, cand, bounds, state, pool, work)
+        _sweep(q_tile, cand, bounds, state, work)
         redo = state.resolve(block_of)
         if not redo.size:
             return state
@@ -265,21 +256,16 @@ def tiled_search(q, cand, rel, offsets, prio, k, rows=None, progress=None):
     ids = np.zeros((Q, k), np.int64) if k else None
     vals = np.zeros((Q, k), np.float32) if k else None
     work = {}
-    pool = ThreadPoolExecutor(2) if torch.get_num_threads() > 1 else None
-    try:
-        for s in range(0, Q, rows):
-            e = min(Q, s + rows)
-            st = query_tile(q[s:e], rel[s:e], cand, offsets, block_of, prio, k, bounds, pool, work)
-            valid = rel[s:e] >= 0
-            ranks[s:e] = np.where(valid, st.total + 1, 0)
-            block_ranks[s:e] = np.where(valid, st.own + 1, 0)
-            if k:
-                ids[s:e], vals[s:e] = st.best_ids, st.best_vals
-            if progress is not None:
-                progress.update(e - s)
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    for s in range(0, Q, rows):
+        e = min(Q, s + rows)
+        st = query_tile(q[s:e], rel[s:e], cand, offsets, block_of, prio, k, bounds, work)
+        valid = rel[s:e] >= 0
+        ranks[s:e] = np.where(valid, st.total + 1, 0)
+        block_ranks[s:e] = np.where(valid, st.own + 1, 0)
+        if k:
+            ids[s:e], vals[s:e] = st.best_ids, st.best_vals
+        if progress is not None:
+            progress.update(e - s)
     return ranks, block_ranks, ids, vals
 
 

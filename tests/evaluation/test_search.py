@@ -205,3 +205,11 @@ def test_nan_candidates_are_refused_block_by_block():
     bf[3, 0] = float("inf")
     with pytest.raises(ValueError, match="candidates holds NaN"):
         search(np.ones((2, 3), np.float32), bf, np.zeros((2, 1), np.int64), precision="bf16")
+
+
+@pytest.mark.parametrize("prio", [[0, 1, 1, 2], [5, 10**9, 7, 10**9]])
+def test_repeated_tie_priorities_are_refused(prio):
+    """Dense (a count per value) and sparse (a sort) priorities: both checks find the repeat."""
+    q, c = np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match="tie_priority must hold distinct integers"):
+        search(q, c, np.zeros((2, 1), np.int64), tie_priority=np.array(prio))
