@@ -177,8 +177,11 @@ class _TileState:
         hot = np.nonzero(sub.max(1) >= kth)[0]
         if not hot.size:
             return
-        rows, cols = _nonzero2d(sub[hot] >= kth[hot, None])
-        rows = hot[rows]
+        if 4 * hot.size > len(kth):  # many rows: compare in place rather than copy them out
+            rows, cols = _nonzero2d(sub >= kth[:, None])
+        else:
+            rows, cols = _nonzero2d(sub[hot] >= kth[hot, None])
+            rows = hot[rows]
         n = r1 - r0
         all_rows = np.concatenate([np.repeat(np.arange(n), k), rows])
         all_ids = np.concatenate([self.best_ids[r0:r1].ravel(), cols + t0])
