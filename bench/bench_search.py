@@ -27,7 +27,7 @@ HYBRIDFAST_BENCH_SEARCH_PRECISIONS: comma-separated candidate precisions (defaul
   with the tiles engine only);
 HYBRIDFAST_BENCH_SEARCH_SHARDS: comma-separated CxDxQ points also searched from bf16/fp32 shards
   on disk (default: SHARD_POINTS), their ranks asserted equal to the in-memory search's;
-HYBRIDFAST_BENCH_SEARCH_10M=1: the 10M x 384 corpus from bf16 shards (generated shard by shard,
+HYBRIDFAST_BENCH_SEARCH_10M=1 (run without --benchmark-only, which skips it): the 10M x 384 corpus from bf16 shards (generated shard by shard,
   never whole in memory), 2000 queries: seconds and absolute peak RSS; its matmul baseline is
   measured on the first 1M candidates and scaled by 10 (an estimate, labelled so).
 HYBRIDFAST_BENCH_RESULTS_DIR: write the JSON there instead of bench/results (trial runs).
