@@ -213,6 +213,10 @@ def test_10m_from_bf16_shards(tmp_path):
     matmul_1m_s = _seconds(lambda: bare_matmul(q, first), 1)
     del first
     load_before = os.getloadavg()[0]
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give the generation's freed heap back first
+    rss_before = _rss_kib("VmRSS:") * 1024
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     t0 = time.perf_counter()
@@ -224,7 +228,7 @@ def test_10m_from_bf16_shards(tmp_path):
         name="exact_search_10m_bf16_shards", engine="tiles", precision="bf16", source="shards", C=C, D=D, Q=Q,
         R=R, k=K, search_s=search_s, open_and_verify_included=True, write_s=write_s,
         matmul_s_estimate=matmul_1m_s * C / block, ratio_estimate=search_s / (matmul_1m_s * C / block),
-        peak_rss_bytes=_rss_kib("VmHWM:") * 1024, candidate_bytes_stored=C * D * 2,
+        peak_rss_bytes=_rss_kib("VmHWM:") * 1024, rss_before_bytes=rss_before, candidate_bytes_stored=C * D * 2,
         target_seconds=600, target_rss_bytes=4 << 30, load_before=load_before, load_after=os.getloadavg()[0],
         extra_info=("search_s includes opening the shards and checking every sha256; matmul_s_estimate: "
                     "the bare fp32 matmul of the first 2^20 candidates measured in this run, x C / 2^20 "

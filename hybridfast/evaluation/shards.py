@@ -16,7 +16,7 @@ sha256, then streams tiles with positioned reads into one reused buffer. Reads, 
 map, on purpose: mapped pages that were touched count in the process's resident set until
 the kernel drops them, so a sweep over a mapped 15 GB corpus would show 15 GB RSS; read pages
 stay in the page cache, which the kernel reclaims freely. The relevant candidates' rows
-(a few per query) are gathered through memory maps.
+(a few per query) are read one by one the same way.
 """
 import hashlib
 import json
@@ -214,13 +214,13 @@ class ShardedTiles:
         return self._read(start, end, buf)
 
     def rows(self, cols):
-        """float32 vectors of the candidate columns `cols` (any shape), through the memory maps."""
+        """float32 vectors of the candidate columns `cols` (any shape), one positioned read each:
+        gathering through the memory maps left ~0.9x the shards' bytes resident (fault-around and
+        readahead of mapped pages count in RSS; measured at 1M x 384 bf16)."""
         flat = np.asarray(cols).ravel()
-        shard = np.searchsorted(self.starts, flat, side="right") - 1
         out = np.empty((flat.size, self.dim), self.dtype)
-        for i in np.unique(shard):
-            sel = shard == i
-            out[sel] = self.maps[i][flat[sel] - self.starts[i]]
+        for j, col in enumerate(flat.tolist()):
+            self._read(col, col + 1, out[j:j + 1])
         if self.precision == "bf16":
             out = bf16_to_fp32(out, np.empty(out.shape, np.float32))
         return out.reshape(np.shape(cols) + (self.dim,))
