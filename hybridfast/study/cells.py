@@ -155,7 +155,9 @@ def run_cell(config: StudyConfig, model: ResolvedModel, mode: str, seed: Optiona
                       show_progress=config.show_progress, amp="bf16" if config.resolved_precision() == "bf16" else None,
                       **kw)
     result = {"model": str(model.spec), "model_name": model.name, "model_id": model.model_id,
-              "model_content": model.content, "model_path": model.path, "label": model.label,
+              "model_content": model.content, "label": model.label,
+              # a folder the user named is its identity; a named model's cache path is local noise
+              "model_path": model.path if model.name == model.path else None,
               "family": model.family, **parameter_counts(encoder.model), "mode": mode,
               "seed": None if mode == BASE else seed, "query_prefix": encoder.query_prefix,
               "passage_prefix": encoder.passage_prefix, "train_seconds": train_seconds,
@@ -172,6 +174,7 @@ def run_cell(config: StudyConfig, model: ResolvedModel, mode: str, seed: Optiona
                                  "unk_rates": getattr(res, "unk_rates", {}),
                                  "eval_seconds": time.perf_counter() - t0}
     del encoder
+    result["host"] = host_record()
     atomic_write_bytes(cdir / "per_query.npz", save_per_query(per_query))
     write_json(cdir / "result.json", result)
     if mode != BASE and not config.keep_models:
@@ -181,21 +184,46 @@ def run_cell(config: StudyConfig, model: ResolvedModel, mode: str, seed: Optiona
     return _load_result(cdir)
 
 
-def subset_articles(benchmark, n_articles: int):
-    """The benchmark restricted to its first `n_articles` articles (LAReQA candidate ids,
-    read by hybridfast.data.lareqa_article); a query is kept only if a relevant candidate survives."""
+def host_record() -> dict:
+    """Where and under what load a cell ran: its timings mean little without it."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def subset_articles(benchmark, n_articles: int, seed: Optional[int] = None):
+    """The benchmark restricted to `n_articles` of its articles (LAReQA candidate ids, read by
+    hybridfast.data.lareqa_article): the first ones in sorted order, or, with `seed`, drawn at
+    random without replacement (numpy's default_rng(seed), so a stated seed names the subset);
+    a query is kept only if a relevant candidate survives."""
     from hybridfast.data import RetrievalBenchmark, lareqa_article
 
     if not isinstance(n_articles, int) or isinstance(n_articles, bool) or n_articles < 1:
         raise ValueError(f"n_articles must be a positive int, got {n_articles!r}")
     articles = sorted({lareqa_article(c) for cands in benchmark.candidates.values() for c in cands})
-    keep = set(articles[:n_articles])
+    if seed is None:
+        keep = set(articles[:n_articles])
+    else:
+        picked = np.random.default_rng(seed).permutation(len(articles))[:n_articles]
+        keep = {articles[i] for i in picked}
     candidates = {l: {c: v for c, v in cands.items() if lareqa_article(c) in keep}
                   for l, cands in benchmark.candidates.items()}
     kept = {c for cands in candidates.values() for c in cands}
     qrels = {q: rel & kept for q, rel in benchmark.qrels.items() if rel & kept}
     queries = {l: {q: t for q, t in qs.items() if q in qrels} for l, qs in benchmark.queries.items()}
-    return RetrievalBenchmark(queries, candidates, qrels, name=f"{benchmark.name}[{len(keep)} articles]")
+    how = f"{len(keep)} articles" + (f" drawn with seed {seed}" if seed is not None else "")
+    return RetrievalBenchmark(queries, candidates, qrels, name=f"{benchmark.name}[{how}]")
 
 
 def load_benchmarks(config: StudyConfig) -> Dict:
@@ -205,7 +233,7 @@ def load_benchmarks(config: StudyConfig) -> Dict:
     benchmarks = {name: load_benchmark(name, data_dir=config.data_dir, languages=config.languages,
                                        split=eval_split_for(config, name)) for name in config.evals}
     if config.eval_articles is not None:
-        benchmarks = {n: subset_articles(b, config.eval_articles) for n, b in benchmarks.items()}
+        benchmarks = {n: subset_articles(b, config.eval_articles, config.article_seed) for n, b in benchmarks.items()}
     return benchmarks
 
 

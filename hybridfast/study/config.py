@@ -121,8 +121,11 @@ class StudyConfig:
                                       "it natively (CUDA, CPUs with AVX512-BF16 / AMX), else fp32",
                               choices=PRECISIONS)
     languages: Optional[Sequence[str]] = _setting(None, "comma-separated language subset (default: all)")
-    eval_articles: Optional[int] = _setting(None, "evaluate on the first N articles of the eval split only "
-                                                  "(cheap CPU runs)")
+    eval_articles: Optional[int] = _setting(None, "evaluate on N articles of the eval split only (cheap CPU "
+                                                  "runs): the first N in file order, or N drawn at random with "
+                                                  "--article-seed")
+    article_seed: Optional[int] = _setting(None, "with --eval-articles: draw the N articles at random with this "
+                                                 "seed (stated in the results) instead of taking the first N")
     interval: str = _setting("t", "95% interval method over seeds and test questions (see results.md)",
                              choices=INTERVALS)
     bootstrap: int = _setting(2000, "question resamples for the intervals")
@@ -179,6 +182,10 @@ class StudyConfig:
             _int(getattr(self, name), name, 1)
         if self.eval_articles is not None:
             _int(self.eval_articles, "eval_articles", 1)
+        if self.article_seed is not None:
+            self.article_seed = _int(self.article_seed, "article_seed", 0)
+            if self.eval_articles is None:
+                raise ValueError("article_seed: draws --eval-articles articles at random; give --eval-articles too")
         if self.save_steps is not None:
             _int(self.save_steps, "save_steps", 0)
         for name, choices in (("eval_split", ("auto", "test", "all")), ("train_split", ("auto", "train", "all")),
@@ -217,7 +224,9 @@ class StudyConfig:
                 "max_length": self.max_length, "languages": self.languages, "prefixes": self.prefixes,
                 "precision": self.resolved_precision(),
                 "eval_subset": self.eval_subset, "eval_articles": self.eval_articles,
-                "eval_data": fp.get("evals")}
+                "eval_data": fp.get("evals"),
+                # only when set: cells of first-N studies keep their hashes
+                **({"article_seed": self.article_seed} if self.article_seed is not None else {})}
 
     def cell_settings(self) -> dict:
         """What changes a fine-tuned cell's numbers (model, mode and seed name the cell)."""

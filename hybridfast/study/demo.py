@@ -361,13 +361,14 @@ def _study_config(config: DemoConfig, setup: Setup) -> StudyConfig:
 
 def _record(setup: Setup, runs, rows, comparisons, text_verdict, plots, wall) -> dict:
     """What results.json holds."""
-    return {"model": str(setup.model_path), "model_label": setup.label,
+    # names, never local cache paths: results.json is committed and shared
+    return {"model": setup.label, "model_label": setup.label,
             "model_source": _model_source(setup.model_path), "params": next(iter(runs.values()))["params"],
             "device": str(setup.device), "device_description": setup.device_text, "budget": asdict(setup.budget),
             "precision": setup.precision, "lang_weights": "size",
-            "protocol": setup.protocol, "train_data": str(setup.train_path),
+            "protocol": setup.protocol, "train_data": setup.train_name,
             "train_languages": setup.train_languages, "languages": list(setup.languages),
-            "unseen_languages": setup.unseen, "data": str(setup.eval_path),
+            "unseen_languages": setup.unseen, "data": setup.eval_path.name,
             "test": {"articles": setup.n_articles, "of_articles": setup.n_articles_all, "split": setup.eval_split,
                      "queries": setup.n_queries, "candidates": setup.n_candidates},
             "per_language_multi_map": {r: {l: v["map"] for l, v in runs[r]["per_language"].items()} for r in runs},

@@ -167,10 +167,16 @@ def gains_table(gains: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def _articles_text(config: StudyConfig) -> str:
+    if config.article_seed is None:
+        return f", first {config.eval_articles} articles in file order"
+    return f", {config.eval_articles} articles drawn at random with seed {config.article_seed}"
+
+
 def budget_text(config: StudyConfig) -> str:
     langs = ", ".join(config.languages) if config.languages else "all"
     evals = "; ".join(f"{e} ({eval_split_for(config, e)} split"
-                      + (f", first {config.eval_articles} articles" if config.eval_articles else "")
+                      + (_articles_text(config) if config.eval_articles else "")
                       + (f", {config.eval_subset}" if config.eval_subset else "") + ")" for e in config.evals)
     return (f"Train: {config.train} ({train_split_for(config)} split), {config.steps} steps x batch "
             f"{config.batch_size}, max_length {config.max_length}, lr {config.lr}, alpha {config.mono_prob}, "

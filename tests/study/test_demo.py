@@ -2,6 +2,7 @@
 protocols, through the library and the command line; the budget presets, the default model, the
 verdict, download on first use and the offline message."""
 import json
+import os
 import urllib.error
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def tiny_demo(tmp_path_factory, tiny_model):
     result = run_demo(out=root / "out", data=str(folder), model=str(tiny_model), steps=2, batch_size=4,
                       max_length=16, languages=list(LANGS), device="cpu", show_progress=False, n_bootstrap=200,
                       log=lambda *a: lines.append(" ".join(map(str, a))))
+    result["_paths"] = {"data": str(folder), "model": str(tiny_model)}  # results.json names them, not paths
     return root / "out", result, "\n".join(lines)
 
 
@@ -101,7 +103,8 @@ def test_rerun_reuses_finished_runs(tiny_demo, monkeypatch):
 
     out, result, _ = tiny_demo
     monkeypatch.setattr(trainer, "train", lambda cfg, **kw: pytest.fail("retrained a finished run"))
-    again = run_demo(out=out, data=result["data"], model=result["model"], steps=2, batch_size=4, max_length=16,
+    assert result["data"] == "synthetic" and not os.path.isabs(result["model"])
+    again = run_demo(out=out, data=result["_paths"]["data"], model=result["_paths"]["model"], steps=2, batch_size=4, max_length=16,
                      languages=list(LANGS), device="cpu", show_progress=False, n_bootstrap=200, log=lambda *a: None)
     assert again["table"] == result["table"]
 
@@ -140,7 +143,7 @@ def test_default_model_is_multilingual_e5_small(tmp_path, tiny_model, monkeypatc
                       languages=list(LANGS), device="cpu", show_progress=False, n_bootstrap=50,
                       log=lambda *a: None)
     assert asked == [("multilingual-e5-small", None)]
-    assert result["model"] == str(tiny_model)
+    assert result["model"] == demo.model_label(str(tiny_model))  # a name, not the (cache) path
 
 
 def test_missing_dataset_is_downloaded_on_first_use(tmp_path, tiny_model, monkeypatch):

@@ -594,3 +594,45 @@ def test_precision_is_resolved_recorded_and_passed_on(tmp_path, synthetic, tiny_
         tiny_config(tmp_path / "s", tiny_models[:1], synthetic, lang_weights="sizes")
     with pytest.raises(ValueError, match="precision"):
         tiny_config(tmp_path / "s", tiny_models[:1], synthetic, precision="fp16")
+
+
+def test_eval_articles_drawn_at_random_with_a_stated_seed(synthetic):
+    """--article-seed draws the articles at random: the same seed the same subset, another seed
+    (here) another one, never the first-N default; the seed is part of the cells' hash and the text."""
+    from hybridfast.data import lareqa_article, load_benchmark
+    from hybridfast.study import subset_articles
+    from hybridfast.study.report import budget_text
+
+    bench = load_benchmark(str(synthetic))
+    articles = lambda b: sorted({lareqa_article(c) for cands in b.candidates.values() for c in cands})
+    everything = articles(bench)
+    first = articles(subset_articles(bench, 3))
+    assert first == everything[:3]
+    drawn = {s: articles(subset_articles(bench, 3, seed=s)) for s in range(6)}
+    assert all(len(a) == 3 and set(a) <= set(everything) for a in drawn.values())
+    assert drawn[0] == articles(subset_articles(bench, 3, seed=0))
+    assert any(a != first for a in drawn.values()) and len({tuple(a) for a in drawn.values()}) > 1
+    sub = subset_articles(bench, 3, seed=0)
+    assert all(rel <= {c for cands in sub.candidates.values() for c in cands} for rel in sub.qrels.values())
+    assert "seed 0" in sub.name
+
+    def config(**kw):
+        return StudyConfig(models=["m"], train=str(synthetic), evals=[str(synthetic)], eval_articles=3,
+                           data_fingerprints={"evals": {}, "train": "x"}, **kw)
+
+    assert config().settings_hash() != config(article_seed=0).settings_hash() != config(article_seed=1).settings_hash()
+    assert "drawn at random with seed 7" in budget_text(config(article_seed=7))
+    assert "first 3 articles" in budget_text(config())
+    with pytest.raises(ValueError, match="article_seed"):
+        StudyConfig(models=["m"], article_seed=1)
+
+
+def test_results_name_models_not_cache_paths(grid):
+    """Cells record a model given by name without its local path (tiny models here are folders,
+    so they keep theirs), and where each cell ran and under which load."""
+    config, _, _ = grid
+    for f in Path(config.out).glob("cells/*/*/result.json"):
+        r = json.loads(f.read_text())
+        assert r["model_path"] == r["model_name"]   # a folder: its path is its identity
+        host = r["host"]
+        assert host["cores"] >= 1 and host["torch_threads"] >= 1 and len(host["load_avg_1_5_15"]) == 3
