@@ -7,7 +7,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -15,7 +15,8 @@ from hybridfast.rules import atomic_write_many
 from hybridfast.study.cells import jsonable
 from hybridfast.study.config import (BASE, LOWER_IS_BETTER, METRIC_KEYS, MODES, SETTINGS, TABLE_COLUMNS,
                                      StudyConfig, eval_split_for, train_split_for)
-from hybridfast.study.stats import METHOD_TEXT, better_of, contrast_interval, macro_replicates, question_weights
+from hybridfast.study.contrasts import analyse, fmt_p
+from hybridfast.study.stats import METHOD_TEXT, contrast_interval, macro_replicates, question_weights
 
 CSV_COLUMNS = ("model", "family", "layers", "params_total", "params_non_embedding", "mode", "seed", "train",
                "eval", "steps", "batch_size", "max_length") + METRIC_KEYS
@@ -65,7 +66,14 @@ def _replicates(results: List[dict], name: str, n: int, seed: int) -> Dict[tuple
 
 def summarize(results: List[dict], config: StudyConfig) -> tuple:
     """(cell summaries, hybrid gains), each a list of dicts with estimate and 95% interval per metric."""
-    summaries, gains = [], []
+    summaries, families = summarize_all(results, config)
+    return summaries, families["gain"]
+
+
+def summarize_all(results: List[dict], config: StudyConfig) -> tuple:
+    """(cell summaries, {family: rows}): the cells' means and intervals, and the paired contrasts of
+    hybridfast.study.contrasts (gain, position, trend, vs_base), Holm-adjusted per family."""
+    summaries, families = [], {"gain": [], "position": [], "trend": [], "vs_base": []}
     evals = list(dict.fromkeys(n for r in results for n in r["evals"]))
     for name in evals:
         reps = _replicates(results, name, config.bootstrap, config.seed)
@@ -73,40 +81,31 @@ def summarize(results: List[dict], config: StudyConfig) -> tuple:
         for i, r in enumerate(results):
             if name in r["evals"]:
                 groups.setdefault((r["model_id"], r["mode"]), []).append(i)
+        for idx in groups.values():  # seed order: contrasts pair seed s of one cell with seed s of another
+            idx.sort(key=lambda i: -1 if results[i]["seed"] is None else results[i]["seed"])
 
         def arrays(idx, key):
             return (np.array([reps[(i, key)][0] for i in idx]), np.stack([reps[(i, key)][1] for i in idx]))
 
-        by_model: Dict[str, Dict[str, List[int]]] = {}
+        models = {}
         for (mid, mode), idx in groups.items():
             r = results[idx[0]]
-            s = {k: r[k] for k in ("label", "family", "layers", "params_total", "params_non_embedding")}
-            s.update(model=r["label"], model_id=mid, mode=mode, eval=name,
-                     seeds=sorted(results[i]["seed"] for i in idx) if mode != BASE else [])
+            ident = {k: r[k] for k in ("label", "family", "layers", "params_total", "params_non_embedding")}
+            models[mid] = dict(ident, model=r["label"], model_id=mid)
+            s = dict(ident, model=r["label"], model_id=mid, mode=mode, eval=name,
+                     seeds=[results[i]["seed"] for i in idx] if mode != BASE else [])
             for key in METRIC_KEYS:
                 ci = contrast_interval(*arrays(idx, key), method=config.interval, seed=config.seed)
                 if mode == BASE:
                     ci["seed_variance"] = "none (untouched model)"
                 s[key] = ci
             summaries.append(s)
-            by_model.setdefault(mid, {})[mode] = idx
-        for mid, modes in by_model.items():
-            if not all(m in modes for m in MODES):
-                continue
-            r = results[modes["hybrid"][0]]
-            g = {k: r[k] for k in ("label", "family", "layers", "params_total", "params_non_embedding")}
-            g.update(model=r["label"], model_id=mid, eval=name)
-            for key in METRIC_KEYS:
-                means = {m: float(arrays(modes[m], key)[0].mean()) for m in ("mono", "cross")}
-                other = better_of(means, key)
-                a, b = ("hybrid", other) if key not in LOWER_IS_BETTER else (other, "hybrid")
-                g[key] = {"vs": other, **contrast_interval(*arrays(modes[a], key), *arrays(modes[b], key),
-                                                           method=config.interval, seed=config.seed)}
-            gains.append(g)
+        ordered = sorted(models.values(), key=lambda m: (m["family"], m["params_non_embedding"], m["model"]))
+        for fam, rows in analyse(groups, arrays, ordered, name).items():
+            families[fam] += rows
     order = lambda s: (s["eval"], s["family"], s["params_non_embedding"], s["model"])
     summaries.sort(key=lambda s: (*order(s), ([BASE] + list(MODES)).index(s["mode"])))
-    gains.sort(key=order)
-    return summaries, gains
+    return summaries, families
 
 
 # ---------------------------------------------------------------------------
@@ -167,6 +166,48 @@ def gains_table(gains: List[dict]) -> str:
     return "\n".join(lines)
 
 
+FAMILY_TEXT = {
+    "gain": "Hybrid minus the better (by mean) of mono and cross (`vs`)",
+    "position": "Hybrid minus the midpoint of mono and cross (positive: above the midpoint, toward or beyond "
+                "the better mode; the size x mode interaction per size)",
+    "trend": "Size trend: the largest minus the smallest model of a family, of the gain and of the position "
+             "(positive: the benefit grows with size)",
+    "vs_base": "Each fine-tune minus its untouched model (positive: training helped)",
+}
+
+
+def contrast_table(family: str, rows: List[dict]) -> str:
+    """Long format, one line per (row, metric): paired estimate [95% interval], p and Holm's p."""
+    first = {"gain": "model", "position": "model", "trend": "family / what", "vs_base": "model / mode"}[family]
+    lines = [f"| {first} | metric | estimate [95% interval] | seeds | p | Holm p |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        label = {"gain": r.get("model"), "position": r.get("model"), "vs_base": f"{r.get('model')} / {r.get('mode')}",
+                 "trend": f"{r.get('what')}: {r.get('large')} - {r.get('small')}"}[family]
+        for key in METRIC_KEYS:
+            c = r[key]
+            vs = f" vs {c['vs']}" if "vs" in c else ""
+            star = " *" if c.get("p_holm", 1.0) < 0.05 else ""
+            lines.append(f"| {label} | {HEADERS[key]} | {_ci(c, key, sign=True)}{vs}{star} | {c['n_seeds']} | "
+                         f"{fmt_p(c['p'])} | {fmt_p(c.get('p_holm'))} |")
+    return "\n".join(lines)
+
+
+def contrasts_markdown(families: Dict[str, List[dict]], name: str) -> List[str]:
+    parts = ["### Paired comparisons", "",
+             "Differences formed per training seed (same seed, same test questions), then averaged; 95% interval "
+             "mean +- sqrt((t_{S-1} * SE_seeds)^2 + (1.96 * SE_questions)^2), SE_seeds from the per-seed "
+             "differences, SE_questions from the shared question bootstrap (hybridfast.study.contrasts). p: the "
+             "level at which that interval reaches 0. Holm p: Holm-Bonferroni over the family (one table); `*`: "
+             "Holm p < 0.05. Positive always means hybrid (or the fine-tune) better; rank-distance differences are "
+             "flipped accordingly.", ""]
+    for family in ("gain", "position", "trend", "vs_base"):
+        rows = [r for r in families.get(family, []) if r["eval"] == name]
+        if rows:
+            parts += [f"**{FAMILY_TEXT[family]}** ({len(rows) * len(METRIC_KEYS)} comparisons in the family)", "",
+                      contrast_table(family, rows), ""]
+    return parts
+
+
 def _articles_text(config: StudyConfig) -> str:
     if config.article_seed is None:
         return f", first {config.eval_articles} articles in file order"
@@ -184,7 +225,8 @@ def budget_text(config: StudyConfig) -> str:
             f"Evaluation: {evals}.")
 
 
-def study_markdown(config: StudyConfig, summaries: List[dict], gains: List[dict]) -> str:
+def study_markdown(config: StudyConfig, summaries: List[dict], gains: List[dict],
+                   families: Optional[Dict[str, List[dict]]] = None) -> str:
     parts = ["# hybridfast study", "", budget_text(config), "",
              METHOD_TEXT[config.interval] + f" ({config.bootstrap} question resamples). Untouched models "
              "(`base`) have no training noise: their interval is the question bootstrap alone. A cell with "
@@ -199,6 +241,8 @@ def study_markdown(config: StudyConfig, summaries: List[dict], gains: List[dict]
                       "the better minus hybrid, so positive always means hybrid is better. `*`: the interval "
                       "excludes 0. Choosing the better mode by its mean biases these gains slightly downward.",
                       "", gains_table(g), ""]
+        if families:
+            parts += contrasts_markdown(families, name)
     return "\n".join(parts)
 
 
@@ -293,7 +337,8 @@ def write_outputs(config: StudyConfig, results: List[dict]) -> Dict[str, Path]:
     leaves the previous three byte-identical) and the plots under config.out."""
     out = Path(config.out)
     rows = result_rows(results, config)
-    summaries, gains = summarize(results, config)
+    summaries, families = summarize_all(results, config)
+    gains = families["gain"]
     paths = {"csv": out / "results.csv", "json": out / "results.json", "md": out / "results.md"}
     columns = list(CSV_COLUMNS) + [k for k in dict.fromkeys(k for r in rows for k in r) if k not in CSV_COLUMNS]
     table = io.StringIO(newline="")
@@ -302,10 +347,12 @@ def write_outputs(config: StudyConfig, results: List[dict]) -> Dict[str, Path]:
     w.writerows(rows)
     record = jsonable({"settings": config.cell_settings(), "seeds": config.seeds,
                        "models": [str(m) for m in config.models], "modes": list(config.modes),
-                       "interval_method": METHOD_TEXT[config.interval], "rows": rows,
-                       "cells": summaries, "hybrid_gain": gains})
+                       "interval_method": METHOD_TEXT[config.interval], "interval": config.interval,
+                       "bootstrap": config.bootstrap, "rows": rows,
+                       "cells": summaries, "hybrid_gain": gains,
+                       "contrasts": {k: v for k, v in families.items() if k != "gain"}})
     atomic_write_many({paths["csv"]: table.getvalue().encode("utf-8"),
                        paths["json"]: (json.dumps(record, indent=2) + "\n").encode("utf-8"),
-                       paths["md"]: study_markdown(config, summaries, gains).encode("utf-8")})
+                       paths["md"]: study_markdown(config, summaries, gains, families).encode("utf-8")})
     paths.update(plot_study(summaries, gains, out / "plots"))
     return paths
