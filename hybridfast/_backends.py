@@ -108,4 +108,17 @@ def report() -> dict:
         info["transformers"] = transformers.__version__
     except ImportError:
         info["transformers"] = None
+    info.update(bf16_support(info["cuda"]))
     return info
+
+
+def bf16_support(cuda: bool) -> dict:
+    """Where bf16 is computed natively, hence what precision="auto" picks (evaluation, demo, study)."""
+    import torch
+
+    from hybridfast.models.packed import CPU_BF16_ENV, _cpu_flags_have_bf16, cpu_bf16_native
+
+    forced = os.environ.get(CPU_BF16_ENV, "").strip() in ("0", "1")
+    return {"cpu_bf16_native": cpu_bf16_native(), "cpu_bf16_flags": _cpu_flags_have_bf16(),
+            "cpu_bf16_forced": forced,
+            "cuda_bf16": bool(cuda and torch.cuda.is_bf16_supported())}

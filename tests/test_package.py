@@ -60,3 +60,20 @@ def test_cli_requires_a_subcommand_and_lists_them():
                               capture_output=True, text=True, check=True).stdout
     for name in ("data", "train", "evaluate", "study", "demo", "info"):
         assert name in helptext
+
+
+@pytest.mark.parametrize("forced, native", [("1", True), ("0", False)])
+def test_info_states_bf16_support(forced, native):
+    """`hybridfast info` says whether precision "auto" means bf16 here and why (the detection,
+    or $HYBRIDFAST_CPU_BF16 forcing it)."""
+    import os
+
+    env = dict(os.environ, HYBRIDFAST_CPU_BF16=forced)
+    info = json.loads(subprocess.run([sys.executable, "-m", "hybridfast", "info", "--json"], env=env,
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["cpu_bf16_native"] is native and info["cpu_bf16_forced"] is True
+    assert isinstance(info["cpu_bf16_flags"], bool) and info["cuda_bf16"] is False
+    text = subprocess.run([sys.executable, "-m", "hybridfast", "info"], env=env,
+                          capture_output=True, text=True, check=True).stdout
+    line = next(l for l in text.splitlines() if l.startswith("bf16 (precision auto)"))
+    assert ("run in bf16" in line) is native and ("HYBRIDFAST_CPU_BF16" in line)

@@ -24,6 +24,19 @@ def _auto_backend(info) -> str:
     return text
 
 
+def _bf16_text(info) -> str:
+    from hybridfast.models.packed import CPU_BF16_ENV
+
+    if info["cuda_bf16"]:
+        return "CUDA bf16: evaluation, demo and study run in bf16; train with --bf16"
+    if info["cpu_bf16_native"]:
+        how = f"forced by ${CPU_BF16_ENV}=1" if info["cpu_bf16_forced"] else "AVX512-BF16 / AMX found"
+        return f"CPU, {how}: evaluation, demo and study run in bf16 (--fp32 / --precision fp32 opt out)"
+    why = (f"forced off by ${CPU_BF16_ENV}=0" if info["cpu_bf16_forced"]
+           else "no AVX512-BF16 / AMX (bf16 would be emulated, slower than fp32)")
+    return f"no: {why}; everything runs in fp32"
+
+
 def run(args) -> int:
     from hybridfast._backends import report
 
@@ -42,6 +55,7 @@ def run(args) -> int:
         ("numpy", info["numpy"]),
         ("CUDA device", info["cuda_device"] or "none (CPU only)"),
         ("Triton", triton),
+        ("bf16 (precision auto)", _bf16_text(info)),
         ("loss backend (auto)", _auto_backend(info)),
         ("C++ sampler (hybridfast._C)", "built" if info["cpp_extension"] else "MISSING: reinstall with a C++17 compiler"),
         ("faiss", (info["faiss"] + (" (GPU)" if info["faiss_gpu"] else " (CPU)")) if info["faiss"] else "not installed (pip install hybridfast[faiss])"),
