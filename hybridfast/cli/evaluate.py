@@ -61,6 +61,12 @@ def add_arguments(parser):
     parser.add_argument("--run-depth", default="full", choices=("full", "k"),
                         help="run files: top k extended to each query's deepest relevant candidate (full, "
                              "reproduces mAP exactly) or strictly the top k")
+    parser.add_argument("--shards", default=None, metavar="DIR",
+                        help="corpora larger than memory: write the candidate embeddings to DIR as checksummed "
+                             "shards (a stopped run resumes there) and stream the exact search from them")
+    parser.add_argument("--shard-precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="dtype of the shards (default auto: bf16 where the CPU computes it natively, "
+                             "halving the bytes; scores are compared in fp32 either way)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -96,6 +102,15 @@ def _prepare(args):
         _check_writable(Path(args.save_run), "--save-run")
         if args.ivf_lists is not None:
             raise ValueError("--save-run needs exact search (drop --ivf-lists)")
+    if args.shards is not None:
+        if args.save_run is not None:
+            raise ValueError("--shards and --save-run: run files hold whole score rows, which need the "
+                             "candidates in memory; drop one of them")
+        if args.ivf_lists is not None:
+            raise ValueError("--shards streams an exact search; drop --ivf-lists")
+        if Path(args.shards).exists() and not Path(args.shards).is_dir():
+            raise ValueError(f"--shards {args.shards} exists and is not a folder")
+        _check_writable(Path(args.shards), "--shards")
     benchmark = load_benchmark(args.dataset, data_dir=args.data_dir, languages=args.languages, split=args.split,
                                shared_query_ids=args.shared_query_ids or None,
                                allow_modified=args.allow_modified_data)
@@ -143,11 +158,15 @@ def _run(args) -> int:
         print(f"{PROG}: encoding in {precision} on {encoder.device.type}, max_length {max_length}"
               + ("" if precision == "fp32" else " (--fp32 to opt out)"), file=sys.stderr)
     try:
-        result = evaluator.evaluate(encoder, save_run=args.save_run, run_depth=args.run_depth)
-    except OSError as e:  # the TREC export: its earlier files stay as they were
+        result = evaluator.evaluate(encoder, save_run=args.save_run, run_depth=args.run_depth, shards=args.shards,
+                                    shard_precision=args.shard_precision)
+    except OSError as e:  # the TREC export or a shard: earlier files stay as they were
         from hybridfast import rules
 
-        return _error(f"--save-run {rules.write_error_message(e, args.save_run)}")
+        which = "--shards" if args.shards is not None else "--save-run"
+        return _error(f"{which} {rules.write_error_message(e, args.shards or args.save_run)}")
+    except ValueError as e:  # shards written with other settings or damaged: named by the shard reader
+        return _error(f"--shards {e}")
     result.config.update(model=str(model), dataset=str(args.dataset), split=args.split,
                          query_prefix=encoder.query_prefix, passage_prefix=encoder.passage_prefix,
                          max_length=max_length, precision=precision)

@@ -244,7 +244,28 @@ class RetrievalEvaluator:
         lay = self.layout
         q = _embeddings(_call_encode(encoder.encode_queries, list(lay.query_texts), self.batch_size),
                         len(lay.query_texts), "encode_queries")
-        return q, encode_to_shards(encode, texts, folder, precision)
+        # one bar over the whole corpus (texts/s and ETA; resumed rows counted as done) instead of
+        # the encoder's own bar restarting for every shard
+        bar, inner = None, getattr(encoder, "show_progress", None)
+        if self.show_progress:
+            from tqdm.auto import tqdm
+
+            from hybridfast.evaluation.shards import read_manifest
+
+            try:
+                done = sum(s["rows"] for s in read_manifest(folder)["shards"])
+            except ValueError:  # no folder yet (or not ours: the writer names that)
+                done = 0
+            bar = tqdm(total=len(texts), initial=min(done, len(texts)), desc="encode to shards", unit="text")
+            if inner is not None:
+                encoder.show_progress = False
+        try:
+            return q, encode_to_shards(encode, texts, folder, precision, progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+                if inner is not None:
+                    encoder.show_progress = inner
 
     def evaluate_embeddings(self, query_embeddings, candidate_embeddings, save_run=None,
                             run_depth="full") -> EvaluationResult:

@@ -141,3 +141,37 @@ def test_eval_layout_is_public_and_shared_with_the_trec_export():
         assert rel == set(bench.qrels[qid]) & set(lay.candidate_ids)
     source = inspect.getsource(trec)
     assert "ev._" not in source and "evaluator._" not in source and "import _" not in source
+
+
+def test_cli_shards_give_the_in_memory_numbers_and_resume(tmp_path, beir, fake_model, capsys):
+    """`evaluate --shards DIR`: the candidates go to checksummed shards and the streamed exact
+    search reports the in-memory numbers; a second run reuses the complete shards; --save-run
+    and --ivf-lists are refused with the reason before any work."""
+    from hybridfast.evaluation.shards import read_manifest
+
+    assert _evaluate(beir, tmp_path / "mem") == 0
+    shards = tmp_path / "shards"
+    assert _evaluate(beir, tmp_path / "sh", "--shards", str(shards), "--shard-precision", "fp32") == 0
+    mem = json.loads((tmp_path / "mem" / "results.json").read_text())
+    sh = json.loads((tmp_path / "sh" / "results.json").read_text())
+    assert sh["summary"] == mem["summary"] and sh["per_pair"] == mem["per_pair"]
+    assert sh["config"]["shards"] == str(shards) and sh["config"]["shard_precision"] == "fp32"
+    manifest = read_manifest(shards)
+    assert manifest["complete"] and all(s["sha256"] for s in manifest["shards"])
+    stamps = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.npy")}
+    assert _evaluate(beir, tmp_path / "sh", "--shards", str(shards), "--shard-precision", "fp32") == 0
+    assert {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.npy")} == stamps  # reused, not rewritten
+    capsys.readouterr()
+    assert _evaluate(beir, tmp_path / "x", "--shards", str(shards), "--save-run", str(tmp_path / "runs")) == 2
+    assert "--shards and --save-run" in capsys.readouterr().err
+    assert _evaluate(beir, tmp_path / "x", "--shards", str(shards), "--ivf-lists", "4") == 2
+    assert "drop --ivf-lists" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "runs").exists()
+
+
+def test_cli_shards_show_one_progress_bar_over_the_corpus(tmp_path, beir, fake_model, capfd):
+    rc = main(["evaluate", "--dataset", str(beir), "--shared-query-ids", "--out", str(tmp_path / "o"),
+               "--device", "cpu", "--shards", str(tmp_path / "s")])
+    assert rc == 0
+    err = capfd.readouterr().err
+    assert "encode to shards" in err and "text/s" in err
