@@ -11,6 +11,7 @@ problem, never a traceback, and leave no half-written file: exit 2 for errors, 1
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 PROG = "hybridfast evaluate"
@@ -131,10 +132,43 @@ def _encoder(args):
 
 def run(args) -> int:
     try:
-        return _run(args)
+        with _data_parallel(args) as rank:
+            code = _run(args)
+            return code if rank == 0 else 0  # rank 0 reports; the others wrote their share of the shards
     except KeyboardInterrupt:  # results are written atomically: nothing half-written is left
         print(f"{PROG}: interrupted; no results were written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ValueError as e:  # torchrun without --shards
+        return _error(e)
+
+
+@contextmanager
+def _data_parallel(args):
+    """Under torchrun (WORLD_SIZE > 1): one process group for the run, each rank on its own
+    device; the corpus is encoded data-parallel into --shards and rank 0 searches and writes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield 0
+        return
+    if args.shards is None:
+        raise ValueError(f"torchrun with {world} processes: give --shards DIR (the ranks encode the corpus "
+                         "into it; rank 0 searches it)")
+    import torch
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+    if cuda:
+        args.device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        rank = dist.get_rank()
+        if rank != 0:
+            args.no_progress = True
+        yield rank
+    finally:
+        dist.destroy_process_group()
 
 
 def _run(args) -> int:
@@ -167,6 +201,8 @@ def _run(args) -> int:
         return _error(f"{which} {rules.write_error_message(e, args.shards or args.save_run)}")
     except ValueError as e:  # shards written with other settings or damaged: named by the shard reader
         return _error(f"--shards {e}")
+    if result is None:  # a data-parallel rank other than 0
+        return 0
     result.config.update(model=str(model), dataset=str(args.dataset), split=args.split,
                          query_prefix=encoder.query_prefix, passage_prefix=encoder.passage_prefix,
                          max_length=max_length, precision=precision)

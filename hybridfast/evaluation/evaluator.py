@@ -73,6 +73,15 @@ def _check_device(device):
         raise ValueError(f"device: {device!r} but CUDA is not available here (use 'cpu' or 'auto')")
 
 
+def _distributed():
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _call_encode(fn, texts, batch_size):
     if batch_size is not None:
         try:
@@ -190,8 +199,18 @@ class RetrievalEvaluator:
                 raise TypeError(f"encoder must have a callable {attr}(list[str]), "
                                 f"got {type(encoder).__name__}")
         lay = self.layout
-        q = _embeddings(_call_encode(encoder.encode_queries, list(lay.query_texts), self.batch_size),
-                        len(lay.query_texts), "encode_queries")
+        rank, world = _distributed()
+        q = None
+        if rank == 0:
+            q = _embeddings(_call_encode(encoder.encode_queries, list(lay.query_texts), self.batch_size),
+                            len(lay.query_texts), "encode_queries")
+        if world > 1:
+            import torch.distributed as dist
+
+            from hybridfast.evaluation.shards import encode_to_shards_parallel
+
+            return q, encode_to_shards_parallel(encode, texts, folder, rank, world, precision,
+                                                barrier=dist.barrier)
         c = _embeddings(_call_encode(encoder.encode_passages, list(lay.candidate_texts), self.batch_size),
                         len(lay.candidate_texts), "encode_passages")
         if q.shape[1] != c.shape[1]:
@@ -212,7 +231,10 @@ class RetrievalEvaluator:
         evaluation (hybridfast.evaluation.trec; run_depth "full" or "k"). shards: a folder the
         candidate embeddings are written to as checksummed shards (resumed if a run stopped;
         hybridfast.evaluation.shards) and streamed from by the search, for corpora larger than
-        memory; shard_precision "auto" (bf16 where the CPU computes it natively), "fp32", "bf16"."""
+        memory; shard_precision "auto" (bf16 where the CPU computes it natively), "fp32", "bf16".
+        Under torch.distributed (torchrun) with shards, every rank encodes its contiguous share of
+        the candidates into the folder and rank 0 encodes the queries, searches all the shards and
+        returns the result; the other ranks return None."""
         if save_run is not None:  # before the encoding, not after
             self._check_save_run(save_run, run_depth)
             if shards is not None:
@@ -220,6 +242,8 @@ class RetrievalEvaluator:
                                  "score rows); drop shards or save_run")
         t0 = time.perf_counter()
         q, c = self.encode(encoder) if shards is None else self._encode_to_shards(encoder, shards, shard_precision)
+        if c is None:  # a data-parallel rank other than 0: its share of the shards is written
+            return None
         t1 = time.perf_counter()
         result = self.evaluate_embeddings(q, c, save_run=save_run, run_depth=run_depth)
         result.unk_rates = self.unk_rates(encoder)
@@ -242,8 +266,18 @@ class RetrievalEvaluator:
                                "encode_passages")
 
         lay = self.layout
-        q = _embeddings(_call_encode(encoder.encode_queries, list(lay.query_texts), self.batch_size),
-                        len(lay.query_texts), "encode_queries")
+        rank, world = _distributed()
+        q = None
+        if rank == 0:
+            q = _embeddings(_call_encode(encoder.encode_queries, list(lay.query_texts), self.batch_size),
+                            len(lay.query_texts), "encode_queries")
+        if world > 1:
+            import torch.distributed as dist
+
+            from hybridfast.evaluation.shards import encode_to_shards_parallel
+
+            return q, encode_to_shards_parallel(encode, texts, folder, rank, world, precision,
+                                                barrier=dist.barrier)
         # one bar over the whole corpus (texts/s and ETA; resumed rows counted as done) instead of
         # the encoder's own bar restarting for every shard
         bar, inner = None, getattr(encoder, "show_progress", None)

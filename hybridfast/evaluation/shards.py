@@ -162,19 +162,25 @@ class ShardedTiles:
 
     def __init__(self, folder, verify=True):
         self.folder = Path(folder)
-        m = read_manifest(self.folder)
-        if not m["complete"]:
-            done = sum(s["rows"] for s in m["shards"])
-            raise ValueError(f"{self.folder}: incomplete shards ({done} of {m['total']} rows); "
-                             "resume writing them first")
-        self.precision, self.dim, self.n = m["precision"], int(m["dim"]), int(m["total"])
+        parts = part_folders(self.folder)
+        manifests = [(f, read_manifest(f)) for f in (parts or [self.folder])]
+        for f, m in manifests:
+            if not m["complete"]:
+                done = sum(s["rows"] for s in m["shards"])
+                raise ValueError(f"{f}: incomplete shards ({done} of {m['total']} rows); "
+                                 "resume writing them first")
+        if len({(m["precision"], m["dim"]) for _, m in manifests}) != 1:
+            raise ValueError(f"{self.folder}: its parts differ in precision or dimension")
+        m = manifests[0][1]
+        self.precision, self.dim = m["precision"], int(m["dim"])
+        self.n = sum(int(m["total"]) for _, m in manifests)
         self.shape = (self.n, self.dim)
         self.needs_buffer = True  # tiles are read into the engine's buffer
         self.dtype = _PRECISION_DTYPE[self.precision]
-        self.starts = np.cumsum([0] + [s["rows"] for s in m["shards"]])
+        shards = [(f / s["file"], s) for f, m in manifests for s in m["shards"]]  # parts in rank order
+        self.starts = np.cumsum([0] + [s["rows"] for _, s in shards])
         self.maps, self.files, self.data_offsets = [], [], []
-        for s in m["shards"]:
-            path = self.folder / s["file"]
+        for path, s in shards:
             if verify and rules.sha256_file(path) != s["sha256"]:
                 raise ValueError(f"{path}: checksum mismatch (the shard changed after it was written)")
             arr = np.load(path, mmap_mode="r")
@@ -245,4 +251,47 @@ def encode_to_shards(encode_passages, texts, folder, precision="fp32", shard_row
         if progress is not None:
             progress.update(min(len(texts), s + shard_rows) - s)
     writer.close()
+    return ShardedTiles(folder)
+
+
+# ----------------------------------------------------------------------------- data-parallel writing
+
+PART = "part-{rank:05d}-of-{world:05d}"
+
+
+def part_folders(folder):
+    """The parts of a folder written by `world` data-parallel ranks, in rank order ([] for a folder
+    written by one process). Parts of two different world sizes are refused."""
+    parts = sorted(Path(folder).glob("part-*-of-*")) if Path(folder).is_dir() else []
+    worlds = {p.name.rsplit("-of-", 1)[1] for p in parts}
+    if len(worlds) > 1:
+        raise ValueError(f"{folder}: holds parts of several runs ({sorted(worlds)} ranks); use a new folder")
+    return parts
+
+
+def rank_slice(n, rank, world):
+    """[start, end) of rank's contiguous share of n rows (sizes differ by at most one)."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def encode_to_shards_parallel(encode_passages, texts, folder, rank, world, precision="fp32",
+                              shard_rows=SHARD_ROWS, progress=None, barrier=None):
+    """This rank's contiguous share of `texts` into folder/part-RANK-of-WORLD (resumable like
+    encode_to_shards); after `barrier()` (every rank done) rank 0 gets the whole corpus as one
+    ShardedTiles, parts concatenated in rank order, so the search sees the single-process rows.
+    Other ranks get None."""
+    texts = list(texts)
+    if Path(folder).is_dir() and (Path(folder) / MANIFEST).exists():
+        raise ValueError(f"{folder}: holds shards of a single-process run; use a new folder for {world} ranks")
+    start, end = rank_slice(len(texts), rank, world)
+    part = Path(folder) / PART.format(rank=rank, world=world)
+    if end > start:
+        encode_to_shards(encode_passages, texts[start:end], part, precision, shard_rows, progress)
+    if barrier is not None:
+        barrier()
+    if rank != 0:
+        return None
+    if any(rank_slice(len(texts), r, world)[1] > rank_slice(len(texts), r, world)[0]
+           and not (Path(folder) / PART.format(rank=r, world=world)).is_dir() for r in range(world)):
+        raise ValueError(f"{folder}: a rank's part is missing after the barrier")
     return ShardedTiles(folder)
