@@ -85,8 +85,10 @@ def peak_memory_bytes(fn, device: torch.device) -> int:
 
 
 def save_results(op: str, device: torch.device, records, directory=None) -> Path:
-    """Merge `records` under key `op` into <directory or bench/results>/<device>.json atomically."""
-    directory = Path(directory) if directory is not None else RESULTS_DIR
+    """Merge `records` under key `op` into <directory or bench/results>/<device>.json atomically
+    ($HYBRIDFAST_BENCH_RESULTS_DIR, when set, replaces bench/results: trial runs)."""
+    directory = directory or os.environ.get("HYBRIDFAST_BENCH_RESULTS_DIR") or RESULTS_DIR
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{device_slug(device)}.json"
     data = json.loads(path.read_text()) if path.exists() else {}
