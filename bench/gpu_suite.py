@@ -12,7 +12,8 @@ small shape, relative Frobenius error of every gradient, with a negative control
 (eager and every engine, and inf-cl when installed: forward+backward time by CUDA
 events over enough rounds, peak extra memory, TFLOP/s counted two ways, see below); autotune (the configs Triton's autotuner chose, and what
 backend="auto" measured); eval (an XQuAD-R-sized retrieval evaluation: 11
-languages x 1190 queries, 1200 candidates per language); train_batch (largest
+languages x 1190 queries, 1200 candidates per language); search (exact ranks + top-10 at 1M-4M
+candidates against a bare matmul of the same scores); train_batch (largest
 batch whose training step fits a fixed memory cap: eager loss on the full batch vs
 HybridContrastiveLoss + GradCache, and eager + GradCache so the loss's own saving shows).
 At the end it prints the README table.
@@ -44,10 +45,11 @@ from hybridfast.loss.reference import GRAD_TOL, gradient_ok, relative_error
 TEMPERATURE = 0.05
 FULL = dict(dtype=torch.bfloat16, D=768, shapes=[(4096, 4096), (16384, 16384), (65536, 65536), (16384, 65536)],
             matmul=8192, eval_langs=11, eval_queries=1190, eval_cands=1200, rounds=5,
-            train=dict(layers=6, hidden=768, heads=12, seq=64, cap_gib=24, chunk=256, max_batch=16384))
+            train=dict(layers=6, hidden=768, heads=12, seq=64, cap_gib=24, chunk=256, max_batch=16384),
+            search=[(1_000_000, 384, 2000), (4_000_000, 384, 2000), (1_000_000, 768, 2000)])
 TINY = dict(dtype=torch.float32, D=32, shapes=[(24, 40)], matmul=256, eval_langs=3, eval_queries=20,
             eval_cands=25, rounds=1, train=dict(layers=1, hidden=32, heads=2, seq=8, cap_gib=0.05, chunk=8,
-                                                 max_batch=64))
+                                                 max_batch=64), search=[(500, 16, 20)])
 ENGINES = ["eager", "torch", "chunked", "triton", "inf-cl"]
 
 
@@ -299,6 +301,35 @@ def section_eval(cfg, device, state, deadline):
                 pairs=len(result.per_pair), multi_map=result.summary["multi"]["map"])
 
 
+def section_search(cfg, device, state, deadline):
+    """Exact ranks + top-10 (hybridfast.evaluation.search on this device) against a bare matmul of
+    the same Q x C scores in candidate chunks, in the same run (issue 23's ratio, on the GPU)."""
+    from hybridfast.evaluation.search import search
+
+    rows = []
+    for C, D, Q in cfg["search"]:
+        if time.monotonic() > deadline:
+            rows.append(dict(C=C, D=D, Q=Q, status="skipped: suite time budget spent"))
+            continue
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q = F.normalize(torch.randn(Q, D, generator=g), dim=1).to(device)
+        c = F.normalize(torch.randn(C, D, generator=g), dim=1).to(device)
+        rel = torch.randint(0, C, (Q, 3), generator=g).numpy()
+        chunk = 1 << 16
+
+        def bare():
+            for s in range(0, C, chunk):
+                (q @ c[s:s + chunk].T).max()  # the scores, reduced so the work cannot be skipped
+
+        rounds = max(1, cfg["rounds"] // 2)
+        matmul_s = _timed(bare, device, rounds)
+        search_s = _timed(lambda: search(q, c, rel, k=10, device=str(device)), device, rounds)
+        rows.append(dict(C=C, D=D, Q=Q, k=10, search_s=search_s, matmul_s=matmul_s, ratio=search_s / matmul_s))
+        state["rows"] = list(rows)
+        del q, c
+    return rows
+
+
 def section_train_batch(cfg, device, state, deadline):
     """Largest batch (doubling) whose training step stays under a fixed memory cap."""
     from transformers import BertConfig, BertModel
@@ -404,7 +435,7 @@ def main(argv=None) -> int:
     state = {"partial": partial}
     sections = [("environment", section_environment), ("matmul", section_matmul),
                 ("correctness", section_correctness), ("loss", section_loss), ("autotune", section_autotune),
-                ("eval", section_eval), ("train_batch", section_train_batch)]
+                ("eval", section_eval), ("search", section_search), ("train_batch", section_train_batch)]
     path = None
     for name, fn in sections:
         if time.monotonic() > deadline:
@@ -414,7 +445,7 @@ def main(argv=None) -> int:
         print(f"[gpu_suite] {name} ...", flush=True)
         state["rows"] = []
         try:
-            needs_deadline = name in ("loss", "train_batch", "eval")
+            needs_deadline = name in ("loss", "train_batch", "eval", "search")
             payload[name] = fn(cfg, device, state, deadline) if needs_deadline else fn(cfg, device, state)
         except Exception as exc:  # one broken section must not lose the others' figures, nor its own rows
             payload.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:500]

@@ -19,7 +19,8 @@ def test_gpu_suite_tiny_runs_every_section(tmp_path):
     (path,) = tmp_path.glob("*.json")
     suite = json.loads(path.read_text())["gpu_suite"]["records"]
     assert suite["sections_done"] == ["environment", "matmul", "correctness", "loss", "autotune", "eval",
-                                      "train_batch"]
+                                      "search", "train_batch"]
+    assert "errors" not in suite, suite.get("errors")
     assert suite["measured"] is torch.cuda.is_available()
     assert suite["matmul"]["tflops"] > 0
     assert suite["correctness"] and all(r["ok"] for r in suite["correctness"]), suite["correctness"]
@@ -29,6 +30,8 @@ def test_gpu_suite_tiny_runs_every_section(tmp_path):
         assert r["total_s"] > 0 and r["peak_extra_bytes"] >= 0 and r["measured"] is torch.cuda.is_available()
         assert r["hw_tflops"] >= r["effective_tflops"] > 0
     assert suite["eval"]["pairs"] == 9 and 0 <= suite["eval"]["multi_map"] <= 1
+    (point,) = suite["search"]
+    assert point["search_s"] > 0 and point["matmul_s"] > 0 and point["ratio"] == point["search_s"] / point["matmul_s"]
     batches = suite["train_batch"]["results"]
     assert batches["eager"]["tried"] and batches["fused+gradcache"]["tried"] and batches["eager+gradcache"]["tried"]
     assert "| engine | B | N | D |" in run.stdout  # the README table
