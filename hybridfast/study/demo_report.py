@@ -43,6 +43,18 @@ def _render(heads, body, markdown) -> str:
     return "\n".join([line(heads), line(["-" * w for w in widths])] + [line(b) for b in body])
 
 
+ERROR_BARS = "Error bars: 95% question-bootstrap intervals (test questions only; one training seed)"
+
+
+def _error_bars(run: dict, keys, values):
+    """[[below], [above]] of the run's intervals around `values` (None without intervals)."""
+    iv = run.get("intervals")
+    if not iv:
+        return None
+    return [[max(0.0, v - iv[k][0]) for k, v in zip(keys, values)],
+            [max(0.0, iv[k][1] - v) for k, v in zip(keys, values)]]
+
+
 def plot_demo(runs: Dict[str, dict], folder: Path, title: str) -> Dict[str, Path]:
     import matplotlib
 
@@ -58,11 +70,13 @@ def plot_demo(runs: Dict[str, dict], folder: Path, title: str) -> Dict[str, Path
     x = np.arange(len(settings))
     for i, name in enumerate(names):
         vals = [runs[name]["summary"][s]["map"] for s in settings]
-        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, label=name)
+        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, label=name,
+                      yerr=_error_bars(runs[name], [f"{s}_map" for s in settings], vals), capsize=2,
+                      error_kw={"linewidth": 0.8})
         ax.bar_label(bars, fmt="%.3f", fontsize=6, padding=1)
     ax.set_xticks(x, [f"{s} mAP" for s in settings])
     ax.set_ylabel("mAP (higher is better)")
-    ax.set_title(textwrap.fill(title, 90), fontsize=9)
+    ax.set_title(textwrap.fill(title + ". " + ERROR_BARS, 90), fontsize=8)
     ax.legend(fontsize=8, ncol=len(names))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -72,10 +86,12 @@ def plot_demo(runs: Dict[str, dict], folder: Path, title: str) -> Dict[str, Path
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     vals = [runs[n]["summary"]["multi"]["rank_distance"] for n in names]
-    bars = ax.bar(names, vals, color=[f"C{i}" for i in range(len(names))])
+    err = [_error_bars(runs[n], ["rank_distance"], [v]) for n, v in zip(names, vals)]
+    yerr = None if any(e is None for e in err) else [[e[0][0] for e in err], [e[1][0] for e in err]]
+    bars = ax.bar(names, vals, color=[f"C{i}" for i in range(len(names))], yerr=yerr, capsize=3)
     ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_ylabel("max rank distance (lower is better)")
-    ax.set_title(textwrap.fill("language bias: " + title, 60), fontsize=8)
+    ax.set_title(textwrap.fill("language bias: " + title + ". " + ERROR_BARS, 60), fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     paths["rank_distance"] = folder / "demo_rank_distance.png"

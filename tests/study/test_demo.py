@@ -232,3 +232,15 @@ def test_format_table_text_and_markdown():
             "hybrid": {"per_language": {"de": {"map": 0.3}, "en": {"map": 0.2}}}}
     table = demo.per_language_table(runs, ["de", "en"], markdown=True)
     assert "| base | 0.100 | **0.400** |" in table and "| hybrid | **0.300** | 0.200 |" in table
+
+
+def test_plots_carry_question_bootstrap_error_bars(tiny_demo):
+    """Every plotted mAP and rank distance has its 95% question-bootstrap interval (the plots'
+    error bars), recorded in results.json; an interval lies around its figure."""
+    _, result, _ = tiny_demo
+    for mode, run in result["runs"].items():
+        iv = run["intervals"]
+        for setting in ("mono", "cross", "multi"):
+            lo, hi = iv[f"{setting}_map"]
+            assert lo <= hi and lo - 1e-9 <= run["summary"][setting]["map"] <= hi + 1e-9, (mode, setting)
+        assert iv["rank_distance"][0] <= iv["rank_distance"][1]
