@@ -232,7 +232,9 @@ def study_markdown(config: StudyConfig, summaries: List[dict], gains: List[dict]
              "(`base`) have no training noise: their interval is the question bootstrap alone. A cell with "
              "one seed cannot measure seed variance: its interval covers test questions only.", "",
              "Mean over seeds [95% interval]; best mean per model in bold; rank distance: lower is better. "
-             "Parameters: `non-emb.` excludes the embedding tables.", ""]
+             "Parameters: `non-emb.` excludes the embedding tables. Ceilings: a query with R relevant candidates "
+             "in the multilingual pool has multi R@1 <= 1/R and rank distance >= R - 1 (XQuAD-R and MLQA-R: one "
+             "relevant sentence per language, so R = L languages: R@1 <= 1/L).", ""]
     for name in dict.fromkeys(s["eval"] for s in summaries):
         parts += [f"## {name}", "", summary_table([s for s in summaries if s["eval"] == name]), ""]
         g = [x for x in gains if x["eval"] == name]
