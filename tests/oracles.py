@@ -6,10 +6,9 @@
   or graded relevance.
 
 They lived in hybridfast/metrics.py until issue 14 (library code carries no test oracles).
-Below them: the small benchmarks and encoders the evaluation tests run the oracles on, and the
-check that TREC files reproduce a result (shared here so that no test module imports another).
+Below them: the check that TREC files reproduce a result. The small benchmarks and encoders
+the oracles are run on are builders: tests/helpers.py.
 """
-import hashlib
 import json
 import math
 from typing import Dict, Iterable, Mapping, Union
@@ -17,7 +16,6 @@ from typing import Dict, Iterable, Mapping, Union
 import numpy as np
 import pytest
 
-from hybridfast.data import RetrievalBenchmark
 from hybridfast.evaluation.metrics import METRICS, macro_average
 
 Relevance = Union[Iterable[str], Mapping[str, int]]
@@ -95,105 +93,6 @@ def pytrec_eval_metrics(run: Mapping[str, Mapping[str, float]],
     ev = pytrec_eval.RelevanceEvaluator(judged, TREC_MEASURES)
     raw = ev.evaluate({q: {d: float(s) for d, s in r.items()} for q, r in run.items() if q in judged})
     return {q: trec_to_ours(m) for q, m in raw.items()}
-
-
-# ----------------------------------------------------------------------------- test benchmarks
-
-def partly_parallel_benchmark(seed=0, n_questions=30, langs=("ar", "de", "en", "zh")):
-    """Questions missing in some languages, 1-3 relevant sentences per question and language,
-    texts from a tiny vocabulary so the hashing encoder produces many tied scores."""
-    rng = np.random.default_rng(seed)
-    vocab = [f"w{i}" for i in range(8)]
-    queries, candidates, qrels = {l: {} for l in langs}, {l: {} for l in langs}, {}
-    for q in range(n_questions):
-        qid = f"q{q:03d}"
-        qrels[qid] = set()
-        present = [l for l in langs if rng.random() < 0.7] or [langs[0]]
-        for l in present:
-            queries[l][qid] = " ".join(rng.choice(vocab, 3))
-            context = " ".join(rng.choice(vocab, 4))
-            for s in range(rng.integers(1, 5)):
-                cid = f"{l}-{q}-{s}"
-                candidates[l][cid] = (" ".join(rng.choice(vocab, 2)), context)
-                if s < 3 and rng.random() < 0.8:
-                    qrels[qid].add(cid)
-    # a query id without any qrels is not evaluated
-    queries[langs[0]]["orphan"] = "w1 w2"
-    return RetrievalBenchmark(queries, candidates, qrels, name="synthetic")
-
-
-
-_VOCAB = [f"w{i}" for i in range(7)]
-
-
-class BeirHashEncoder:
-    """Bag of hashed words: integer embeddings, many tied scores."""
-
-    def _enc(self, texts):
-        out = np.zeros((len(texts), 5), dtype=np.float32)
-        for i, t in enumerate(texts):
-            for w in t.split():
-                out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % 5] += 1
-        return out
-
-    encode_queries = encode_passages = _enc
-
-
-def _write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
-def synthetic_beir(seed=0, langs=("de", "en"), n_docs=25, n_queries=12, shared=True):
-    """Per language: docs, queries, graded qrels (0-3). Shared ids: query q<i> exists in every
-    language and is judged against its own language's docs (plus, for 'en', a German doc)."""
-    rng = np.random.default_rng(seed)
-    data = {}
-    for lang in langs:
-        docs = [{"_id": f"d{i}", "title": " ".join(rng.choice(_VOCAB, 1)) if i % 3 else "",
-                 "text": " ".join(rng.choice(_VOCAB, 3))} for i in range(n_docs)]
-        queries = [{"_id": f"q{i}", "text": " ".join(rng.choice(_VOCAB, 2))} for i in range(n_queries)]
-        qrels = []
-        for i in range(n_queries - 1):  # the last query has no qrels: not evaluated
-            for d in rng.choice(n_docs, rng.integers(1, 5), replace=False):
-                qrels.append((f"q{i}", f"d{d}", int(rng.integers(0, 4))))
-            qrels.append((f"q{i}", f"d{(i * 7) % n_docs}", int(rng.integers(1, 4))))
-        # dedupe (keep the first grade)
-        seen, clean = set(), []
-        for q, d, g in qrels:
-            if (q, d) not in seen:
-                seen.add((q, d))
-                clean.append((q, d, g))
-        data[lang] = (docs, queries, clean)
-    return data
-
-
-def write_beir_per_language(root, data):
-    for lang, (docs, queries, qrels) in data.items():
-        _write_jsonl(root / lang / "corpus.jsonl", docs)
-        _write_jsonl(root / lang / "queries.jsonl", queries)
-        (root / lang / "qrels").mkdir(parents=True, exist_ok=True)
-        (root / lang / "qrels" / "test.tsv").write_text(
-            "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n" for q, d, g in qrels))
-    return root
-
-
-def write_beir_single(root, data):
-    """One folder, a lang field; ids made global: docs <lang>-d<i>; queries keep their ids."""
-    docs, queries, qrels = [], [], []
-    for lang, (ds, qs, rs) in data.items():
-        docs += [dict(d, _id=f"{lang}-{d['_id']}", lang=lang) for d in ds]
-        queries += [dict(q, lang=lang) for q in qs]
-        qrels += [(q, f"{lang}-{d}", g) for q, d, g in rs]
-    grades = {}
-    for q, d, g in qrels:
-        grades.setdefault((q, d), g)
-    _write_jsonl(root / "corpus.jsonl", docs)
-    _write_jsonl(root / "queries.jsonl", queries)
-    (root / "qrels").mkdir(parents=True, exist_ok=True)
-    (root / "qrels" / "test.tsv").write_text(
-        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n" for (q, d), g in grades.items()))
-    return root
 
 
 # ----------------------------------------------------------------------------- TREC files

@@ -10,9 +10,10 @@ from hybridfast.data.beir import BEIRFormatError, BEIRWarning, GradedRetrievalBe
 from hybridfast.data import candidate_text
 from hybridfast.evaluation.evaluator import RetrievalEvaluator
 from hybridfast.evaluation.metrics import METRICS
-from oracles import BeirHashEncoder as HashEncoder
-from oracles import pytrec_eval_metrics, synthetic_beir as synthetic, write_beir_per_language as write_per_language
-from oracles import _write_jsonl, write_beir_single as write_single
+from helpers import BeirHashEncoder as HashEncoder
+from oracles import pytrec_eval_metrics
+from helpers import synthetic_beir as synthetic, write_beir_per_language as write_per_language
+from helpers import _write_jsonl, write_beir_single as write_single
 
 def trec_reference(bench, encoder, pairs=True, multi=True):
     """Per pair / per language metrics through pytrec_eval with the graded qrels."""

@@ -436,7 +436,7 @@ def test_malformed_sha256sums_is_ignored_with_a_warning(tmp_path):
 def test_load_benchmark_reads_every_format_and_data_info_too(tmp_path, capsys):
     """One front door (issue 20): a BEIR folder through load_benchmark and `hybridfast data info`,
     languages given as 'en,de' or 'en de' (reliability probe 2, #23)."""
-    from oracles import synthetic_beir, write_beir_per_language, write_beir_single
+    from helpers import synthetic_beir, write_beir_per_language, write_beir_single
 
     per_lang = write_beir_per_language(tmp_path / "beir", synthetic_beir(langs=("de", "en", "es")))
     single = write_beir_single(tmp_path / "single", synthetic_beir(langs=("de", "en")))
@@ -516,7 +516,7 @@ def test_download_on_a_full_disk_says_so_and_leaves_nothing(tmp_path, monkeypatc
 
 def test_resolve_and_ensure_take_beir_folders_for_demo_and_study(tmp_path):
     """The demo and the study resolve a data argument before loading it: a BEIR folder passes."""
-    from oracles import synthetic_beir, write_beir_per_language
+    from helpers import synthetic_beir, write_beir_per_language
 
     beir = write_beir_per_language(tmp_path / "beir", synthetic_beir(langs=("de", "en")))
     assert resolve_dataset(beir) == beir and data.ensure_dataset(str(beir)) == beir

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from hybridfast.data import RetrievalBenchmark, candidate_text
 from hybridfast.evaluation.evaluator import EvaluationResult, RetrievalEvaluator
 from hybridfast.evaluation.metrics import METRICS, tie_priority
-from oracles import partly_parallel_benchmark, pytrec_eval_metrics, reference_ranks, trec_order
+from oracles import pytrec_eval_metrics, reference_ranks, trec_order
+from helpers import partly_parallel_benchmark
 from hybridfast.evaluation.search import search
 
 
@@ -490,7 +491,7 @@ def test_cli_evaluate_user_mistakes_give_messages_not_tracebacks(tmp_path, capsy
     assert code == 2 and "error: " in msg and "no-such-set" in msg and "Traceback" not in msg
     assert not (tmp_path / "o1").exists()  # no empty folder left behind
     # a BEIR folder with an unknown language
-    from oracles import synthetic_beir as synthetic, write_beir_per_language as write_per_language
+    from helpers import synthetic_beir as synthetic, write_beir_per_language as write_per_language
 
     root = write_per_language(tmp_path / "beir", synthetic(0))
     code, msg = err(["evaluate", "--dataset", str(root), "--languages", "fr", "--out", str(tmp_path / "o2")])

@@ -12,7 +12,7 @@ from hybridfast.cli import evaluate as cli_evaluate
 from hybridfast.cli import main
 from hybridfast.evaluation import EvalLayout, EvaluationResult, RetrievalEvaluator
 from hybridfast.evaluation.result import OWNER_FILE, RESULT_FILES
-from oracles import BeirHashEncoder, partly_parallel_benchmark, synthetic_beir, write_beir_per_language
+from helpers import BeirHashEncoder, partly_parallel_benchmark, synthetic_beir, write_beir_per_language
 
 
 class _CliEncoder(BeirHashEncoder):

@@ -148,7 +148,7 @@ class FloatEncoder:
 def test_evaluator_with_shards_equals_in_memory(tmp_path, monkeypatch, precision):
     """evaluate(encoder, shards=DIR): candidates written to shards and streamed; the same metrics
     as the in-memory evaluation with that precision; a second run reuses the complete shards."""
-    from oracles import partly_parallel_benchmark
+    from helpers import partly_parallel_benchmark
 
     from hybridfast.evaluation.evaluator import RetrievalEvaluator
 

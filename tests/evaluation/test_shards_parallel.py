@@ -14,7 +14,7 @@ from hybridfast.data import load_benchmark
 from hybridfast.evaluation import RetrievalEvaluator
 from hybridfast.evaluation.shards import (ShardedTiles, ShardWriter, encode_to_shards_parallel, part_folders,
                                           rank_slice)
-from oracles import BeirHashEncoder, synthetic_beir, write_beir_per_language
+from helpers import BeirHashEncoder, synthetic_beir, write_beir_per_language
 
 WORLD = 2
 

@@ -8,9 +8,10 @@ pytrec_eval = pytest.importorskip("pytrec_eval")
 from hybridfast.data.beir import load_beir  # noqa: E402
 from hybridfast.evaluation.evaluator import RetrievalEvaluator  # noqa: E402
 from hybridfast.evaluation.trec import read_qrels, read_run  # noqa: E402
-from oracles import BeirHashEncoder as HashEncoder  # noqa: E402
-from oracles import check_files_reproduce, partly_parallel_benchmark  # noqa: E402
-from oracles import synthetic_beir as synthetic, write_beir_per_language as write_per_language  # noqa: E402
+from helpers import BeirHashEncoder as HashEncoder  # noqa: E402
+from oracles import check_files_reproduce  # noqa: E402
+from helpers import partly_parallel_benchmark  # noqa: E402
+from helpers import synthetic_beir as synthetic, write_beir_per_language as write_per_language  # noqa: E402
 
 
 @pytest.mark.parametrize("seed", [0, 1])
