@@ -323,6 +323,16 @@ def write_error_message(error: BaseException, path: Union[str, Path]) -> str:
     return f"{path}: {reason}"
 
 
+def atomic_savefig(fig, path: Union[str, Path], **kw) -> Path:
+    """A matplotlib figure saved as PNG bytes, then written atomically: a crash or a full disk
+    leaves the earlier plot as it was, never a truncated one."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **kw)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def atomic_write_text(path: Union[str, Path], text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 

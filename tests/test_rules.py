@@ -129,3 +129,33 @@ def test_write_error_message_names_a_full_disk_without_errno(tmp_path, monkeypat
     assert "no space left on device" in rules.write_error_message(OSError(28, "x"), target)
     assert rules.write_error_message(PermissionError(13, "Permission denied"), target).endswith(
         "Permission denied")
+
+
+def test_plots_are_written_atomically(tmp_path, monkeypatch):
+    """A study/demo plot replaced under a full disk keeps the earlier PNG byte-identical."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hybridfast import rules
+
+    path = tmp_path / "plot.png"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    rules.atomic_savefig(fig, path, dpi=50)
+    before = path.read_bytes()
+    assert before[:8] == b"\x89PNG\r\n\x1a\n"
+    ax.plot([0, 1], [1, 0])
+
+    def full(fd, *a, **k):
+        os.close(fd)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", full)
+    with pytest.raises(OSError):
+        rules.atomic_savefig(fig, path, dpi=50)
+    plt.close(fig)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["plot.png"]

@@ -5,7 +5,7 @@ from typing import Dict, List, Sequence
 
 from hybridfast.evaluation import SETTINGS
 from hybridfast.evaluation.metrics import LOWER_IS_BETTER
-from hybridfast.rules import atomic_write_text
+from hybridfast.rules import atomic_savefig, atomic_write_text
 from hybridfast.study.config import BASE, MODES, TABLE_COLUMNS
 from hybridfast.study.report import best_marks
 
@@ -81,7 +81,7 @@ def plot_demo(runs: Dict[str, dict], folder: Path, title: str) -> Dict[str, Path
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     paths = {"map": folder / "demo_map.png"}
-    fig.savefig(paths["map"], dpi=120)
+    atomic_savefig(fig, paths["map"], dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -95,7 +95,7 @@ def plot_demo(runs: Dict[str, dict], folder: Path, title: str) -> Dict[str, Path
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     paths["rank_distance"] = folder / "demo_rank_distance.png"
-    fig.savefig(paths["rank_distance"], dpi=120)
+    atomic_savefig(fig, paths["rank_distance"], dpi=120)
     plt.close(fig)
     return paths
 

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from hybridfast.rules import atomic_write_many
+from hybridfast.rules import atomic_savefig, atomic_write_many
 from hybridfast.study.cells import jsonable
 from hybridfast.study.config import (BASE, LOWER_IS_BETTER, METRIC_KEYS, MODES, SETTINGS, TABLE_COLUMNS,
                                      StudyConfig, eval_split_for, train_split_for)
@@ -301,7 +301,7 @@ def _plot_metrics(name, sub, families, path) -> Path:
     axes[-1].legend(*axes[0].get_legend_handles_labels(), loc="center", title="batch mode", fontsize=8)
     fig.suptitle(f"{name}: metrics vs non-embedding parameters per batch mode (mean over seeds, 95% interval)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -326,7 +326,7 @@ def _plot_gains(name, gains, families, path) -> Path:
         a.grid(alpha=0.3)
     fig.suptitle(f"{name}: benefit of hybrid batches vs model size (mean over seeds, 95% interval)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
 
