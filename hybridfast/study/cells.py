@@ -86,7 +86,8 @@ def train_config(config: StudyConfig, model_path: str, mode: str, seed: int, out
                   max_length=config.max_length, seed=seed, device=config.device,
                   lang_weights=config.train_lang_weights(), bf16=config.resolved_precision() == "bf16",
                   save_steps=save_steps, output=str(output), resume=resume, overwrite=overwrite,
-                  show_progress=config.show_progress, **prefix_kwargs(config.prefixes))
+                  show_progress=config.show_progress, allow_modified_data=config.allow_modified_data,
+                  **prefix_kwargs(config.prefixes))
     kwargs.update(config.extra_train)
     return TrainConfig(**kwargs)
 
@@ -231,7 +232,8 @@ def load_benchmarks(config: StudyConfig) -> Dict:
     from hybridfast.data import load_benchmark
 
     benchmarks = {name: load_benchmark(name, data_dir=config.data_dir, languages=config.languages,
-                                       split=eval_split_for(config, name)) for name in config.evals}
+                                       split=eval_split_for(config, name), allow_modified=config.allow_modified_data)
+                  for name in config.evals}
     if config.eval_articles is not None:
         benchmarks = {n: subset_articles(b, config.eval_articles, config.article_seed) for n, b in benchmarks.items()}
     return benchmarks
@@ -324,7 +326,7 @@ def fingerprint_data(config: StudyConfig, evaluators: Optional[Dict] = None) -> 
         from hybridfast.data import load_training_pairs
 
         pairs = load_training_pairs(config.train, data_dir=config.data_dir, split=train_split_for(config),
-                                    languages=config.languages)
+                                    languages=config.languages, allow_modified=config.allow_modified_data)
         found["train"] = pairs.fingerprint()[:16]
     config.data_fingerprints = found
     return found

@@ -139,6 +139,9 @@ class StudyConfig:
     include_base: bool = _setting(True, "skip evaluating the untouched models", flag=True, cli="--no-base")
     overwrite: bool = _setting(False, "replace results.csv / .json / .md and plots/ in --out although "
                                       "hybridfast did not write them (a user's files)", flag=True)
+    allow_modified_data: bool = _setting(False, "use named data sets whose files differ from their pinned sha256 "
+                                                "(with a warning; the cells follow the data's contents either way)",
+                                         flag=True)
     train_split: str = "auto"
     eval_subset: Optional[str] = None    # label of any further restriction of the eval data (part of the hash)
     show_progress: bool = True

@@ -29,7 +29,7 @@ def load_study(folder, **overrides) -> Tuple[StudyConfig, List[dict]]:
     kwargs.update(models=record["models"], modes=record["modes"], seeds=record["seeds"], out=str(folder),
                   extra_train=settings.get("extra_train", {}),
                   data_fingerprints={"evals": settings.get("eval_data"), "train": settings.get("train_data")})
-    kwargs.update({k: record[k] for k in ("interval", "bootstrap") if k in record})
+    kwargs.update({k: record[k] for k in ("interval", "bootstrap", "include_base") if k in record})
     kwargs.update(overrides)
     config = StudyConfig(**kwargs)
     models = {str(m) for m in config.models}
@@ -39,6 +39,8 @@ def load_study(folder, **overrides) -> Tuple[StudyConfig, List[dict]]:
         if cell["model"] not in models or not _belongs(cell["settings"], settings):
             continue
         if cell["mode"] != BASE and (cell["mode"] not in config.modes or cell["seed"] not in config.seeds):
+            continue
+        if cell["mode"] == BASE and not config.include_base:
             continue
         results.append(_load_result(path.parent))
     if not results:

@@ -350,7 +350,7 @@ def write_outputs(config: StudyConfig, results: List[dict]) -> Dict[str, Path]:
     record = jsonable({"settings": config.cell_settings(), "seeds": config.seeds,
                        "models": [str(m) for m in config.models], "modes": list(config.modes),
                        "interval_method": METHOD_TEXT[config.interval], "interval": config.interval,
-                       "bootstrap": config.bootstrap, "rows": rows,
+                       "bootstrap": config.bootstrap, "include_base": config.include_base, "rows": rows,
                        "cells": summaries, "hybrid_gain": gains,
                        "contrasts": {k: v for k, v in families.items() if k != "gain"}})
     atomic_write_many({paths["csv"]: table.getvalue().encode("utf-8"),

@@ -26,6 +26,7 @@ def _f(default, help, **meta):
 # the result and must match the checkpoint (strict resume). chunk_size and
 # gradient_checkpointing only trade memory for time (same gradients); device moves a run.
 RESUMABLE_CHANGES = ("max_steps", "epochs", "save_steps", "log_steps", "eval", "eval_split", "data_dir",
+                     "allow_modified_data",
                      "device", "chunk_size", "gradient_checkpointing", "show_progress")
 # Settings that are about this invocation, not the run.
 INVOCATION_ONLY = ("output", "resume", "overwrite")
@@ -70,7 +71,10 @@ class TrainConfig:
     save_steps: Optional[int] = _f(None, "checkpoint (and evaluate, with --eval) every N steps")
     log_steps: int = _f(10, "log every N steps")
     eval: Optional[str] = _f(None, "benchmark evaluated at each checkpoint and at the end, e.g. xquad-r")
-    eval_split: str = _f("test", "split of the --eval benchmark", choices=rules.BENCHMARK_SPLITS)
+    eval_split: str = _f("test", "split of the --eval benchmark: all, train or test (LAReQA), or a qrels name "
+                                 "(BEIR / MIRACL: test, dev, ...)")
+    allow_modified_data: bool = _f(False, "use a named data set whose files differ from their pinned sha256 "
+                                          "(with a warning)", flag=True)
     output: Union[str, Path] = _f("runs/train", "output folder (train_log.jsonl, checkpoint-N/, final/)")
     resume: bool = _f(False, "continue the run in --output from its newest intact checkpoint", flag=True)
     overwrite: bool = _f(False, "start again in an --output holding an earlier run: removes only the files "
@@ -87,7 +91,9 @@ class TrainConfig:
         if not self.train:
             raise ValueError("train: give a training data set (a name such as 'xquad-r', a folder or a .jsonl file)")
         rules.check_choice("split", self.split, rules.TRAIN_SPLITS)
-        rules.check_choice("eval_split", self.eval_split, rules.BENCHMARK_SPLITS)
+        if not isinstance(self.eval_split, str) or not self.eval_split.strip():
+            raise ValueError(f"eval_split must be a split name (all, train, test, or a BEIR / MIRACL qrels name "
+                             f"such as dev), got {self.eval_split!r}")
         rules.check_number("mono_prob", self.mono_prob, 0.0, 1.0)
         for name, minimum, optional in (("batch_size", 1, False), ("max_steps", 1, True), ("epochs", 1, False),
                                         ("hard_negatives", 0, False), ("max_length", 1, True),

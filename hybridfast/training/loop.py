@@ -149,7 +149,8 @@ def prepare(config: TrainConfig, rank=0, world=1):
 def load_data(config: TrainConfig, rank=0, world=1):
     """prepare() for a config that has been validated."""
     languages = rules.check_languages(config.languages)
-    pairs = load_training_pairs(config.train, data_dir=config.data_dir, split=config.split, languages=languages)
+    pairs = load_training_pairs(config.train, data_dir=config.data_dir, split=config.split, languages=languages,
+                                allow_modified=config.allow_modified_data)
     if config.mode != "mono" and len(pairs.languages) < 2:
         raise ValueError(f"mode={config.mode!r} needs at least two languages; the training data has "
                          f"{pairs.languages} (use mode='mono')")
@@ -160,7 +161,7 @@ def load_data(config: TrainConfig, rank=0, world=1):
     benchmark = None
     if config.eval is not None:
         benchmark = load_benchmark(config.eval, data_dir=config.data_dir, languages=languages,
-                                   split=config.eval_split)
+                                   split=config.eval_split, allow_modified=config.allow_modified_data)
     return pairs, sampler, benchmark
 
 

@@ -165,6 +165,23 @@ def test_csv_columns_and_one_row_per_seed(grid, tiny_models):
     assert all(r["steps"] == "2" and r["train"].endswith("[train]") for r in rows if r["mode"] != "base")
 
 
+def test_tables_recompute_from_the_committed_files_alone(grid):
+    # (runs before the tests below add seeds, budgets and a base-less run to the same folder)
+    """docs/study/recompute.py's path: results.json + cells' per-query values give results.md
+    back byte for byte, with the paired comparisons and Holm columns in it."""
+    from hybridfast.study.reload import load_study
+    from hybridfast.study.report import study_markdown, summarize_all
+
+    config, _, _ = grid
+    cfg, results = load_study(config.out)
+    summaries, families = summarize_all(results, cfg)
+    text = study_markdown(cfg, summaries, families["gain"], families)
+    assert text == (Path(config.out) / "results.md").read_text()
+    assert "Holm p" in text and "midpoint of mono and cross" in text and "Each fine-tune minus" in text
+    _, fewer = load_study(config.out, seeds=[0])
+    assert {r["seed"] for r in fewer} == {None, 0}
+
+
 def test_seeds_differ(grid):
     # two seeds of one cell are two trainings, not one result copied
     _, _, rows = grid
@@ -636,19 +653,3 @@ def test_results_name_models_not_cache_paths(grid):
         assert r["model_path"] == r["model_name"]   # a folder: its path is its identity
         host = r["host"]
         assert host["cores"] >= 1 and host["torch_threads"] >= 1 and len(host["load_avg_1_5_15"]) == 3
-
-
-def test_tables_recompute_from_the_committed_files_alone(grid):
-    """docs/study/recompute.py's path: results.json + cells' per-query values give results.md
-    back byte for byte, with the paired comparisons and Holm columns in it."""
-    from hybridfast.study.reload import load_study
-    from hybridfast.study.report import study_markdown, summarize_all
-
-    config, _, _ = grid
-    cfg, results = load_study(config.out)
-    summaries, families = summarize_all(results, cfg)
-    text = study_markdown(cfg, summaries, families["gain"], families)
-    assert text == (Path(config.out) / "results.md").read_text()
-    assert "Holm p" in text and "midpoint of mono and cross" in text and "Each fine-tune minus" in text
-    _, fewer = load_study(config.out, seeds=[0])
-    assert {r["seed"] for r in fewer} == {None, 0}
