@@ -221,6 +221,8 @@ class DemoConfig:
                               choices=PRECISIONS)
     overwrite: bool = _setting(False, "replace results.* and plots in --out although hybridfast did not write "
                                       "them (a user's files)", flag=True)
+    allow_modified_data: bool = _setting(False, "use named data sets whose files differ from their pinned "
+                                                "sha256 (with a warning)", flag=True)
     show_progress: bool = True       # encoding / training bars (the command line prints one line per phase)
     download_progress: bool = True   # a progress bar while a missing data set downloads
     n_bootstrap: int = 2000          # paired bootstrap resamples of the comparisons
@@ -329,6 +331,11 @@ def _setup(config: DemoConfig, phase) -> Setup:
     train_path = ensure_dataset(train_name, config.data_dir, show_progress=config.download_progress, log=phase)
     eval_path = train_path if eval_name == train_name else ensure_dataset(
         eval_name, config.data_dir, show_progress=config.download_progress, log=phase)
+    from hybridfast.data import DATASETS, verify_dataset
+
+    for name, path in {str(train_name): train_path, str(eval_name): eval_path}.items():
+        if name in DATASETS:  # a named set is loaded by path below: check its pinned sha256 here
+            verify_dataset(name, path, allow_modified=config.allow_modified_data)
     test, eval_split, n_articles_all = _load_test(eval_path, budget, budget.protocol)
     return Setup(budget, budget.protocol, dev, device_description(dev), model_path, model_label(model_path),
                  str(train_name), train_path, eval_path, test, eval_split, n_articles_all,

@@ -117,9 +117,11 @@ def test_zero_shot_through_the_cli_is_calm(tmp_path, tiny_model, capfd):
     write_synthetic_lareqa(tmp_path / "d" / "xquad-r", seed=2)
     rc = main(["demo", "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "out"), "--device", "cpu",
                "--model", str(tiny_model), "--steps", "2", "--batch-size", "4", "--max-length", "16",
-               "--languages", "de,en", "--eval-languages", "de,en,es", "--threads", "1"])
+               "--languages", "de,en", "--eval-languages", "de,en,es", "--threads", "1",
+               "--allow-modified-data"])  # synthetic stand-ins for the named sets
     captured = capfd.readouterr()
     assert rc == 0, captured.err
+    assert "USING MODIFIED DATA" in captured.err  # said loudly, not silently used
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["protocol"] == "zero-shot" and saved["test"]["split"] == "all"
     assert Path(saved["train_data"]).name == "mlqa-r" and Path(saved["data"]).name == "xquad-r"
@@ -159,7 +161,8 @@ def test_missing_dataset_is_downloaded_on_first_use(tmp_path, tiny_model, monkey
     lines = []
     result = run_demo(out=tmp_path / "out", data_dir=tmp_path / "data", model=str(tiny_model), steps=1,
                       batch_size=4, max_length=16, languages="de,en", eval_languages="de,en,es", device="cpu",
-                      show_progress=False, n_bootstrap=50, log=lambda *a: lines.append(" ".join(map(str, a))))
+                      show_progress=False, n_bootstrap=50, log=lambda *a: lines.append(" ".join(map(str, a))),
+                      allow_modified_data=True)  # the fake download is synthetic, not the pinned files
     assert fetched == [("mlqa-r", tmp_path / "data"), ("xquad-r", tmp_path / "data")]
     assert sum("downloading" in l for l in lines) == 2
     assert result["protocol"] == "zero-shot"
@@ -244,3 +247,18 @@ def test_plots_carry_question_bootstrap_error_bars(tiny_demo):
             lo, hi = iv[f"{setting}_map"]
             assert lo <= hi and lo - 1e-9 <= run["summary"][setting]["map"] <= hi + 1e-9, (mode, setting)
         assert iv["rank_distance"][0] <= iv["rank_distance"][1]
+
+
+def test_named_data_edited_on_disk_is_refused_by_the_demo(tmp_path, tiny_model, capfd):
+    """The demo reads named sets by path: it checks their pinned sha256 first (a synthetic
+    "mlqa-r" is an edited one), naming the file and the flag that accepts it."""
+    from hybridfast.cli import main
+
+    write_synthetic_lareqa(tmp_path / "d" / "mlqa-r", langs=("de", "en"), seed=1)
+    write_synthetic_lareqa(tmp_path / "d" / "xquad-r", seed=2)
+    rc = main(["demo", "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "out"), "--device", "cpu",
+               "--model", str(tiny_model), "--steps", "2", "--batch-size", "4", "--max-length", "16",
+               "--languages", "de,en", "--threads", "1"])
+    err = capfd.readouterr().err
+    assert rc != 0 and "--allow-modified-data" in err and ".json" in err
+    assert not (tmp_path / "out" / "results.json").exists()
