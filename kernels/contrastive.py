@@ -199,6 +199,23 @@ def _contrastive_fwd_kernel(
     tl.store(POS_PART + out, pos, mask=row_ok)
 
 
+BWD_GROUP_M = 8  # row blocks per launch group of the backward (see _grouped_tile)
+
+
+@triton.jit
+def _grouped_tile(GROUP_M: tl.constexpr):
+    """(row block, column block) of a backward program in a grouped order: axis 1 picks a group of
+    GROUP_M row blocks, axis 0 (launched fastest) walks it row block first, then column block.
+    Row-major order (row block fastest over all rows) made every co-resident program scatter into
+    the same DB[cols] tile (review finding 13); here programs launched together span GROUP_M row
+    tiles and many column tiles, and a group's A and B tiles are reused from L2 (Triton's matmul
+    swizzle). Only constexpr divisions, on launch indices: no registers held (a runtime division
+    cost the fp32 configs spills). A last, partial group runs a few row blocks past n_a: their
+    rows are masked (row_ok) and add nothing."""
+    local = tl.program_id(0)
+    return tl.program_id(1) * GROUP_M + local % GROUP_M, local // GROUP_M
+
+
 # Over 60 lines on purpose: one Triton program is one compiled unit, and the order of its
 # recompute (z, softmax), the fp32 G tile and the two scatters is what the cost model above
 # counts; @jit helpers would inline to the same PTX while hiding that order.
@@ -208,16 +225,19 @@ def _contrastive_bwd_kernel(
     n_a, n_b, D, stride_a, stride_b, stride_da, stride_db, A_BUCKET, B_BUCKET,
     HAS_AIDX: tl.constexpr, HAS_BKEY: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALES: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One program per (BLOCK_M rows of A, BLOCK_N rows of B) tile: recompute, then scatter-add.
+    Tiles are launched in groups of GROUP_M row blocks (_grouped_tile), so programs running at
+    the same time add into many DB column tiles, not all into one.
 
     W is w / max|w| and CONSTS = [max|w|, max RA, max RB]: the half-precision operand
     s * G * RA/max RA * RB/max RB lies in [-s, s] (no fp16 underflow at large B), and the
     fp32 dot results are multiplied back by the maxima before the atomic adds.
     """
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
+    pid_m, pid_n = _grouped_tile(GROUP_M)
+    pid_m = pid_m.to(tl.int64)
+    pid_n = pid_n.to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_ok = rows < n_a
@@ -242,8 +262,10 @@ def _contrastive_bwd_kernel(
     is_pos = (cols[None, :] == a_pos[:, None]).to(tl.float32)
     g = w[:, None] * (prob - is_pos)  # dL/dz, exactly 0 where masked
     # sim is finite everywhere (masked loads are zeros), so g * sim never makes NaN.
-    n_pid_n = tl.num_programs(1).to(tl.int64)
-    tl.store(DS_PART + pid_m * n_pid_n + pid_n, tl.sum(tl.sum(g * sim, axis=1), axis=0))
+    # one slot per program (the slots are only summed): the launch index, read again here rather
+    # than kept live through the loop below
+    slot = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(DS_PART + slot, tl.sum(tl.sum(g * sim, axis=1), axis=0))
 
     gs = g * s
     if HAS_SCALES:  # G o (ra/max) x (rb/max): dA = ra * sum_j G rb B, dB = rb * sum_i G ra A
@@ -497,17 +519,27 @@ def contrastive_grads(A, B, scale, lse, w, dA, dB, a_pos, a_idx=None, a_key=None
     w = (w / wmax).contiguous()
     if A.is_cuda:
         tuner = _TUNED[("bwd", _precision(A.dtype))]
-        most = max(triton.cdiv(n_a, c.kwargs["BLOCK_M"]) * triton.cdiv(n_b, c.kwargs["BLOCK_N"]) for c in tuner.configs)
+        most = max(_bwd_programs(n_a, n_b, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tuner.configs)
         ds_part = torch.zeros(most, dtype=torch.float32, device=A.device)  # unused slots stay 0
-        grid = lambda meta: (triton.cdiv(n_a, meta["BLOCK_M"]), triton.cdiv(n_b, meta["BLOCK_N"]))  # noqa: E731
-        tuner[grid](*args, scale, lse, w, consts, dA, dB, ds_part, *sizes, **flags)
+        grid = lambda meta: _bwd_grid(n_a, n_b, meta["BLOCK_M"], meta["BLOCK_N"])  # noqa: E731
+        tuner[grid](*args, scale, lse, w, consts, dA, dB, ds_part, *sizes, **flags, GROUP_M=BWD_GROUP_M)
     else:
         bm, bn, bd = _interpreter_tiles(D)
-        grid = (triton.cdiv(n_a, bm), triton.cdiv(n_b, bn))
-        ds_part = torch.zeros(grid[0] * grid[1], dtype=torch.float32, device=A.device)
+        grid = _bwd_grid(n_a, n_b, bm, bn)
+        ds_part = torch.zeros(_bwd_programs(n_a, n_b, bm, bn), dtype=torch.float32, device=A.device)
         _contrastive_bwd_kernel[grid](*args, scale, lse, w, consts, dA, dB, ds_part, *sizes, **flags,
-                                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+                                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP_M=BWD_GROUP_M)
     return ds_part.sum() * wmax
+
+
+def _bwd_grid(n_a, n_b, block_m, block_n):
+    """(GROUP_M x column blocks, row groups): the backward's grouped launch (see _grouped_tile)."""
+    return BWD_GROUP_M * triton.cdiv(n_b, block_n), triton.cdiv(triton.cdiv(n_a, block_m), BWD_GROUP_M)
+
+
+def _bwd_programs(n_a, n_b, block_m, block_n):
+    g0, g1 = _bwd_grid(n_a, n_b, block_m, block_n)
+    return g0 * g1
 
 
 def rows_config(n_b):

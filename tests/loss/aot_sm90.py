@@ -99,6 +99,8 @@ def main() -> int:
                     consts = dict(HAS_AIDX=flags, HAS_BKEY=flags, HAS_GROUPS=flags, HAS_SCALES=flags,
                                   IEEE=dtype == torch.float32,
                                   UPCAST=False, BLOCK_M=m, BLOCK_N=n, BLOCK_D=d)
+                    if pass_ == "bwd":
+                        consts["GROUP_M"] = K.BWD_GROUP_M
                     row = compile_one(kernel, ELT[dtype], consts, warps, stages)
                     print(json.dumps(dict(kernel=pass_, dtype=ELT[dtype], config=[m, n, d, warps, stages],
                                           flags=flags, **row)), flush=True)

@@ -301,3 +301,46 @@ def test_10_measured_cpu_extra_memory_matches_the_cost_model():
     measured = peak_memory_bytes(step, torch.device("cpu")) - 2 * B * D * 4
     predicted = dispatch.estimated_extra_bytes("torch", B, N, D, False, 4, budget, cuda=False)
     assert abs(measured - predicted) <= 0.1 * predicted, (measured / 2 ** 20, predicted / 2 ** 20)
+
+
+def _launch_order_kernel():
+    """A kernel that records _grouped_tile's (row block, column block) per program, in launch
+    order (module-level names: Triton resolves a jit function's callees through its module's globals)."""
+    global _grouped_tile
+    import triton
+    import triton.language as tl
+
+    from kernels.contrastive import _grouped_tile
+
+    @triton.jit
+    def order(OUT, GROUP_M: tl.constexpr):
+        pm, pn = _grouped_tile(GROUP_M)
+        slot = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)  # CUDA's linear block order
+        tl.store(OUT + 2 * slot, pm)
+        tl.store(OUT + 2 * slot + 1, pn)
+
+    return order
+
+
+@first_run
+@needs_triton
+@pytest.mark.parametrize("n_m, n_n", [(16, 16), (13, 5), (3, 40), (1, 7), (9, 1)])
+def test_13_backward_launch_order_spreads_column_tiles(n_m, n_n):
+    """The backward's tile order (kernels.contrastive._grouped_tile on the launch grid
+    _bwd_grid builds, run in the interpreter): every (row block, column block) exactly once (a
+    last partial group adds masked row blocks past the end), and programs launched together
+    scatter into many DB column tiles and at most GROUP_M row tiles. Row-major order put every
+    co-resident program on one column tile. (The speed-up itself can only be measured on a GPU.)"""
+    from kernels.contrastive import BWD_GROUP_M, _bwd_grid
+
+    group = BWD_GROUP_M
+    grid = _bwd_grid(n_m * 32, n_n * 64, 32, 64)
+    out = torch.full((grid[0] * grid[1], 2), -1, dtype=torch.int64)
+    _launch_order_kernel()[grid](out, GROUP_M=group)
+    tiles = [tuple(t) for t in out.tolist()]
+    real = [t for t in tiles if t[0] < n_m]
+    assert sorted(real) == [(m, n) for m in range(n_m) for n in range(n_n)]
+    assert len(tiles) - len(real) < group * n_n  # padding: part of one group at most
+    wave = real[:4 * group]  # programs resident at the same time
+    assert len({m for m, _ in wave}) <= max(group, -(-len(wave) // n_n))  # (one column block: rows only)
+    assert len({n for _, n in wave}) >= min(n_n, len(wave) // min(group, n_m))
