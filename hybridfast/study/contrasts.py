@@ -120,22 +120,7 @@ def analyse(cells: Dict[Tuple[str, str], dict], arrays, models: List[dict], eval
             row_p[key] = paired_interval(position_terms(mid, key))
         families["gain"].append(row_g)
         families["position"].append(row_p)
-    by_family: Dict[str, List[dict]] = {}
-    for m in full:
-        by_family.setdefault(m["family"], []).append(m)
-    for fam, members in by_family.items():
-        if len(members) < 2:
-            continue
-        small, large = members[0], members[-1]
-        for what, build in (("gain", gain_terms), ("position", position_terms)):
-            row = {"family": fam, "what": what, "small": small["label"], "large": large["label"], "eval": eval_name}
-            for key in METRIC_KEYS:
-                t_large = build(large["model_id"], key)
-                t_small = build(small["model_id"], key)
-                if what == "gain":  # the same comparison mode at both sizes: each its own better one
-                    t_large, t_small = t_large[1], t_small[1]
-                row[key] = paired_interval(list(t_large) + [(-c, o, b) for c, o, b in t_small])
-            families["trend"].append(row)
+    families["trend"] = _trends(full, gain_terms, position_terms, eval_name)
     for m in models:
         mid = m["model_id"]
         if (mid, BASE) not in cells:
@@ -151,6 +136,27 @@ def analyse(cells: Dict[Tuple[str, str], dict], arrays, models: List[dict], eval
         for (ci, _), p in zip(found, holm([ci["p"] for ci, _ in found]) if found else []):
             ci["p_holm"] = p
     return families
+
+
+def _trends(full: List[dict], gain_terms, position_terms, eval_name: str) -> List[dict]:
+    """Largest minus smallest model of each family, of the gain (each size against its own better
+    mode) and of the position: the size x mode interaction."""
+    rows, by_family = [], {}
+    for m in full:
+        by_family.setdefault(m["family"], []).append(m)
+    for fam, members in by_family.items():
+        if len(members) < 2:
+            continue
+        small, large = members[0], members[-1]
+        for what, build in (("gain", gain_terms), ("position", position_terms)):
+            row = {"family": fam, "what": what, "small": small["label"], "large": large["label"], "eval": eval_name}
+            for key in METRIC_KEYS:
+                t_large, t_small = build(large["model_id"], key), build(small["model_id"], key)
+                if what == "gain":  # (vs, terms): the terms
+                    t_large, t_small = t_large[1], t_small[1]
+                row[key] = paired_interval(list(t_large) + [(-c, o, b) for c, o, b in t_small])
+            rows.append(row)
+    return rows
 
 
 def fmt_p(p: Optional[float]) -> str:

@@ -37,6 +37,7 @@ from hybridfast.study.config import PRECISIONS, _setting, resolve_precision
 # the tables and plots live in demo_report; their names stay importable from here
 from hybridfast.study.demo_report import (RUNS, format_table, header_text, per_language_table,  # noqa: F401
                                           plot_demo, print_summary, table_rows, write_markdown)
+from hybridfast.study.demo_report import collect_runs as _collect_runs
 
 DEMO_OUTPUTS = ("results.json", "results.md", "demo_map.png", "demo_rank_distance.png")
 
@@ -397,29 +398,6 @@ def _load_test(eval_path, budget, protocol):
     if budget.eval_articles is not None and budget.eval_articles < n_articles_all:
         test = subset_articles(test, budget.eval_articles)
     return test, eval_split, n_articles_all
-
-
-def _collect_runs(cells, eval_name) -> Dict[str, dict]:
-    """{mode: what the report needs} from the study's cells."""
-    import numpy as np
-
-    from hybridfast.study.stats import macro_replicates, question_weights
-
-    qids = sorted({k.split("|", 1)[1] for c in cells for d in c["evals"][eval_name]["per_query"].values() for k in d})
-    qindex = {q: i for i, q in enumerate(qids)}
-    weights = question_weights(qids, 1000, seed=0)  # one shared resample of the test questions
-    runs = {}
-    for c in cells:
-        ev = c["evals"][eval_name]
-        # 95% question-bootstrap interval of each plotted figure: the plots' error bars
-        intervals = {}
-        for key in ("mono_map", "cross_map", "multi_map", "rank_distance"):
-            _, boots = macro_replicates(ev["per_query"][key], qindex, weights)
-            intervals[key] = [float(v) for v in np.nanpercentile(boots, [2.5, 97.5])]
-        runs[c["mode"]] = {"summary": ev["summary"], "per_language": ev["per_language"],
-                           "multi_ap": ev["multi_ap"], "train_seconds": c["train_seconds"],
-                           "eval_seconds": ev["eval_seconds"], "params": c["params"], "intervals": intervals}
-    return runs
 
 
 def _prepare_model(model, phase, show_progress) -> str:

@@ -164,3 +164,26 @@ def per_language_table(runs: Dict[str, dict], langs: Sequence[str], markdown=Fal
             s = f"{v:.3f}"
             body[i].append((f"**{s}**" if markdown else s + "*") if best else (s if markdown else s + " "))
     return _render(heads, body, markdown)
+
+
+def collect_runs(cells, eval_name) -> Dict[str, dict]:
+    """{mode: what the report needs} from the study's cells."""
+    import numpy as np
+
+    from hybridfast.study.stats import macro_replicates, question_weights
+
+    qids = sorted({k.split("|", 1)[1] for c in cells for d in c["evals"][eval_name]["per_query"].values() for k in d})
+    qindex = {q: i for i, q in enumerate(qids)}
+    weights = question_weights(qids, 1000, seed=0)  # one shared resample of the test questions
+    runs = {}
+    for c in cells:
+        ev = c["evals"][eval_name]
+        # 95% question-bootstrap interval of each plotted figure: the plots' error bars
+        intervals = {}
+        for key in ("mono_map", "cross_map", "multi_map", "rank_distance"):
+            _, boots = macro_replicates(ev["per_query"][key], qindex, weights)
+            intervals[key] = [float(v) for v in np.nanpercentile(boots, [2.5, 97.5])]
+        runs[c["mode"]] = {"summary": ev["summary"], "per_language": ev["per_language"],
+                           "multi_ap": ev["multi_ap"], "train_seconds": c["train_seconds"],
+                           "eval_seconds": ev["eval_seconds"], "params": c["params"], "intervals": intervals}
+    return runs
