@@ -199,18 +199,8 @@ class RetrievalEvaluator:
                 raise TypeError(f"encoder must have a callable {attr}(list[str]), "
                                 f"got {type(encoder).__name__}")
         lay = self.layout
-        rank, world = _distributed()
-        q = None
-        if rank == 0:
-            q = _embeddings(_call_encode(encoder.encode_queries, list(lay.query_texts), self.batch_size),
-                            len(lay.query_texts), "encode_queries")
-        if world > 1:
-            import torch.distributed as dist
-
-            from hybridfast.evaluation.shards import encode_to_shards_parallel
-
-            return q, encode_to_shards_parallel(encode, texts, folder, rank, world, precision,
-                                                barrier=dist.barrier)
+        q = _embeddings(_call_encode(encoder.encode_queries, list(lay.query_texts), self.batch_size),
+                        len(lay.query_texts), "encode_queries")
         c = _embeddings(_call_encode(encoder.encode_passages, list(lay.candidate_texts), self.batch_size),
                         len(lay.candidate_texts), "encode_passages")
         if q.shape[1] != c.shape[1]:

@@ -4,6 +4,7 @@ rank 0 searches all parts; two gloo processes give exactly the single-process me
 import json
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,18 +44,21 @@ def _worker(rank, port, data, shards, out):
         dist.destroy_process_group()
 
 
-@pytest.fixture
-def beir(tmp_path):
-    # 3 languages x 25 docs = 75 candidates: an odd count, so the ranks' shares differ in size
-    return write_beir_per_language(tmp_path / "beir", synthetic_beir(0, langs=("de", "en", "es")))
+def _worker_in_memory(rank, port, data, out):
+    """Without shards every rank evaluates in memory, as before (the trainer's periodic
+    evaluation under DDP): a process group alone changes nothing."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        res = _evaluator(data).evaluate(BeirHashEncoder())
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(res.summary))
+    finally:
+        dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path, beir):
-    single = _evaluator(beir).evaluate(BeirHashEncoder())
-    shards = tmp_path / "shards"
+def _spawn(target, *args):
     ctx, port = mp.get_context("spawn"), _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(beir), str(shards), str(tmp_path / "out")))
-             for r in range(WORLD)]
+    procs = [ctx.Process(target=target, args=(r, port, *args)) for r in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:
@@ -64,12 +68,31 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, beir):
         p.kill()
     assert not alive, "a rank hung"
     assert [p.exitcode for p in procs] == [0, 0]
+
+
+@pytest.fixture
+def beir(tmp_path):
+    # 3 languages x 25 docs = 75 candidates: an odd count, so the ranks' shares differ in size
+    return write_beir_per_language(tmp_path / "beir", synthetic_beir(0, langs=("de", "en", "es")))
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path, beir):
+    single = _evaluator(beir).evaluate(BeirHashEncoder())
+    shards = tmp_path / "shards"
+    _spawn(_worker, str(beir), str(shards), str(tmp_path / "out"))
     got = json.loads((tmp_path / "out" / "results.json").read_text())
     assert got["summary"] == json.loads(json.dumps(single.summary))
     assert got["per_pair"] == json.loads(json.dumps(single.to_dict()["per_pair"]))
     parts = part_folders(shards)
     assert [p.name for p in parts] == ["part-00000-of-00002", "part-00001-of-00002"]
     assert ShardedTiles(shards).n == 75
+
+
+def test_in_memory_evaluation_under_a_process_group_is_unchanged(tmp_path, beir):
+    single = json.loads(json.dumps(_evaluator(beir).evaluate(BeirHashEncoder()).summary))
+    _spawn(_worker_in_memory, str(beir), str(tmp_path))
+    for rank in range(WORLD):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == single
 
 
 def test_rank_slices_cover_every_row_once():
