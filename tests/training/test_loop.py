@@ -250,7 +250,8 @@ def test_two_process_ddp_equals_one_process_doubled_batch(toy, tmp_path, chunk):
     ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "tpu"}, ValueError, "device"),
     ({"mode": "cross", "languages": ["en"]}, ValueError, "needs at least two languages"),
     ({"split": "test"}, ValueError, "split"),
-    ({"eval_split": "dev"}, ValueError, "eval_split must be one of"),  # benchmarks have no dev split
+    ({"eval": "LAREQA", "eval_split": "dev"}, ValueError, "split"),  # LAReQA has no dev split (BEIR may)
+    ({"eval_split": ""}, ValueError, "eval_split must be a split name"),
     ({"bf16": 1}, TypeError, "bf16 must be True or False"),
     ({"batch_size": True}, TypeError, "batch_size must be an int"),
     ({"resume": True, "overwrite": True}, ValueError, "resume and overwrite are both set"),
@@ -262,6 +263,10 @@ def test_bad_configs_fail_before_training(toy, tmp_path, monkeypatch, change, er
     import hybridfast.encoder
 
     monkeypatch.setattr(hybridfast.encoder, "Encoder", no_model)
+    if change.get("eval") == "LAREQA":
+        from helpers import write_lareqa
+
+        change = dict(change, eval=str(write_lareqa(tmp_path / "lareqa")))
     with pytest.raises(error, match=message):
         train(base_config(toy, tmp_path / "bad", **change))
     assert not (tmp_path / "bad" / "train_log.jsonl").exists()
