@@ -16,6 +16,7 @@ model laid out for its GEMMs (hybridfast.models.packed); amp=None keeps fp32.
 """
 import contextlib
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -180,6 +181,40 @@ def _load(model_dir: Path, source: str, dtype, max_length: Optional[int], saved:
     return tokenizer, model, max_length
 
 
+
+class TextProgress:
+    """Encoding progress: a tqdm bar on a terminal; elsewhere (a log file, a batch job) a plain
+    line at most every `every` seconds and at the end, "encode passage texts: 1280/3446 (37%),
+    412 texts/s, ETA 0:05", instead of a bar's carriage returns. Nothing when disabled."""
+
+    def __init__(self, total, desc, enabled=True, every=10.0, stream=None):
+        from tqdm.auto import tqdm
+
+        self.stream = stream if stream is not None else sys.stderr
+        tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.total, self.desc, self.every, self.lines = total, desc, every, enabled and not tty
+        self.done, self.t0 = 0, time.perf_counter()
+        self.last = self.t0
+        self.bar = tqdm(total=total, desc=desc, unit="text", file=self.stream, disable=not (enabled and tty))
+
+    def update(self, n):
+        self.bar.update(n)
+        self.done += n
+        now = time.perf_counter()
+        if self.lines and (now - self.last >= self.every or self.done >= self.total):
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else 0.0
+            print(f"{self.desc}: {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f}%), "
+                  f"{rate:.0f} texts/s, ETA {int(eta // 60)}:{int(eta % 60):02d}", file=self.stream, flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+
 class Encoder(torch.nn.Module):
     """Sentence embeddings from a Hugging Face model, with query/passage prefixes.
 
@@ -333,8 +368,6 @@ class Encoder(torch.nn.Module):
         out = torch.empty(len(texts), self.dim, dtype=torch.float32)
         if not texts:
             return out
-        from tqdm.auto import tqdm
-
         tokens = self.tokenizer([prefix + t for t in texts], truncation=True, max_length=self.max_length)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in tokens]
         order = sorted(range(len(texts)), key=lambda i: -len(tokens["input_ids"][i]))  # stable: ties keep order
@@ -342,8 +375,8 @@ class Encoder(torch.nn.Module):
         self.eval()
         try:
             model, autocast = self._inference_model()
-            with torch.no_grad(), autocast, tqdm(total=len(texts), desc=f"encode {kind} texts", unit="text",
-                                                 disable=not self.show_progress) as bar:
+            with torch.no_grad(), autocast, TextProgress(len(texts), f"encode {kind} texts",
+                                                         self.show_progress) as bar:
                 for start in range(0, len(order), batch_size):
                     idx = order[start:start + batch_size]
                     batch = {k: self._pad([tokens[k][i] for i in idx], k).to(self.device) for k in keys}
