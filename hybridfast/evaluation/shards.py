@@ -244,14 +244,17 @@ def texts_fingerprint(texts):
 def encode_to_shards(encode_passages, texts, folder, precision="fp32", shard_rows=SHARD_ROWS, progress=None):
     """Encode `texts` shard by shard into `folder` (resuming a killed run where it stopped) and
     return the complete ShardedTiles. encode_passages: list[str] -> [n, D] (Encoder.encode_passages)."""
-    texts = list(texts)
+    _write_shards(encode_passages, list(texts), folder, precision, shard_rows, progress)
+    return ShardedTiles(folder)
+
+
+def _write_shards(encode_passages, texts, folder, precision, shard_rows, progress):
     writer = ShardWriter(folder, len(texts), precision, shard_rows, texts_fingerprint(texts))
     for s in range(writer.rows_done, len(texts), shard_rows):
         writer.append(encode_passages(texts[s:s + shard_rows]))
         if progress is not None:
             progress.update(min(len(texts), s + shard_rows) - s)
     writer.close()
-    return ShardedTiles(folder)
 
 
 # ----------------------------------------------------------------------------- data-parallel writing
@@ -285,8 +288,8 @@ def encode_to_shards_parallel(encode_passages, texts, folder, rank, world, preci
         raise ValueError(f"{folder}: holds shards of a single-process run; use a new folder for {world} ranks")
     start, end = rank_slice(len(texts), rank, world)
     part = Path(folder) / PART.format(rank=rank, world=world)
-    if end > start:
-        encode_to_shards(encode_passages, texts[start:end], part, precision, shard_rows, progress)
+    if end > start:  # written only: rank 0 opens (and checksums) every part once, below
+        _write_shards(encode_passages, texts[start:end], part, precision, shard_rows, progress)
     if barrier is not None:
         barrier()
     if rank != 0:
