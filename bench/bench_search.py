@@ -23,6 +23,9 @@ HYBRIDFAST_BENCH_SEARCH: comma-separated CxDxQ points (default: POINTS below).
 HYBRIDFAST_BENCH_SEARCH_ENGINES: comma-separated engines of search() (default: every engine; the
   "rows" engine, today's reference, only up to ROWS_MAX_C candidates: beyond, its chunks shrink to
   a few query rows and one point takes many minutes);
+  Beside the tiles engine with its C++ counting pass (hybridfast._C.count_tile), its numpy
+  counting pass runs in the same sweep (fp32, C <= ROWS_MAX_C; records say counting="numpy"),
+  and the ranks and top-k of both are asserted equal;
 HYBRIDFAST_BENCH_SEARCH_PRECISIONS: comma-separated candidate precisions (default: fp32,bf16; bf16
   with the tiles engine only);
 HYBRIDFAST_BENCH_SEARCH_SHARDS: comma-separated CxDxQ points also searched from bf16/fp32 shards
@@ -41,6 +44,7 @@ import torch
 
 from bench.utils import _rss_kib, peak_memory_bytes, save_results
 from hybridfast.evaluation import search as search_mod
+from hybridfast.evaluation import tiles as tiles_mod
 from hybridfast.evaluation.tiles import TILE_COLS, TILE_ROWS
 
 CPU = torch.device("cpu")
@@ -118,10 +122,15 @@ def _seconds(fn, rounds):
 def _cases():
     engines = _listed("HYBRIDFAST_BENCH_SEARCH_ENGINES", search_mod.ENGINES)
     precisions = _listed("HYBRIDFAST_BENCH_SEARCH_PRECISIONS", ["fp32", "bf16"])
-    out = [(c, d, q, e, p, "memory") for (c, d, q) in _points() for e in engines for p in precisions
+    native = "c++" if tiles_mod._native() is not None else "numpy"
+    out = [(c, d, q, e, p, "memory", native if e == "tiles" else "-") for (c, d, q) in _points() for e in engines
+           for p in precisions
            if not (e == "rows" and (p != "fp32" or c > ROWS_MAX_C))]
+    # the numpy counting pass of the tiles engine beside the C++ one, same run (fp32, up to ROWS_MAX_C)
+    out += [(c, d, q, "tiles", "fp32", "memory", "numpy") for (c, d, q) in _points()
+            if native == "c++" and "tiles" in engines and "fp32" in precisions and c <= ROWS_MAX_C]
     shard_points = _points("HYBRIDFAST_BENCH_SEARCH_SHARDS", SHARD_POINTS)
-    return out + [(c, d, q, "tiles", p, "shards") for (c, d, q) in shard_points for p in precisions]
+    return out + [(c, d, q, "tiles", p, "shards", native) for (c, d, q) in shard_points for p in precisions]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -134,7 +143,7 @@ def report():
         path = save_results(op, CPU, records, os.environ.get("HYBRIDFAST_BENCH_RESULTS_DIR") or None)
         print(f"\n{op} results -> {path}")
         for r in records:
-            print({k: r.get(k) for k in ("engine", "precision", "source", "C", "D", "Q", "search_s", "matmul_s",
+            print({k: r.get(k) for k in ("engine", "counting", "precision", "source", "C", "D", "Q", "search_s", "matmul_s",
                                          "ratio", "peak_rss_bytes", "load_before")})
 
 
@@ -142,8 +151,10 @@ _MEMORY_RANKS = {}  # (C, D, Q, precision) -> ranks of the in-memory tiles searc
 
 
 def _candidates(c, precision, source, tmp_dir):
+    """What the search is handed: the float32 array, a bfloat16 tensor (bf16 candidates as an
+    encoder returns them, converted outside the timing), or shards on disk."""
     if source == "memory":
-        return c
+        return torch.from_numpy(c).to(torch.bfloat16) if precision == "bf16" else c
     from hybridfast.evaluation.shards import ShardedTiles, ShardWriter
 
     folder = tmp_dir / f"shards-{precision}"
@@ -154,9 +165,11 @@ def _candidates(c, precision, source, tmp_dir):
     return ShardedTiles(folder)
 
 
-@pytest.mark.parametrize("C,D,Q,engine,precision,source", _cases())
-def test_search_vs_matmul(benchmark, tmp_path, C, D, Q, engine, precision, source):
+@pytest.mark.parametrize("C,D,Q,engine,precision,source,counting", _cases())
+def test_search_vs_matmul(benchmark, tmp_path, monkeypatch, C, D, Q, engine, precision, source, counting):
     torch.set_num_threads(2)
+    if counting == "numpy":
+        monkeypatch.setattr(tiles_mod, "_native", lambda: None)
     c, q, rel = _problem(C, D, Q)
     cand = _candidates(c, precision, source, tmp_path)
     kw = dict(k=K, backend="torch", device="cpu", engine=engine, precision=precision)
@@ -168,7 +181,10 @@ def test_search_vs_matmul(benchmark, tmp_path, C, D, Q, engine, precision, sourc
     matmul_after_s = _seconds(lambda: bare_matmul(q, c), 1)  # drift check: the load may change
     assert result.ranks.shape == (Q, R) and (result.ranks >= 1).all() and result.topk_ids.shape == (Q, K)
     key = (C, D, Q, precision)
-    if engine == "tiles" and source == "memory":
+    if engine == "tiles" and source == "memory" and key in _MEMORY_RANKS:  # C++ and numpy counting agree
+        np.testing.assert_array_equal(result.ranks, _MEMORY_RANKS[key][0])
+        np.testing.assert_array_equal(result.topk_ids, _MEMORY_RANKS[key][1])
+    elif engine == "tiles" and source == "memory":
         _MEMORY_RANKS[key] = (result.ranks, result.topk_ids)
     elif source == "shards" and key in _MEMORY_RANKS:  # streamed shards: the in-memory ranks exactly
         np.testing.assert_array_equal(result.ranks, _MEMORY_RANKS[key][0])
@@ -177,7 +193,8 @@ def test_search_vs_matmul(benchmark, tmp_path, C, D, Q, engine, precision, sourc
     peak_extra = peak_memory_bytes(lambda: search_mod.search(q, cand, rel, **kw), CPU)
     stored = c.nbytes // (2 if precision == "bf16" else 1)
     RECORDS.append(dict(
-        name="exact_search_ranks_top10", engine=engine, precision=precision, source=source, C=C, D=D, Q=Q, R=R,
+        name="exact_search_ranks_top10", engine=engine, precision=precision, source=source,
+        counting=counting if engine == "tiles" else None, C=C, D=D, Q=Q, R=R,
         k=K, search_s=search_s, matmul_s=matmul_s, matmul_after_s=matmul_after_s,
         ratio=search_s / min(matmul_s, matmul_after_s),
         matmul_gflops=2 * Q * C * D / min(matmul_s, matmul_after_s) / 1e9,
@@ -186,10 +203,10 @@ def test_search_vs_matmul(benchmark, tmp_path, C, D, Q, engine, precision, sourc
         shards_equal_memory=(source == "shards" and key in _MEMORY_RANKS) or None,
         rounds=rounds, threads=torch.get_num_threads(), load_before=load_before, load_after=os.getloadavg()[0],
         extra_info=("seconds: best of rounds; ratio: search / the faster of the two bare fp32 matmul runs "
-                    "(before and after the search) of the same scores; peak_extra_bytes: resident set "
+                    "(before and after the search) of the same scores; bf16 in memory: the search is handed "
+                    "a bfloat16 tensor (converted before the timing); peak_extra_bytes: resident set "
                     "high-water mark during one search call above the resident set before it (which holds "
-                    "the float32 corpus of the benchmark, and for the bf16 search the caller's float32 "
-                    "array beside the bf16 copy the search makes)")))
+                    "the float32 corpus of the benchmark, and for bf16 the bfloat16 tensor beside it)")))
     if source == "shards":
         cand.close()
 
@@ -225,7 +242,8 @@ def test_10m_from_bf16_shards(tmp_path):
     search_s = time.perf_counter() - t0
     assert (res.ranks >= 1).all()
     RECORDS_10M.append(dict(
-        name="exact_search_10m_bf16_shards", engine="tiles", precision="bf16", source="shards", C=C, D=D, Q=Q,
+        name="exact_search_10m_bf16_shards", engine="tiles", counting="c++" if tiles_mod._native() else "numpy",
+        precision="bf16", source="shards", C=C, D=D, Q=Q,
         R=R, k=K, search_s=search_s, open_and_verify_included=True, write_s=write_s,
         matmul_s_estimate=matmul_1m_s * C / block, ratio_estimate=search_s / (matmul_1m_s * C / block),
         peak_rss_bytes=_rss_kib("VmHWM:") * 1024, rss_before_bytes=rss_before, candidate_bytes_stored=C * D * 2,

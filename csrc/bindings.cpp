@@ -5,12 +5,15 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <string>
 
 #include "hybrid_sampler.h"
+#include "tile_count.h"
 
 namespace py = pybind11;
 using hybridfast::EpochPlan;
@@ -100,10 +103,94 @@ py::array_t<std::uint64_t> rng_draws(std::uint64_t seed, std::uint64_t epoch, co
     return out;
 }
 
+// A float32 matrix whose rows are contiguous (a column slice of a C-contiguous buffer is fine).
+const float* row_major(const py::array& a, const char* name, std::int64_t* rows, std::int64_t* cols,
+                       std::int64_t* ld) {
+    if (a.ndim() != 2 || !a.dtype().is(py::dtype::of<float>()))
+        throw std::invalid_argument(std::string(name) + " must be a 2-D float32 array");
+    if (a.shape(1) > 1 && a.strides(1) != sizeof(float))
+        throw std::invalid_argument(std::string(name) + " must have contiguous rows");
+    if (a.strides(0) % sizeof(float) != 0 || a.strides(0) < 0)
+        throw std::invalid_argument(std::string(name) + " has an unsupported row stride");
+    *rows = a.shape(0);
+    *cols = a.shape(1);
+    *ld = a.strides(0) / sizeof(float);
+    return static_cast<const float*>(a.data());
+}
+
+// An output written in place: no conversion may happen (it would write into a copy).
+std::int64_t* int64_output(py::array& a, std::int64_t size, const char* name) {
+    if (!a.dtype().is(py::dtype::of<std::int64_t>()) || !(a.flags() & py::array::c_style) || !a.writeable() ||
+        a.size() != size)
+        throw std::invalid_argument(std::string(name) + " must be a writeable C-contiguous int64 [rows, R] array");
+    return static_cast<std::int64_t*>(a.mutable_data());
+}
+
+// count_tile over numpy arrays; returns the band members as (rows, slots, columns, scores).
+py::tuple count_tile(const py::array& scores, const py::array_t<std::int64_t, py::array::c_style>& pieces,
+                                     const py::array_t<float, py::array::c_style>& lo,
+                                     const py::array_t<float, py::array::c_style>& hi,
+                                     const py::array_t<std::int64_t, py::array::c_style>& slot_block,
+                                     const py::array_t<std::int64_t, py::array::c_style>& rel, py::array total,
+                                     py::array own, py::array topk_vals, py::array topk_ids,
+                                     const py::array_t<std::int64_t, py::array::c_style>& prio, std::int64_t col0,
+                                     int threads) {
+    hybridfast::ScoreTile tile{};
+    tile.scores = row_major(scores, "scores", &tile.rows, &tile.width, &tile.ld);
+    if (lo.ndim() != 2 || lo.shape(0) != tile.rows) throw std::invalid_argument("lo must be [rows, R]");
+    const std::int64_t R = lo.shape(1), n = tile.rows * R;
+    if (hi.size() != n || slot_block.size() != n || rel.size() != n)
+        throw std::invalid_argument("hi, slot_block and rel must be [rows, R]");
+    if (pieces.ndim() != 2 || pieces.shape(1) != 3) throw std::invalid_argument("pieces must be [n, 3]");
+    const auto* piece = reinterpret_cast<const hybridfast::TilePiece*>(pieces.data());
+    for (py::ssize_t p = 0; p < pieces.shape(0); ++p)
+        if (piece[p].begin < 0 || piece[p].end < piece[p].begin || piece[p].end > tile.width)
+            throw std::invalid_argument("pieces must lie inside the tile's columns");
+    hybridfast::SlotBands bands{lo.data(), hi.data(), slot_block.data(), rel.data(), R};
+    if (col0 < 0) throw std::invalid_argument("col0 must be >= 0");
+    hybridfast::RunningTopK topk{};
+    topk.k = topk_vals.ndim() == 2 ? topk_vals.shape(1) : 0;
+    if (topk.k > 0) {
+        if (!topk_vals.dtype().is(py::dtype::of<float>()) || !(topk_vals.flags() & py::array::c_style) ||
+            !topk_vals.writeable() || topk_vals.shape(0) != tile.rows)
+            throw std::invalid_argument("topk_vals must be a writeable C-contiguous float32 [rows, k] array");
+        topk.vals = static_cast<float*>(topk_vals.mutable_data());
+        topk.ids = int64_output(topk_ids, tile.rows * topk.k, "topk_ids");
+        if (prio.size() < col0 + tile.width) throw std::invalid_argument("prio must cover the tile's columns");
+        topk.prio = prio.data();
+    }
+    hybridfast::TileCounts out{int64_output(total, n, "total"), int64_output(own, n, "own")};
+    std::vector<hybridfast::BandMember> members;
+    {
+        py::gil_scoped_release release;  // every array stays referenced by this frame
+        members = hybridfast::count_tile(tile, col0, piece, pieces.shape(0), bands, out, topk, std::max(1, threads));
+    }
+    const auto m = static_cast<py::ssize_t>(members.size());
+    py::array_t<std::int64_t> rows(m), slots(m), columns(m);
+    py::array_t<float> scores_out(m);
+    for (py::ssize_t i = 0; i < m; ++i) {
+        rows.mutable_data()[i] = members[i].row;
+        slots.mutable_data()[i] = members[i].slot;
+        columns.mutable_data()[i] = members[i].column;
+        scores_out.mutable_data()[i] = members[i].score;
+    }
+    return py::make_tuple(rows, slots, columns, scores_out);
+}
+
+void widen_bf16(const py::array_t<std::uint16_t, py::array::c_style>& src, py::array dst, int threads) {
+    if (!dst.dtype().is(py::dtype::of<float>()) || !(dst.flags() & py::array::c_style) || !dst.writeable() ||
+        src.size() != dst.size())
+        throw std::invalid_argument("dst must be a writeable C-contiguous float32 array of src's size");
+    const std::uint16_t* s = src.data();
+    float* d = static_cast<float*>(dst.mutable_data());
+    py::gil_scoped_release release;
+    hybridfast::widen_bf16(s, d, src.size(), std::max(1, threads));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-    m.doc() = "hybridfast C++ cores (hybrid batch sampler)";
+    m.doc() = "hybridfast C++ cores (hybrid batch sampler, the exact search's counting pass)";
     m.def("splitmix64", &hybridfast::splitmix64, py::arg("x"), "splitmix64 mix of a 64-bit counter");
     m.def("plan_epoch", &plan_epoch, py::arg("availability"), py::arg("batch_size"), py::arg("world_size"),
           py::arg("allow_mono"), py::arg("allow_cross"), py::arg("mono_threshold"), py::arg("size_weights"),
@@ -117,4 +204,15 @@ PYBIND11_MODULE(_C, m) {
           "Largest batch each option (languages, then cross) can fill from a fresh epoch.");
     m.def("rng_draws", &rng_draws, py::arg("seed"), py::arg("epoch"), py::arg("bounds"),
           "Test hook: draws of the (seed, epoch) stream; bound 0 = raw next(), else below(bound).");
+    m.def("count_tile", &count_tile, py::arg("scores"), py::arg("pieces"), py::arg("lo"), py::arg("hi"),
+          py::arg("slot_block"), py::arg("rel"), py::arg("total"), py::arg("own"), py::arg("topk_vals"), py::arg("topk_ids"),
+          py::arg("prio"), py::arg("col0"), py::arg("threads") = 1,
+          "Counting pass of the tiles search over one float32 score tile [rows, width]: total/own\n"
+          "(int64 [rows, R]) += #{s > hi} over the tile / the slot's block; the running top-k\n"
+          "(topk_vals float32 / topk_ids int64 [rows, k], best first; k = 0: none) merged with the\n"
+          "tile's columns col0 + c in trec_eval's order (score, then prio). Returns the band members\n"
+          "(rows, slots, columns, scores): every s in [lo, hi] besides rel's own. pieces: int64\n"
+          "[n, 3] (begin, end, block) column ranges of the tile. The GIL is released.");
+    m.def("widen_bf16", &widen_bf16, py::arg("src"), py::arg("dst"), py::arg("threads") = 1,
+          "bfloat16 bits (uint16) -> float32 into dst (same size, C-contiguous); the GIL is released.");
 }

@@ -98,10 +98,24 @@ def _as_matrix(x, name, keep_bf16=False):
     # in row blocks: a whole-array isfinite would be a temporary as large as the input
     step = max(1, (64 << 20) // max(1, x.shape[1] * 4))
     for s in range(0, x.shape[0], step):
-        block = x[s:s + step]
-        if not (torch.isfinite(block).all() if isinstance(block, torch.Tensor) else np.isfinite(block).all()):
+        if not _all_finite(x[s:s + step]):
             raise ValueError(f"{name} holds NaN or infinite values")
     return x
+
+
+_BF16_EXPONENT = np.uint16(0x7F80)
+
+
+def _all_finite(block):
+    """No NaN or inf in a float32 array or a bfloat16 tensor. bfloat16 through its bits (an
+    all-ones exponent is inf or NaN): torch.isfinite on CPU bfloat16 took 1.1 s for 800k x 384,
+    the bit test 0.07 s."""
+    if isinstance(block, torch.Tensor) and block.dtype != torch.bfloat16:
+        return bool(torch.isfinite(block).all())
+    if isinstance(block, torch.Tensor):
+        bits = block.contiguous().view(torch.int16).numpy().view(np.uint16)
+        return bits.size == 0 or (bits & _BF16_EXPONENT).max() < _BF16_EXPONENT
+    return bool(np.isfinite(block).all())
 
 
 def _distinct(values):

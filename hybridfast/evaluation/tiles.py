@@ -32,6 +32,8 @@ at the end of each merge, trec_eval's order).
 import numpy as np
 import torch
 
+from hybridfast._backends import cpp_extension
+
 TILE_ROWS = 2048    # queries per tile: 2048 x 16384 was the fastest sgemm shape measured on the 2-core CPU
 TILE_COLS = 16384   # candidates per tile: 128 MiB of float32 scores at 2048 rows
 BAND_SCALE = 16.0   # band half-width in units of 2^-24 * sum_k |q_k c_k| (see the module doc)
@@ -46,9 +48,20 @@ def bf16_bits(x):
     return t.contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
+def _native():
+    """hybridfast._C when it has the counting pass (an extension built before it lacks it)."""
+    ext = cpp_extension()
+    return ext if ext is not None and hasattr(ext, "count_tile") else None
+
+
 def bf16_to_fp32(bits, out):
-    """bfloat16 bits -> float32 in `out` (exact: a bf16 is the top half of a float32). A shift in
-    numpy, 4x faster than torch's bf16 -> fp32 copy on the development CPU."""
+    """bfloat16 bits -> float32 in `out` (exact: a bf16 is the top half of a float32): a shift,
+    in C++ on every thread when built (3x numpy's single-threaded shift at 16384 x 768 on the
+    development CPU), else in numpy (4x faster than torch's bf16 -> fp32 copy there)."""
+    ext = _native()
+    if ext is not None and bits.flags.c_contiguous and out.flags.c_contiguous:
+        ext.widen_bf16(bits, out, torch.get_num_threads())
+        return out
     np.left_shift(bits, np.uint32(16), out=out.view(np.uint32), dtype=np.uint32)
     return out
 
@@ -130,6 +143,9 @@ def _nonzero2d(mask):
     return np.divmod(np.flatnonzero(mask), mask.shape[1])
 
 
+_NO_TOPK_VALS, _NO_TOPK_IDS = np.empty((0, 0), np.float32), np.empty((0, 0), np.int64)
+
+
 class _TileState:
     """Counts, band members and top-k of one query tile while its candidate tiles stream by."""
 
@@ -166,6 +182,17 @@ class _TileState:
                     self.band.append((r0 + flagged[ii], np.full(ii.size, j), cc + a, part[ii, cc]))
         if self.k:
             self.merge_topk(S[r0:r1], r0, r1, t0)
+
+    def count_tile_native(self, S, t0, pieces):
+        """count_rows and merge_topk of every row of the tile in one C++ pass
+        (hybridfast._C.count_tile: one read per slot, a running top-k per row, every thread,
+        band members listed while the row is in cache; r's own column is none of them)."""
+        rel_pieces = np.array([(a - t0, e - t0, blk) for a, e, blk in pieces], np.int64).reshape(-1, 3)
+        vals, ids = (self.best_vals, self.best_ids) if self.k else (_NO_TOPK_VALS, _NO_TOPK_IDS)
+        members = _native().count_tile(S, rel_pieces, self.lo, self.hi, self.slot_block, self.rel, self.total,
+                                       self.own, vals, ids, self.prio, t0, torch.get_num_threads())
+        if members[0].size:
+            self.band.append(members)
 
     def merge_topk(self, sub, r0, r1, t0):
         """Keep every score >= the running k-th (a lower bound from a sample on the first tile)."""
@@ -216,27 +243,30 @@ class _TileState:
         return np.nonzero(outside.any(1))[0]
 
 
-def _sweep(q_tile, cand, bounds, state, work):
-    """Score every candidate tile once and count it, row block by row block. One thread: two
-    numpy workers over the row blocks measured no faster on 2 cores (2.18 s vs 2.08 s, C = 200k,
-    Q = 2048), so the simpler loop stays."""
+def _sweep(q_tile, cand, bounds, state, work, native):
+    """Score every candidate tile once and count it: in C++ (native) or with numpy row block by
+    row block (the reference; one thread: two numpy workers over the row blocks measured no
+    faster on 2 cores, 2.18 s vs 2.08 s at C = 200k, Q = 2048)."""
     b = q_tile.shape[0]
-    mask = work.setdefault("mask", np.empty((_SUB_ROWS, min(TILE_COLS, cand.n)), dtype=bool))
+    mask = None if native else work.setdefault("mask", np.empty((_SUB_ROWS, min(TILE_COLS, cand.n)), dtype=bool))
     for t0, t1, pieces in bounds:
         S = score_tile(q_tile, cand, t0, t1, work)
         state.read_own_scores(S, t0, t1)
+        if native:
+            state.count_tile_native(S, t0, pieces)
+            continue
         for r0 in range(0, b, _SUB_ROWS):
             state.count_rows(S, r0, min(b, r0 + _SUB_ROWS), t0, pieces, mask)
 
 
-def query_tile(q_tile, rel, cand, offsets, block_of, prio, k, bounds, work):
+def query_tile(q_tile, rel, cand, offsets, block_of, prio, k, bounds, work, native=None):
     """(total, own, top-k ids, top-k scores) of one query tile, exact (see the module doc)."""
     valid = rel >= 0
     lo, hi = bands(q_tile, cand, rel, valid)
     slot_block = np.where(valid, block_of[np.maximum(rel, 0)], -1)
     for attempt in range(2):
         state = _TileState(rel, slot_block, lo, hi, k, prio)
-        _sweep(q_tile, cand, bounds, state, work)
+        _sweep(q_tile, cand, bounds, state, work, _native() is not None if native is None else native)
         redo = state.resolve(block_of)
         if not redo.size:
             return state
@@ -248,10 +278,12 @@ def query_tile(q_tile, rel, cand, offsets, block_of, prio, k, bounds, work):
         hi[redo] = lo[redo]
 
 
-def tiled_search(q, cand, rel, offsets, prio, k, rows=None, progress=None):
-    """ranks, block_ranks, top-k ids, top-k scores of every query (the "tiles" engine)."""
+def tiled_search(q, cand, rel, offsets, prio, k, rows=None, progress=None, native=None):
+    """ranks, block_ranks, top-k ids, top-k scores of every query (the "tiles" engine).
+    native: count in C++ (True), with numpy (False), or C++ when the extension is built (None)."""
     rows = TILE_ROWS if rows is None else rows
     Q = q.shape[0]
+    prio = np.ascontiguousarray(prio, np.int64)  # the C++ pass reads it in place
     block_of = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     bounds = tile_bounds(cand.n, offsets)
     ranks = np.zeros(rel.shape, np.int64)
@@ -261,7 +293,7 @@ def tiled_search(q, cand, rel, offsets, prio, k, rows=None, progress=None):
     work = {}
     for s in range(0, Q, rows):
         e = min(Q, s + rows)
-        st = query_tile(q[s:e], rel[s:e], cand, offsets, block_of, prio, k, bounds, work)
+        st = query_tile(q[s:e], rel[s:e], cand, offsets, block_of, prio, k, bounds, work, native)
         valid = rel[s:e] >= 0
         ranks[s:e] = np.where(valid, st.total + 1, 0)
         block_ranks[s:e] = np.where(valid, st.own + 1, 0)

@@ -201,10 +201,14 @@ def test_nan_candidates_are_refused_block_by_block():
     c[9, 2] = np.nan
     with pytest.raises(ValueError, match="candidates holds NaN"):
         search(np.ones((2, 3), np.float32), c, np.zeros((2, 1), np.int64))
-    bf = torch.ones(10, 3, dtype=torch.bfloat16)
-    bf[3, 0] = float("inf")
-    with pytest.raises(ValueError, match="candidates holds NaN"):
-        search(np.ones((2, 3), np.float32), bf, np.zeros((2, 1), np.int64), precision="bf16")
+    for bad in (float("inf"), float("-inf"), float("nan")):  # bfloat16 is tested through its bits
+        bf = torch.ones(10, 3, dtype=torch.bfloat16)
+        bf[3, 0] = bad
+        with pytest.raises(ValueError, match="candidates holds NaN"):
+            search(np.ones((2, 3), np.float32), bf, np.zeros((2, 1), np.int64), precision="bf16")
+    big = torch.full((10, 3), 2.0 ** 127, dtype=torch.bfloat16)  # the largest exponent below inf/NaN's
+    big[0] = -(2.0 ** 127)                                         # passes (scores 0.75 * 2^127 stay finite)
+    assert search(np.full((2, 3), 0.25, np.float32), big, np.zeros((2, 1), np.int64), precision="bf16").ranks.shape == (2, 1)
 
 
 @pytest.mark.parametrize("prio", [[0, 1, 1, 2], [5, 10**9, 7, 10**9]])
