@@ -16,7 +16,6 @@ model laid out for its GEMMs (hybridfast.models.packed); amp=None keeps fp32.
 """
 import contextlib
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from hybridfast._backends import resolve_device
 from hybridfast.models import st_folder
 from hybridfast.models.cache import apply_umask
+from hybridfast.progress import Progress
 from hybridfast.models.checks import check_model_folder, repair_hint
 from hybridfast.models.packed import cpu_bf16_native, inference_copy, weights_version
 from hybridfast.models.fetch import resolve
@@ -182,37 +182,12 @@ def _load(model_dir: Path, source: str, dtype, max_length: Optional[int], saved:
 
 
 
-class TextProgress:
-    """Encoding progress: a tqdm bar on a terminal; elsewhere (a log file, a batch job) a plain
-    line at most every `every` seconds and at the end, "encode passage texts: 1280/3446 (37%),
-    412 texts/s, ETA 0:05", instead of a bar's carriage returns. Nothing when disabled."""
+class TextProgress(Progress):
+    """Encoding progress (hybridfast.progress.Progress counting texts): a bar on a terminal, plain
+    lines "encode passage texts: 1280/3446 (37%), 412 texts/s, ETA 0:05" in a log."""
 
-    def __init__(self, total, desc, enabled=True, every=10.0, stream=None):
-        from tqdm.auto import tqdm
-
-        self.stream = stream if stream is not None else sys.stderr
-        tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.total, self.desc, self.every, self.lines = total, desc, every, enabled and not tty
-        self.done, self.t0 = 0, time.perf_counter()
-        self.last = self.t0
-        self.bar = tqdm(total=total, desc=desc, unit="text", file=self.stream, disable=not (enabled and tty))
-
-    def update(self, n):
-        self.bar.update(n)
-        self.done += n
-        now = time.perf_counter()
-        if self.lines and (now - self.last >= self.every or self.done >= self.total):
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else 0.0
-            print(f"{self.desc}: {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f}%), "
-                  f"{rate:.0f} texts/s, ETA {int(eta // 60)}:{int(eta % 60):02d}", file=self.stream, flush=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.close()
+    def __init__(self, total, desc, enabled=True, every=10.0, stream=None, initial=0):
+        super().__init__(total, desc, "text", enabled=enabled, initial=initial, every=every, stream=stream)
 
 
 class Encoder(torch.nn.Module):

@@ -464,32 +464,3 @@ def test_packed_linear_is_exactly_linear_in_fp32():
         lin = torch.nn.Linear(37, 100, bias=bias)
         x = torch.randn(3, 5, 37)
         torch.testing.assert_close(PackedLinear(lin, torch.float32)(x), lin(x), rtol=1e-6, atol=1e-6)
-
-
-def test_encoding_progress_is_lines_in_logs_a_bar_on_a_terminal_and_nothing_when_off():
-    """In a log (a stream that is no terminal) encoding reports plain lines with texts/s and an
-    ETA, ending at 100%; on a terminal a tqdm bar; disabled, nothing."""
-    import io
-
-    from hybridfast.encoder import TextProgress
-
-    log = io.StringIO()
-    with TextProgress(10, "encode passage texts", enabled=True, every=0.0, stream=log) as bar:
-        for _ in range(5):
-            bar.update(2)
-    lines = log.getvalue().strip().splitlines()
-    assert len(lines) == 5 and "\r" not in log.getvalue()
-    assert lines[-1].startswith("encode passage texts: 10/10 (100%),") and "texts/s, ETA 0:00" in lines[-1]
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    tty = Terminal()
-    with TextProgress(10, "encode query texts", enabled=True, stream=tty) as bar:
-        bar.update(10)
-    assert "encode query texts" in tty.getvalue() and "\r" in tty.getvalue() and "ETA" not in tty.getvalue()
-    quiet = io.StringIO()
-    with TextProgress(10, "encode query texts", enabled=False, every=0.0, stream=quiet) as bar:
-        bar.update(10)
-    assert quiet.getvalue() == ""

@@ -272,15 +272,14 @@ class RetrievalEvaluator:
         # the encoder's own bar restarting for every shard
         bar, inner = None, getattr(encoder, "show_progress", None)
         if self.show_progress:
-            from tqdm.auto import tqdm
-
+            from hybridfast.encoder import TextProgress
             from hybridfast.evaluation.shards import read_manifest
 
             try:
                 done = sum(s["rows"] for s in read_manifest(folder)["shards"])
             except ValueError:  # no folder yet (or not ours: the writer names that)
                 done = 0
-            bar = tqdm(total=len(texts), initial=min(done, len(texts)), desc="encode to shards", unit="text")
+            bar = TextProgress(len(texts), "encode to shards", initial=min(done, len(texts)))
             if inner is not None:
                 encoder.show_progress = False
         try:

@@ -57,7 +57,7 @@ import torch
 from hybridfast._backends import fallback_warning, faiss_has_gpu, faiss_module, resolve_device
 from hybridfast.evaluation.counting import _count_numpy, _count_torch, trec_topk  # noqa: F401 (tests, trec.py)
 from hybridfast.evaluation.faiss_lists import faiss_index, faiss_topk, ranks_from_lists
-from hybridfast.evaluation.tiles import ArrayTiles, tile_chunk_scores, tiled_search
+from hybridfast.evaluation.tiles import ArrayTiles, sweep_count, tile_chunk_scores, tiled_search
 
 BACKENDS = ("auto", "torch", "faiss")
 ENGINES = ("tiles", "rows")   # CPU exact search: one pass over cached tiles | whole rows (the reference)
@@ -167,12 +167,13 @@ def _chunk_rows(n_cand, n_rel, device, chunk_size):
     return max(1, budget // per_row)
 
 
-def _progress(total, show, desc):
+def _progress(total, show, desc, unit="query", plural="queries"):
+    """A bar on a terminal, plain lines in a log (hybridfast.progress), or None."""
     if not show:
         return None
-    from tqdm.auto import tqdm
+    from hybridfast.progress import Progress
 
-    return tqdm(total=total, desc=desc, unit="query")
+    return Progress(total, desc, unit, plural=plural)
 
 
 # ---------------------------------------------------------------------------
@@ -411,7 +412,10 @@ def search(queries, candidates, relevant, *, offsets=None, tie_priority=None, k=
     if backend == "faiss":
         res = _faiss(q, c, rel_sorted, offsets, prio, k, dev, chunk, show_progress, ivf_lists, nprobe)
     elif engine == "tiles":
-        bar = _progress(q.shape[0], show_progress, "search")
+        # counted in score tiles (query tile x candidate tile): one tile of queries against a
+        # large corpus would otherwise sit at 0% until the end
+        bar = _progress(sweep_count(q.shape[0], c.n if source else c.shape[0], chunk_size), show_progress,
+                        "search", "tile", "tiles")
         res = SearchResult(*tiled_search(_bf16_rounded(q) if precision == "bf16" else q,
                                          c if source else ArrayTiles(c, precision), rel_sorted, offsets, prio, k,
                                          chunk_size, bar))

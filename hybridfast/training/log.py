@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Optional
 
-from tqdm.auto import tqdm
-
 from hybridfast import rules
+from hybridfast.progress import Progress
 from hybridfast.training import distributed
 
 LOG_FILE = "train_log.jsonl"
@@ -98,32 +96,16 @@ class Window:
         return row
 
 
-class Progress:
-    """Progress of a training run: a tqdm bar on a terminal; elsewhere (a log file, a batch
-    job) one plain line per log row, "train: step 40/72 (56%), 1.93 steps/s, loss 1.2345,
-    ETA 0:17", instead of a bar's carriage returns. Nothing when disabled (--no-progress)."""
+class TrainingProgress(Progress):
+    """Progress of a training run (hybridfast.progress.Progress): off a terminal one plain line per
+    log row, "train: step 40/72 (56%), 1.93 steps/s, loss 1.2345, ETA 0:17"."""
 
     def __init__(self, total, initial, enabled, stream=None):
-        self.stream = stream if stream is not None else sys.stderr
-        tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.total, self.start, self.lines = total, initial, enabled and not tty
-        self.t0 = time.perf_counter()
-        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", file=self.stream,
-                        disable=not (enabled and tty))
-
-    def update(self):
-        self.bar.update(1)
+        super().__init__(total, "train", "step", enabled=enabled, initial=initial, every=None, stream=stream,
+                         label="step", digits=2)
 
     def row(self, row: dict) -> None:
-        if not self.lines or "step" not in row:
-            return
-        done = row["step"] - self.start
-        rate = done / max(time.perf_counter() - self.t0, 1e-9)
-        eta = (self.total - row["step"]) / rate if rate > 0 else float("inf")
-        loss = f", loss {row['loss']:.4f}" if isinstance(row.get("loss"), float) else ""
-        eta_text = "?" if eta == float("inf") else f"{int(eta // 60)}:{int(eta % 60):02d}"
-        print(f"train: step {row['step']}/{self.total} ({100 * row['step'] / max(self.total, 1):.0f}%), "
-              f"{rate:.2f} steps/s{loss}, ETA {eta_text}", file=self.stream, flush=True)
+        if "step" in row:
+            loss = f", loss {row['loss']:.4f}" if isinstance(row.get("loss"), float) else ""
+            self.line(done=row["step"], extra=loss)
 
-    def close(self):
-        self.bar.close()

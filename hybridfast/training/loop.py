@@ -39,7 +39,7 @@ from hybridfast.training import checkpoint as ckpt
 from hybridfast.training import distributed
 from hybridfast.training.batches import Collator, batch_kind, prefetch
 from hybridfast.training.config import TrainConfig, looks_local
-from hybridfast.training.log import Logger, Progress, Window, read_log
+from hybridfast.training.log import Logger, TrainingProgress, Window, read_log
 from hybridfast.training.periodic_eval import PeriodicEvaluator
 from hybridfast.training.resume import (FINAL_EVAL_FILE, check_finished, check_total_steps, final_eval_missing,
                                         resume_state, run_settings)
@@ -261,12 +261,12 @@ class _Run:
         self.logger = Logger(self.output, self.rank == 0, self.step if prep.checkpoint is not None else None,
                              self.run_dir.own)
         self.window = Window()
-        self.progress: Optional[Progress] = None  # set by loop()
+        self.progress: Optional[TrainingProgress] = None  # set by loop()
         if self.rank == 0:
             self._write_config(state["changes"], prep.checkpoint is not None)
 
     def loop(self, on_step: StepCallback) -> Path:
-        bar = self.progress = Progress(self.total_steps, self.step, self.config.show_progress and self.rank == 0)
+        bar = self.progress = TrainingProgress(self.total_steps, self.step, self.config.show_progress and self.rank == 0)
         try:
             with graceful_stop() as stop:
                 while self.step < self.total_steps:

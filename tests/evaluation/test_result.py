@@ -174,4 +174,4 @@ def test_cli_shards_show_one_progress_bar_over_the_corpus(tmp_path, beir, fake_m
                "--device", "cpu", "--shards", str(tmp_path / "s")])
     assert rc == 0
     err = capfd.readouterr().err
-    assert "encode to shards" in err and "text/s" in err
+    assert "encode to shards: " in err and " texts/s, ETA " in err and "\r" not in err  # plain lines off a terminal
