@@ -50,7 +50,7 @@ def test_info_reports_active_parts():
         assert key in info
     text = subprocess.run([sys.executable, "-m", "hybridfast", "info"],
                           capture_output=True, text=True, check=True).stdout
-    assert "C++ sampler (hybridfast._C)" in text and "built" in text
+    assert "C++ sampler + search (hybridfast._C)" in text and "built" in text
 
 
 def test_cli_requires_a_subcommand_and_lists_them():

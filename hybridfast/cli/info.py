@@ -57,7 +57,7 @@ def run(args) -> int:
         ("Triton", triton),
         ("bf16 (precision auto)", _bf16_text(info)),
         ("loss backend (auto)", _auto_backend(info)),
-        ("C++ sampler (hybridfast._C)", "built" if info["cpp_extension"] else "MISSING: reinstall with a C++17 compiler"),
+        ("C++ sampler + search (hybridfast._C)", "built" if info["cpp_extension"] else "MISSING: reinstall with a C++17 compiler"),
         ("faiss", (info["faiss"] + (" (GPU)" if info["faiss_gpu"] else " (CPU)")) if info["faiss"] else "not installed (pip install hybridfast[faiss])"),
     ]
     width = max(len(k) for k, _ in rows)
