@@ -12,6 +12,7 @@ namespace hybridfast {
 struct TilePiece {
     std::int64_t begin, end, block;
 };
+static_assert(sizeof(TilePiece) == 3 * sizeof(std::int64_t), "bindings.cpp reads int64 [n, 3] rows as TilePieces");
 
 // Scores of one query tile against one candidate tile: rows x width floats, row stride ld.
 struct ScoreTile {
