@@ -101,6 +101,7 @@ def report() -> dict:
         "cpp_extension": cpp_extension() is not None,
         "faiss": getattr(faiss_module(), "__version__", None),
         "faiss_gpu": faiss_has_gpu(),
+        "malloc": _malloc_text(),
     }
     try:
         import transformers
@@ -110,6 +111,15 @@ def report() -> dict:
         info["transformers"] = None
     info.update(bf16_support(info["cuda"]))
     return info
+
+
+def _malloc_text() -> str:
+    from hybridfast import _malloc
+
+    try:
+        return _malloc.plan()[1]
+    except ValueError as e:
+        return f"INVALID: {e}"
 
 
 def bf16_support(cuda: bool) -> dict:

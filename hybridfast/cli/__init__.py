@@ -9,6 +9,8 @@ import argparse
 import sys
 from importlib import import_module
 
+from hybridfast import _malloc
+
 # name -> help text; the code is hybridfast.cli.<name>
 SUBCOMMANDS = {
     "data": "download or inspect retrieval benchmarks (XQuAD-R, MLQA-R)",
@@ -33,10 +35,18 @@ def build_parser(command=None):
 
 
 def main(argv=None) -> int:
+    """argv None: the command line (the console script, python -m hybridfast, torchrun), where
+    process-wide tuning (hybridfast._malloc) may apply; a list: a call from Python, where not."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
+    if from_command_line and args.command in _malloc.COMMANDS:  # hybridfast owns this process
+        try:
+            _malloc.keep_freed_memory()
+        except ValueError as e:  # a bad $HYBRIDFAST_MALLOC
+            parser.error(str(e))
     module = import_module(f"hybridfast.cli.{args.command}")
     return int(module.run(args) or 0)
 

@@ -58,6 +58,7 @@ def run(args) -> int:
         ("bf16 (precision auto)", _bf16_text(info)),
         ("loss backend (auto)", _auto_backend(info)),
         ("C++ sampler + search (hybridfast._C)", "built" if info["cpp_extension"] else "MISSING: reinstall with a C++17 compiler"),
+        ("memory (train, demo, study)", info["malloc"]),
         ("faiss", (info["faiss"] + (" (GPU)" if info["faiss_gpu"] else " (CPU)")) if info["faiss"] else "not installed (pip install hybridfast[faiss])"),
     ]
     width = max(len(k) for k, _ in rows)
