@@ -315,3 +315,42 @@ def write_beir_single(root, data):
     (root / "qrels" / "test.tsv").write_text(
         "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n" for (q, d), g in grades.items()))
     return root
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(target, world, *args, timeout=120):
+    """Run target(rank, port, *args) in `world` fresh processes (spawn context) and return their
+    exit codes; ranks still running after `timeout` seconds are killed and fail the test. A rank killed by a signal is run again once, all ranks on a new port, with a
+    warning: one full CI run saw gloo abort a rank ("terminate called without an active
+    exception", SIGABRT) while the same test passed alone and in parallel copies every time. An
+    exit code, an exception or a hang is never retried."""
+    import time
+    import warnings
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    for attempt in range(2):
+        port = free_port()
+        procs = [ctx.Process(target=target, args=(r, port, *args)) for r in range(world)]
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
+        alive = [p for p in procs if p.is_alive()]
+        for p in alive:
+            p.kill()
+            p.join()
+        assert not alive, "a rank hung"
+        codes = [p.exitcode for p in procs]
+        if attempt or not any(c < 0 for c in codes):
+            return codes
+        warnings.warn(f"spawn_ranks: a rank was killed by signal {-min(codes)} (exit codes {codes}); running again")

@@ -3,27 +3,19 @@ rank 0 searches all parts; two gloo processes give exactly the single-process me
 (hashed bag-of-words embeddings: many equal scores) included."""
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from hybridfast.data import load_benchmark
 from hybridfast.evaluation import RetrievalEvaluator
 from hybridfast.evaluation.shards import (ShardedTiles, ShardWriter, encode_to_shards_parallel, part_folders,
                                           rank_slice)
-from helpers import BeirHashEncoder, synthetic_beir, write_beir_per_language
+from helpers import BeirHashEncoder, free_port, spawn_ranks, synthetic_beir, write_beir_per_language
 
 WORLD = 2
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _evaluator(data):
@@ -57,17 +49,7 @@ def _worker_in_memory(rank, port, data, out):
 
 
 def _spawn(target, *args):
-    ctx, port = mp.get_context("spawn"), _free_port()
-    procs = [ctx.Process(target=target, args=(r, port, *args)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "a rank hung"
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert spawn_ranks(target, WORLD, *args) == [0] * WORLD
 
 
 @pytest.fixture
@@ -139,13 +121,13 @@ def test_torchrun_evaluate_equals_one_process(tmp_path, beir):
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                str(_free_port()), "-m", "hybridfast"]
+                str(free_port()), "-m", "hybridfast"]
     two = subprocess.run([*torchrun, *common, "--out", str(tmp_path / "two"), "--shards", str(tmp_path / "s")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert b["summary"] == a["summary"] and b["per_pair"] == a["per_pair"]
     assert len(part_folders(tmp_path / "s")) == 2
-    bad = subprocess.run([*torchrun[:-4], "--master-port", str(_free_port()), "-m", "hybridfast", *common,
+    bad = subprocess.run([*torchrun[:-4], "--master-port", str(free_port()), "-m", "hybridfast", *common,
                           "--out", str(tmp_path / "three")], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0 and "give --shards DIR" in bad.stderr

@@ -6,13 +6,12 @@ rank-average is the single-process loss and the gradients are world_size times
 the single-process ones (DDP's gradient averaging divides that back out).
 """
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from helpers import spawn_ranks
 from hybridfast.loss import hybrid_contrastive_loss
 
 WORLD = 2
@@ -70,16 +69,10 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def per_rank(tmp_path_factory):
     out = tmp_path_factory.mktemp("gather")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    assert spawn_ranks(_worker, WORLD, str(out)) == [0] * WORLD
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -145,22 +138,8 @@ def _uneven_worker(rank, port, out_dir):
 @pytest.mark.gpu_first_run
 @pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"), reason="timing needs the Triton engines")
 def test_uneven_batches_and_one_rank_buckets_never_stall(tmp_path):
-    import time
-
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_uneven_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
-    t0 = time.monotonic()
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=max(1.0, 55 - (time.monotonic() - t0)))
-    alive = [proc for proc in procs if proc.is_alive()]
-    for proc in alive:
-        proc.kill()  # only the processes this test started
-    assert not alive, "a rank hung in a collective"
-    assert [proc.exitcode for proc in procs] == [0, 0]
+    # a stall would be a rank still in a collective after 55 s (the process group's timeout is 15 s)
+    assert spawn_ranks(_uneven_worker, WORLD, str(tmp_path), timeout=55) == [0] * WORLD
     results = [torch.load(tmp_path / f"uneven{r}.pt") for r in range(WORLD)]
     assert all(r["sum"] == WORLD for r in results)
     assert results[0]["agreed"] == results[1]["agreed"] and len(results[0]["agreed"]) == 1
-    assert time.monotonic() - t0 < 60
