@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <exception>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -118,17 +120,35 @@ std::int64_t num_parts(std::int64_t n, int threads, std::int64_t min_per_part) {
 }
 
 // Runs body(part, begin, end) over [0, n) split into num_parts contiguous parts, one thread
-// each (the caller's thread takes part 0).
+// each (the caller's thread takes part 0). Every thread is joined before an exception (say
+// std::bad_alloc) leaves, and the first one is rethrown: pybind11 turns it into a Python error
+// instead of std::terminate.
 template <class Body>
 void parallel_ranges(std::int64_t n, int threads, std::int64_t min_per_part, Body body) {
     const std::int64_t parts = num_parts(n, threads, min_per_part);
     if (parts == 1) return body(0, 0, n);
+    std::vector<std::exception_ptr> errors(parts);
+    auto guarded = [&](std::int64_t p, std::int64_t a, std::int64_t b) {
+        try {
+            body(p, a, b);
+        } catch (...) {
+            errors[p] = std::current_exception();
+        }
+    };
     std::vector<std::thread> pool;
     const std::int64_t step = (n + parts - 1) / parts;
-    for (std::int64_t p = 1; p < parts; ++p)
-        pool.emplace_back(body, p, std::min(n, p * step), std::min(n, (p + 1) * step));
-    body(0, 0, std::min(n, step));
+    for (std::int64_t p = 1; p < parts; ++p) {
+        const std::int64_t a = std::min(n, p * step), b = std::min(n, (p + 1) * step);
+        try {
+            pool.emplace_back(guarded, p, a, b);
+        } catch (const std::system_error&) {  // no thread to be had: this one does the part
+            guarded(p, a, b);
+        }
+    }
+    guarded(0, 0, std::min(n, step));
     for (auto& t : pool) t.join();
+    for (auto& e : errors)
+        if (e) std::rethrow_exception(e);
 }
 
 }  // namespace

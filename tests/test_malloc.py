@@ -51,12 +51,13 @@ _FAULTS = """
 import resource, sys
 import torch
 from hybridfast import _malloc
+torch.set_num_threads(1)  # one arena: the same allocation sequence on every run
 if sys.argv[1] == "keep":
     assert _malloc.keep_freed_memory()
 def step():  # a 64 MiB buffer (an embedding gradient's kind) and small objects, freed again
     x = torch.ones(64 << 18)
     return [str(i) for i in range(100)], x.sum()
-for _ in range(8):  # warm-up: the heap grows until freed blocks fit the requests
+for _ in range(30):  # warm-up: the heap grows until freed blocks fit the requests
     step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
