@@ -119,22 +119,20 @@ const float* row_major(const py::array& a, const char* name, std::int64_t* rows,
 }
 
 // An output written in place: no conversion may happen (it would write into a copy).
-std::int64_t* int64_output(py::array& a, std::int64_t size, const char* name) {
-    if (!a.dtype().is(py::dtype::of<std::int64_t>()) || !(a.flags() & py::array::c_style) || !a.writeable() ||
-        a.size() != size)
-        throw std::invalid_argument(std::string(name) + " must be a writeable C-contiguous int64 [rows, R] array");
-    return static_cast<std::int64_t*>(a.mutable_data());
+template <class T>
+T* output(py::array& a, std::int64_t size, const char* name, const char* what) {
+    if (!a.dtype().is(py::dtype::of<T>()) || !(a.flags() & py::array::c_style) || !a.writeable() || a.size() != size)
+        throw std::invalid_argument(std::string(name) + " must be a writeable C-contiguous " + what + " array");
+    return static_cast<T*>(a.mutable_data());
 }
 
 // count_tile over numpy arrays; returns the band members as (rows, slots, columns, scores).
-py::tuple count_tile(const py::array& scores, const py::array_t<std::int64_t, py::array::c_style>& pieces,
-                                     const py::array_t<float, py::array::c_style>& lo,
-                                     const py::array_t<float, py::array::c_style>& hi,
-                                     const py::array_t<std::int64_t, py::array::c_style>& slot_block,
-                                     const py::array_t<std::int64_t, py::array::c_style>& rel, py::array total,
-                                     py::array own, py::array topk_vals, py::array topk_ids,
-                                     const py::array_t<std::int64_t, py::array::c_style>& prio, std::int64_t col0,
-                                     int threads) {
+using Int64s = py::array_t<std::int64_t, py::array::c_style>;
+using Floats = py::array_t<float, py::array::c_style>;
+
+py::tuple count_tile(const py::array& scores, const Int64s& pieces, const Floats& lo, const Floats& hi,
+                     const Int64s& slot_block, const Int64s& rel, py::array total, py::array own,
+                     py::array topk_vals, py::array topk_ids, const Int64s& prio, std::int64_t col0, int threads) {
     hybridfast::ScoreTile tile{};
     tile.scores = row_major(scores, "scores", &tile.rows, &tile.width, &tile.ld);
     if (lo.ndim() != 2 || lo.shape(0) != tile.rows) throw std::invalid_argument("lo must be [rows, R]");
@@ -151,15 +149,13 @@ py::tuple count_tile(const py::array& scores, const py::array_t<std::int64_t, py
     hybridfast::RunningTopK topk{};
     topk.k = topk_vals.ndim() == 2 ? topk_vals.shape(1) : 0;
     if (topk.k > 0) {
-        if (!topk_vals.dtype().is(py::dtype::of<float>()) || !(topk_vals.flags() & py::array::c_style) ||
-            !topk_vals.writeable() || topk_vals.shape(0) != tile.rows)
-            throw std::invalid_argument("topk_vals must be a writeable C-contiguous float32 [rows, k] array");
-        topk.vals = static_cast<float*>(topk_vals.mutable_data());
-        topk.ids = int64_output(topk_ids, tile.rows * topk.k, "topk_ids");
+        topk.vals = output<float>(topk_vals, tile.rows * topk.k, "topk_vals", "float32 [rows, k]");
+        topk.ids = output<std::int64_t>(topk_ids, tile.rows * topk.k, "topk_ids", "int64 [rows, k]");
         if (prio.size() < col0 + tile.width) throw std::invalid_argument("prio must cover the tile's columns");
         topk.prio = prio.data();
     }
-    hybridfast::TileCounts out{int64_output(total, n, "total"), int64_output(own, n, "own")};
+    hybridfast::TileCounts out{output<std::int64_t>(total, n, "total", "int64 [rows, R]"),
+                               output<std::int64_t>(own, n, "own", "int64 [rows, R]")};
     std::vector<hybridfast::BandMember> members;
     {
         py::gil_scoped_release release;  // every array stays referenced by this frame
@@ -178,11 +174,8 @@ py::tuple count_tile(const py::array& scores, const py::array_t<std::int64_t, py
 }
 
 void widen_bf16(const py::array_t<std::uint16_t, py::array::c_style>& src, py::array dst, int threads) {
-    if (!dst.dtype().is(py::dtype::of<float>()) || !(dst.flags() & py::array::c_style) || !dst.writeable() ||
-        src.size() != dst.size())
-        throw std::invalid_argument("dst must be a writeable C-contiguous float32 array of src's size");
+    float* d = output<float>(dst, src.size(), "dst", "float32 (src's size)");
     const std::uint16_t* s = src.data();
-    float* d = static_cast<float*>(dst.mutable_data());
     py::gil_scoped_release release;
     hybridfast::widen_bf16(s, d, src.size(), std::max(1, threads));
 }

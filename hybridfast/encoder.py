@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from hybridfast._backends import resolve_device
 from hybridfast.models import st_folder
 from hybridfast.models.cache import apply_umask
-from hybridfast.progress import Progress
 from hybridfast.models.checks import check_model_folder, repair_hint
 from hybridfast.models.packed import cpu_bf16_native, inference_copy, weights_version
 from hybridfast.models.fetch import resolve
 from hybridfast.models.registry import DamagedModelError
+from hybridfast.progress import Progress
 from hybridfast.rules import atomic_write_json, check_bool
 
 POOLINGS = ("auto", "mean", "cls")

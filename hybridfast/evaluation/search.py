@@ -57,7 +57,7 @@ import torch
 from hybridfast._backends import fallback_warning, faiss_has_gpu, faiss_module, resolve_device
 from hybridfast.evaluation.counting import _count_numpy, _count_torch, trec_topk  # noqa: F401 (tests, trec.py)
 from hybridfast.evaluation.faiss_lists import faiss_index, faiss_topk, ranks_from_lists
-from hybridfast.evaluation.tiles import ArrayTiles, sweep_count, tile_chunk_scores, tiled_search
+from hybridfast.evaluation.tiles import ArrayTiles, bf16_bits, sweep_count, tile_chunk_scores, tiled_search
 
 BACKENDS = ("auto", "torch", "faiss")
 ENGINES = ("tiles", "rows")   # CPU exact search: one pass over cached tiles | whole rows (the reference)
@@ -113,7 +113,7 @@ def _all_finite(block):
     if isinstance(block, torch.Tensor) and block.dtype != torch.bfloat16:
         return bool(torch.isfinite(block).all())
     if isinstance(block, torch.Tensor):
-        bits = block.contiguous().view(torch.int16).numpy().view(np.uint16)
+        bits = bf16_bits(block)
         return bits.size == 0 or (bits & _BF16_EXPONENT).max() < _BF16_EXPONENT
     return bool(np.isfinite(block).all())
 

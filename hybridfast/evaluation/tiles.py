@@ -274,16 +274,16 @@ def _sweep(q_tile, cand, bounds, state, work, native, progress=None):
             progress.update(1)
 
 
-def query_tile(q_tile, rel, cand, offsets, block_of, prio, k, bounds, work, native=None, progress=None):
-    """(total, own, top-k ids, top-k scores) of one query tile, exact (see the module doc)."""
+def query_tile(q_tile, rel, cand, offsets, block_of, prio, k, bounds, work, native, progress=None):
+    """(total, own, top-k ids, top-k scores) of one query tile, exact (see the module doc);
+    native: count in C++ (True) or with numpy (False)."""
     valid = rel >= 0
     lo, hi = bands(q_tile, cand, rel, valid)
     slot_block = np.where(valid, block_of[np.maximum(rel, 0)], -1)
     for attempt in range(2):
         state = _TileState(rel, slot_block, lo, hi, k, prio)
         # a second sweep (rare, see the module doc) is not counted: the total stays the plan
-        _sweep(q_tile, cand, bounds, state, work, _native() is not None if native is None else native,
-               None if attempt else progress)
+        _sweep(q_tile, cand, bounds, state, work, native, None if attempt else progress)
         redo = state.resolve(block_of)
         if not redo.size:
             return state
@@ -302,6 +302,7 @@ def tiled_search(q, cand, rel, offsets, prio, k, rows=None, progress=None, nativ
     rows = TILE_ROWS if rows is None else rows
     Q = q.shape[0]
     prio = np.ascontiguousarray(prio, np.int64)  # the C++ pass reads it in place
+    native = _native() is not None if native is None else native
     block_of = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     bounds = tile_bounds(cand.n, offsets)
     ranks = np.zeros(rel.shape, np.int64)

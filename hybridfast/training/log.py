@@ -108,4 +108,3 @@ class TrainingProgress(Progress):
         if "step" in row:
             loss = f", loss {row['loss']:.4f}" if isinstance(row.get("loss"), float) else ""
             self.line(done=row["step"], extra=loss)
-

@@ -10,7 +10,7 @@ from hybridfast.evaluation.search import search
 pytestmark = pytest.mark.skipif(tiles._native() is None, reason="hybridfast._C without the counting pass")
 
 
-def _tile_problem(rng, b, width, R, n_blocks, k, tie_levels):
+def _tile_problem(rng, b, width, R, n_blocks, tie_levels):
     """Scores rounded to few levels (many exact ties), bands around some of them, padding slots."""
     wide = np.zeros((b, width + 7), np.float32)  # the tile is a column slice: rows not contiguous
     S = wide[:, 3:3 + width]
@@ -52,7 +52,7 @@ def _members(band):
 def test_count_tile_equals_the_numpy_pass(seed, k, threads, monkeypatch):
     rng = np.random.default_rng(seed)
     b, width, R = int(rng.integers(1, 70)), int(rng.integers(1, 300)), int(rng.integers(1, 5))
-    S, col0, pieces, rel, lo, hi, slot_block, prio = _tile_problem(rng, b, width, R, int(rng.integers(1, 4)), k,
+    S, col0, pieces, rel, lo, hi, slot_block, prio = _tile_problem(rng, b, width, R, int(rng.integers(1, 4)),
                                                                    tie_levels=float(rng.choice([4, 64])))
     prefill = None
     if k and seed % 2 and col0:  # a running list from an earlier tile (ids < col0), ties with this one likely

@@ -8,7 +8,6 @@ test_training_steps.py; the output-folder and resume safety rules: test_training
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import Killed, kill_at, load_weights, read_log, toy_config as base_config, write_lareqa
+from helpers import Killed, free_port, kill_at, load_weights, read_log, toy_config as base_config, write_lareqa
 from hybridfast.training import legacy as trainer
 from hybridfast.training import TrainConfig, list_checkpoints, train
 from hybridfast.training import checkpoint as ckpt
@@ -194,12 +193,6 @@ def test_resume_refuses_changed_data_order(toy, tmp_path):
 
 # ----------------------------------------------------------------------------- DDP
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("chunk", ["3", None])
 def test_two_process_ddp_equals_one_process_doubled_batch(toy, tmp_path, chunk):
     """torchrun, 2 gloo processes x batch 4 (DistributedDataParallel; with GradCache chunks of 3 or
@@ -211,7 +204,7 @@ def test_two_process_ddp_equals_one_process_doubled_batch(toy, tmp_path, chunk):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), "-m", "hybridfast", "train", *common, "--batch-size", "4",
+         "--master_port", str(free_port()), "-m", "hybridfast", "train", *common, "--batch-size", "4",
          "--gather-across-devices", *(["--chunk-size", chunk] if chunk else []), "--output", str(tmp_path / "ddp")],
         env=env, capture_output=True, text=True, timeout=240)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
